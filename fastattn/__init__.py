@@ -1,0 +1,7 @@
+"""fastattn: fused attention kernels for PyTorch (Triton on GPU, C++ SIMD on CPU) behind one drop-in API."""
+from fastattn import reference
+from fastattn.functional import scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["scaled_dot_product_attention", "reference", "__version__"]

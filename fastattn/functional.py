@@ -1,0 +1,229 @@
+"""Public functional API: validate, normalise to 4-D views, pick the backend, call the op."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from fastattn import _launchers, reference
+from fastattn._ops import attention_fwd
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() < 3:
+        raise ValueError(f"{name} must have at least 3 dims (..., L, E), got shape {tuple(t.shape)}")
+    if t.is_complex() or t.is_sparse:
+        raise TypeError(f"{name} must be a dense real tensor")
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+        if t.dim() != query.dim():
+            raise ValueError(f"{name} has {t.dim()} dims but query has {query.dim()} "
+                             f"(query {tuple(query.shape)}, {name} {tuple(t.shape)})")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key head dim {key.shape[-1]} does not match query head dim {query.shape[-1]} "
+                         f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key length {key.shape[-2]} does not match value length {value.shape[-2]} "
+                         f"(key {tuple(key.shape)}, value {tuple(value.shape)})")
+    if key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(f"key and value batch/head dims differ: key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if key.shape[:-3] != query.shape[:-3]:
+        raise ValueError(f"key batch dims {tuple(key.shape[:-3])} do not match query batch dims "
+                         f"{tuple(query.shape[:-3])}")
+    if query.shape[-1] == 0:
+        raise ValueError(f"query/key head dim (last dim) must be at least 1, got shape {tuple(query.shape)}")
+    hq, hk = query.shape[-3], key.shape[-3]
+    if enable_gqa:
+        if hk == 0 or hq % hk != 0:
+            raise ValueError(f"enable_gqa=True needs query heads ({hq}) divisible by key/value heads ({hk})")
+    elif hq != hk:
+        raise ValueError(f"query has {hq} heads (dim -3) but key/value have {hk}; "
+                         f"pass enable_gqa=True for grouped-query attention")
+
+
+def _check_mask(attn_mask, query: Tensor, key: Tensor) -> None:
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+        raise TypeError(f"attn_mask must be bool (True = attend) or a float mask of the query dtype "
+                        f"{query.dtype} (or float32), got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    target = (*query.shape[:-1], key.shape[-2])
+    if attn_mask.dim() > len(target):
+        raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} has more dims than the scores {target}")
+    for m, t in zip(reversed(attn_mask.shape), reversed(target)):
+        if m != t and m != 1:
+            raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to the attention "
+                             f"scores shape (..., L, S) = {target}")
+
+
+def _check_scalars(dropout_p, is_causal, scale, enable_gqa) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+# ------------------------------------------------------------------------------------ normalisation
+def _to_4d(t: Tensor) -> Tensor:
+    """(..., H, N, D) -> (B, H, N, D) as a view when the leading dims allow it."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _mask_to_4d(mask: Tensor, batch: tuple[int, ...], H: int) -> Tensor:
+    """Bring a broadcastable mask to 4-D with every dim either full or 1, without expanding L/S/H."""
+    nd = len(batch) + 3
+    mask = mask.reshape((1,) * (nd - mask.dim()) + tuple(mask.shape))
+    lead = tuple(mask.shape[: len(batch)])
+    if len(batch) == 0:
+        return mask.unsqueeze(0)
+    if all(d == 1 for d in lead):
+        return mask.reshape(1, *mask.shape[-3:])
+    if lead != batch:  # partially broadcast leading dims: expand just those, then merge
+        mask = mask.expand(*batch, *mask.shape[-3:])
+    return mask.reshape(-1, *mask.shape[-3:])
+
+
+def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    if backend is not None:
+        if backend not in _launchers.BACKENDS:
+            raise ValueError(f"backend must be one of {_launchers.BACKENDS} or None, got {backend!r}")
+        if backend == "cpu":
+            if device.type != "cpu":
+                raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+            ok, why = _launchers.cpu_available()
+            if not ok:
+                raise RuntimeError(f"backend='cpu' is unavailable: {why}")
+        elif backend == "triton":
+            ok, why = _launchers.triton_available()
+            if not ok:
+                raise RuntimeError(f"backend='triton' is unavailable: {why}")
+            if device.type == "cpu" and not _launchers.triton_interpreting():
+                raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                                 "Triton interpreter on CPU tensors)")
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"backend='triton' supports CUDA tensors, got {device}")
+            if dtype == torch.float64 and device.type == "cuda":
+                raise TypeError("backend='triton' supports float16, bfloat16 and float32, not float64")
+        return backend
+    if device.type == "cpu":
+        ok, why = _launchers.cpu_available()
+        if not ok:
+            raise RuntimeError(f"no fastattn kernel for CPU tensors: {why}")
+        return "cpu"
+    if device.type == "cuda":
+        if dtype == torch.float64:
+            return "reference"  # exact float64 math; Triton has no float64 tensor cores
+        ok, why = _launchers.triton_available()
+        if not ok:
+            raise RuntimeError(f"no fastattn kernel for CUDA tensors: {why}")
+        return "triton"
+    raise ValueError(f"fastattn supports CPU and CUDA tensors, got {device}")
+
+
+# --------------------------------------------------------------------------------------- public API
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str | None = None,
+    return_lse: bool = False,
+):
+    """Fused scaled dot-product attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes (B... any number of leading batch dims, H heads, L query length, S key length, E head dim,
+    Ev value head dim): query (..., H, L, E), key (..., Hk, S, E), value (..., Hk, S, Ev) -> (..., H, L, Ev).
+    Hk == H unless ``enable_gqa`` (then H % Hk == 0 and query head h uses key/value head h // (H // Hk)).
+
+    Args:
+        attn_mask: broadcastable to (..., H, L, S). Bool: True means the key takes part in attention.
+            Float (query dtype or float32): added to the scaled scores (-inf hides a key).
+        dropout_p: probability of dropping an attention probability (inside the fused kernel). The mask
+            comes from a Philox stream keyed by a seed drawn from torch's default generator, so
+            ``torch.manual_seed`` reproduces it; ``fastattn.reference.dropout_keep_mask`` rebuilds it.
+        is_causal: key j visible to query i iff j <= i (top-left aligned, as torch). Combines with attn_mask.
+        scale: defaults to 1 / sqrt(E).
+        backend: None (auto: CPU tensors -> "cpu", CUDA tensors -> "triton"), "cpu", "triton", "reference".
+        return_lse: also return the float32 log-sum-exp of the scores, (..., H, L) (natural log; -inf for
+            rows with no visible key). It carries no gradient.
+
+    Rows whose keys are all hidden give zeros (and zero gradients), never NaN. Inputs are never modified.
+    """
+    _check_qkv(query, key, value, enable_gqa)
+    _check_mask(attn_mask, query, key)
+    _check_scalars(dropout_p, is_causal, scale, enable_gqa)
+    E = query.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    backend = _pick_backend(backend, query.device, query.dtype)
+
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+
+    if backend == "reference":
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, upcast=False,
+            dropout_seed=None if seed is None else int(seed), return_lse=return_lse)
+
+    batch = tuple(query.shape[:-3])
+    H, L = query.shape[-3], query.shape[-2]
+    S, Ev = key.shape[-2], value.shape[-1]
+    q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
+    mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, batch, H)
+
+    if min(q4.shape[0], H, L, S, Ev) == 0:
+        out4 = query.new_zeros(q4.shape[0], H, L, Ev)
+        lse4 = query.new_full((q4.shape[0], H, L), float("-inf"), dtype=torch.float32)
+        # Keep the graph connected so .backward() through an empty attention gives zero gradients.
+        if query.requires_grad or key.requires_grad or value.requires_grad:
+            out4 = out4 + 0 * (q4.sum() + k4.sum() + v4.sum())
+    else:
+        if seed is None:
+            seed = torch.zeros((), dtype=torch.int64)
+        out4, lse4 = attention_fwd(q4, k4, v4, mask4, scale, is_causal, dropout_p, seed, backend)
+
+    out = out4.reshape(*batch, H, L, Ev) if batch else out4[0]
+    if return_lse:
+        lse = lse4.reshape(*batch, H, L) if batch else lse4[0]
+        return out, lse
+    return out

@@ -1,0 +1,149 @@
+"""Naive reference implementations: the textbook formulas, step by step.
+
+Every fastattn kernel is tested against these. Each step is its own function so a test (or a reader)
+can follow the math:  scores -> mask -> softmax -> dropout -> weighted sum.
+
+``upcast=True`` computes in float64 (the ground truth for tests); ``upcast=False`` computes in the
+input's precision, which is what the tolerance policy compares low-precision kernels with.
+
+Shape legend: B batch, H query heads, Hk key/value heads, L query length, S key length, E head dim,
+Ev value head dim. Leading batch dims ``...`` may be any number (including none).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastattn import _philox
+
+__all__ = [
+    "scores",
+    "apply_mask",
+    "softmax",
+    "dropout",
+    "weighted_sum",
+    "scaled_dot_product_attention",
+    "attention_weights",
+    "dropout_keep_mask",
+]
+
+
+def _compute_dtype(t: torch.Tensor, upcast: bool) -> torch.dtype:
+    return torch.float64 if upcast else t.dtype
+
+
+def scores(query: torch.Tensor, key: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``scale * query @ key^T``: (..., L, E) x (..., S, E) -> (..., L, S); scale defaults to 1/sqrt(E)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return (query @ key.transpose(-2, -1)) * scale
+
+
+def apply_mask(s: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """Bool mask: False hides a key (score -> -inf); float mask: added to the scores.
+    ``is_causal``: key j is visible to query i iff j <= i (top-left aligned); combines with the mask."""
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if is_causal:
+        L, S = s.shape[-2], s.shape[-1]
+        visible = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~visible, float("-inf"))
+    return s
+
+
+def logsumexp(s: torch.Tensor) -> torch.Tensor:
+    """Row-wise log(sum_j exp(s_ij)); -inf for rows with no visible key."""
+    return torch.logsumexp(s, dim=-1)
+
+
+def softmax(s: torch.Tensor) -> torch.Tensor:
+    """Row-wise softmax; rows whose keys are all hidden (all -inf) give zeros, not NaN."""
+    lse = logsumexp(s)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
+    """The exact keep-mask fastattn's kernels draw for ``seed``: bool tensor of ``shape`` (..., H, L, S).
+    Leading dims before H are flattened into the kernels' batch index b."""
+    *batch, H, L, S = shape
+    B = math.prod(batch) if batch else 1
+    return _philox.dropout_keep_mask(seed, B, H, L, S, p, device).reshape(shape)
+
+
+def dropout(p_attn: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
+    """Zero the probabilities fastattn's Philox stream drops for ``seed``, scale the rest by 1/(1-p)."""
+    if dropout_p == 0.0:
+        return p_attn
+    if seed is None:
+        raise ValueError("dropout_seed is required to rebuild fastattn's dropout mask when dropout_p > 0")
+    keep = dropout_keep_mask(seed, tuple(p_attn.shape), dropout_p, p_attn.device)
+    return torch.where(keep, p_attn / (1.0 - dropout_p), torch.zeros_like(p_attn))
+
+
+def weighted_sum(p_attn: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``p_attn @ value``: (..., L, S) x (..., S, Ev) -> (..., L, Ev)."""
+    return p_attn @ value
+
+
+def _repeat_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool):
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    return key, value
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    upcast: bool = True,
+    dropout_seed: int | None = None,
+    return_lse: bool = False,
+):
+    """Textbook attention with torch SDPA semantics (see ``fastattn.scaled_dot_product_attention``).
+
+    Returns the output in float64 when ``upcast`` else in the input dtype; with ``return_lse`` also the
+    float32 log-sum-exp (..., L). ``dropout_seed``: the seed fastattn's kernels used (rebuilds their mask).
+    Differentiable (autograd through the formulas), which gives the reference gradients."""
+    dt = _compute_dtype(query, upcast)
+    q, k, v = query.to(dt), key.to(dt), value.to(dt)
+    k, v = _repeat_kv(q, k, v, enable_gqa)
+    mask = attn_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dt)
+    s = apply_mask(scores(q, k, scale), mask, is_causal)
+    p = softmax(s)
+    out = weighted_sum(dropout(p, dropout_p, dropout_seed), v)
+    if return_lse:
+        return out, logsumexp(s).float()
+    return out
+
+
+def attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """The softmax probabilities (..., L, S) (no dropout), rows with no visible key all zero."""
+    dt = _compute_dtype(query, upcast)
+    q, k = query.to(dt), key.to(dt)
+    k, _ = _repeat_kv(q, k, k, enable_gqa)
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dt)
+    return softmax(apply_mask(scores(q, k, scale), mask, is_causal))

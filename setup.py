@@ -1,0 +1,96 @@
+"""Build fastattn's C++ CPU kernels.
+
+The same sources in csrc/ are compiled into one extension module per instruction set:
+
+    fastattn._C_portable   baseline x86-64 / any architecture
+    fastattn._C_avx2       AVX2 + FMA + F16C
+    fastattn._C_avx512     AVX-512 F/BW/VL/DQ (+ AVX512-BF16 when the compiler has it)
+
+and a small dispatcher module, fastattn._C, which reports what the running CPU supports.
+fastattn picks the best module at run time (override with FASTATTN_ISA=portable|avx2|avx512).
+Separate shared objects keep inline/template code compiled with wide-vector flags from being
+merged by the linker into the portable path (the ODR hazard of per-file flags in one library).
+No torch headers are used: pointers and strides come from Python.
+"""
+import os
+import platform
+import subprocess
+import tempfile
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+CSRC = "csrc"
+KERNEL_SOURCES = [os.path.join(CSRC, "bindings.cpp")]
+SANITIZE = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
+
+
+def _compiler_accepts(flags: list[str]) -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("int main(){return 0;}\n")
+        try:
+            r = subprocess.run([cxx, *flags, "-c", src, "-o", os.path.join(d, "t.o")],
+                               capture_output=True)
+        except OSError:
+            return False
+        return r.returncode == 0
+
+
+def _common_flags() -> list[str]:
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden"]
+    if SANITIZE:
+        flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                 "-fno-sanitize-recover=undefined"]
+    return flags
+
+
+def _link_flags() -> list[str]:
+    return ["-fsanitize=address,undefined"] if SANITIZE else []
+
+
+def _extensions():
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    variants = [("portable", [], [])]
+    if is_x86:
+        variants.append(("avx2", ["-mavx2", "-mfma", "-mf16c"], ["FASTATTN_HAVE_AVX2"]))
+        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+        defs = ["FASTATTN_HAVE_AVX2", "FASTATTN_HAVE_AVX512"]
+        if _compiler_accepts(avx512 + ["-mavx512bf16"]):
+            avx512 = avx512 + ["-mavx512bf16"]
+            defs.append("FASTATTN_HAVE_AVX512BF16")
+        variants.append(("avx512", avx512, defs))
+    exts = [
+        Pybind11Extension(
+            "fastattn._C",
+            [os.path.join(CSRC, "dispatch.cpp")],
+            cxx_std=17,
+            extra_compile_args=_common_flags(),
+            extra_link_args=_link_flags(),
+        )
+    ]
+    for name, isa_flags, defs in variants:
+        exts.append(
+            Pybind11Extension(
+                f"fastattn._C_{name}",
+                KERNEL_SOURCES,
+                cxx_std=17,
+                define_macros=[("FASTATTN_ISA_NAME", f'"{name}"'), ("FASTATTN_MODULE", f"_C_{name}")]
+                + [(d, "1") for d in defs],
+                extra_compile_args=_common_flags() + isa_flags,
+                extra_link_args=_link_flags() + ["-pthread"],
+                depends=[os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".h")],
+            )
+        )
+    return exts
+
+
+setup(
+    packages=find_packages(include=["fastattn", "fastattn.*"]) + ["fastattn.kernels"],
+    package_dir={"fastattn.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)

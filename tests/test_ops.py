@@ -1,0 +1,74 @@
+"""The custom ops: opcheck (schema, fake impl, autograd registration) and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ops
+
+
+def _samples():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s, dt=torch.float32: torch.randn(*s, generator=g, dtype=dt)  # noqa: E731
+    seed = torch.tensor(1234, dtype=torch.int64)
+    q, k, v = r(2, 4, 9, 16), r(2, 2, 11, 16), r(2, 2, 11, 8)
+    yield (q, k, v, None, 0.25, False, 0.0, seed, "cpu")
+    yield (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.rand(2, 1, 1, 11, generator=g) > 0.2,
+           0.25, True, 0.0, seed, "cpu")
+    bias = r(1, 1, 9, 11).requires_grad_()
+    yield (q, k, v, bias, 0.3, False, 0.0, seed, "cpu")
+    qb = r(2, 9, 4, 16, dt=torch.bfloat16).transpose(1, 2).requires_grad_()
+    yield (qb, r(2, 2, 11, 16, dt=torch.bfloat16), r(2, 2, 11, 8, dt=torch.bfloat16), None, 0.25, True, 0.2, seed, "cpu")
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_opcheck_forward(i):
+    args = list(_samples())[i]
+    torch.library.opcheck(_ops.attention_fwd, args)
+
+
+def test_opcheck_backward():
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
+    seed = torch.tensor(5, dtype=torch.int64)
+    mask = torch.randn(2, 1, 9, 11)
+    out, lse = _ops.attention_fwd(q, k, v, mask, 0.25, True, 0.1, seed, "cpu")
+    dout = torch.randn_like(out)
+    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, mask, 0.25, True, 0.1, seed, "cpu", True))
+
+
+class _Layer(torch.nn.Module):
+    """A BERT-style self-attention block (projections, padding mask, output projection)."""
+
+    def __init__(self, d=64, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.o = torch.nn.Linear(d, d)
+
+    def forward(self, x, mask):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
+        y = fastattn.scaled_dot_product_attention(q, k, v, mask)
+        return self.o(y.transpose(1, 2).reshape(B, L, D))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    layer = _Layer()
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    mask = (torch.arange(20)[None] < torch.tensor([20, 11, 5])[:, None]).view(3, 1, 1, 20)
+    eager = layer(x, mask)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, mask)
+    torch.testing.assert_close(compiled, eager)
+    g1 = torch.autograd.grad(eager.sum(), x)[0]
+    g2 = torch.autograd.grad(compiled.sum(), x)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_export():
+    layer = _Layer()
+    x = torch.randn(2, 16, 64)
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    ep = torch.export.export(layer, (x, mask))
+    torch.testing.assert_close(ep.module()(x, mask), layer(x, mask))
