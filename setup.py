@@ -21,7 +21,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 CSRC = "csrc"
-KERNEL_SOURCES = [os.path.join(CSRC, "bindings.cpp")]
+KERNEL_SOURCES = [os.path.join(CSRC, f) for f in ("bindings.cpp", "forward.cpp", "backward.cpp")]
 SANITIZE = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
 
 

@@ -1,7 +1,10 @@
 """fastattn: fused attention kernels for PyTorch (Triton on GPU, C++ SIMD on CPU) behind one drop-in API."""
 from fastattn import reference
 from fastattn.functional import scaled_dot_product_attention
+from fastattn.weights import attention_weights
+from fastattn.patch import patch
+from fastattn import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "reference", "__version__"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "patch", "nn", "reference", "__version__"]

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backend", action="append", choices=["cpu", "triton"], help="check only these backends")
     k = sub.add_parser("kernels", help="compile every Triton kernel configuration for sm_80/sm_90 and report")
     k.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (default both)")
+    from fastattn import bench
+    b = sub.add_parser("bench", help="speed table against torch (quick by default, --full for everything), "
+                                     "JSON, plots, --compare")
+    bench.add_arguments(b)
     a = p.parse_args(argv)
     if a.cmd == "info":
         return _info()
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "kernels":
         from fastattn.kernels import aot
         return aot.main(tuple(a.arch) if a.arch else (80, 90))
+    if a.cmd == "bench":
+        return bench.main(a)
     return 2
 
 

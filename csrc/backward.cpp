@@ -1,0 +1,929 @@
+// fastattn CPU backward: flash-attention-2 gradients recomputed tile by tile from (q, k, v, out, lse).
+//
+//   delta_i = sum_e dout_ie * out_ie
+//   P_ij    = exp(s_ij - lse_i),  s_ij = scale <q_i, k_j> + mask_ij   (0 where lse_i = -inf or j hidden)
+//   dV_j   += sum_i (P o Z)_ij dout_i          (Z: Philox dropout multiplier, 0 or 1/(1-p))
+//   dP_ij   = Z_ij <dout_i, v_j>
+//   dS_ij   = P_ij (dP_ij - delta_i)           (= d loss / d s_ij, also the additive mask's gradient)
+//   dQ_i    = scale sum_j dS_ij k_j ;  dK_j = scale sum_i dS_ij q_i
+//
+// Deterministic without atomics: every output element has one owner that sums its contributions in
+// a fixed order, and the order does not depend on the thread count or on the schedule:
+//   * fused  (many heads): one task per (b, kv head) owns dK/dV of that head and dQ of its query heads;
+//     loops query head h (of the GQA group) > query block > key block.
+//   * split  (few heads, to use every thread): task (b, kv head, key block) owns that dK/dV block
+//     (loops h > query block), task (b, h, query block) owns that dQ block (loops key block).
+// Both run the same tile code in the same order, so they give bit-identical results.
+// The gradient of a broadcast float mask (a size-1 dim summed over) has its own pass whose tasks own
+// dmask tiles and loop over the broadcast (b, h, i, j) in a fixed order, recomputing P and dP; an
+// unbroadcast mask's gradient (dS itself) is written by whichever task computes that tile.
+//
+// Tiles are kBr x kBc; inputs are converted once per tile into zero-padded fp32 (float64: double)
+// buffers so the GEMM micro-kernels need no tails. bf16 inputs on AVX512-BF16 builds compute S = QK^T
+// and dP = dO V^T with vdpbf16ps (exact bf16 products, fp32 sums); the other three GEMMs take fp32
+// P / dS. float64 recomputes lse in double (the float32 lse would cap gradcheck's accuracy at ~1e-7).
+// Masked or causally hidden tiles are skipped, as in the forward.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace fastattn {
+namespace FASTATTN_NS {
+namespace {
+
+constexpr int64_t kBr = 64;  // query rows per tile
+constexpr int64_t kBc = 64;  // key columns per tile
+constexpr int kMR = 4;       // GEMM micro-tile rows (kBr and kBc are multiples)
+
+// Mode of the dQ/dK/dV passes (the `mode` argument of bwd; tests force each one).
+enum Mode : int { kAuto = 0, kFused = 1, kSplit = 2 };
+
+FASTATTN_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+FASTATTN_INLINE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ============================================================================ vectors over Acc
+
+// Vec<Acc>: the SIMD vocabulary the tile code needs, over the accumulation type.
+template <typename Acc> struct Vec;
+
+#if defined(FASTATTN_HAVE_AVX2)
+template <> struct Vec<float> {
+  using V = simd::vf;
+  static constexpr int N = simd::W;
+#if defined(FASTATTN_HAVE_AVX512)
+  static constexpr int NVMAX = 4;  // 4 x 4 accumulators of 32 zmm
+#else
+  static constexpr int NVMAX = 2;  // 4 x 2 accumulators of 16 ymm
+#endif
+  static FASTATTN_INLINE V zero() { return simd::zero(); }
+  static FASTATTN_INLINE V set1(float x) { return simd::set1(x); }
+  static FASTATTN_INLINE V load(const float* p) { return simd::load(p); }
+  static FASTATTN_INLINE void store(float* p, V x) { simd::store(p, x); }
+  static FASTATTN_INLINE V add(V a, V b) { return simd::add(a, b); }
+  static FASTATTN_INLINE V sub(V a, V b) { return simd::sub(a, b); }
+  static FASTATTN_INLINE V mul(V a, V b) { return simd::mul(a, b); }
+  static FASTATTN_INLINE V fmadd(V a, V b, V c) { return simd::fmadd(a, b, c); }
+  // e^x = 2^(x log2 e); -inf -> 0.
+  static FASTATTN_INLINE V exp(V x) { return simd::exp2<5>(simd::mul(x, simd::set1(1.4426950408889634f))); }
+};
+#else
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call boundary here
+#endif
+// Portable: GNU vector extensions (SSE2 on x86-64, NEON on AArch64, scalar elsewhere). A lane-loop struct
+// (simd::vf) makes the compiler keep the GEMM accumulators in memory; vector types stay in registers.
+template <> struct Vec<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int N = 8;
+  static_assert(N == simd::W, "row padding assumes the simd:: width");
+  static constexpr int NVMAX = 1;
+  static FASTATTN_INLINE V zero() { return V{}; }
+  static FASTATTN_INLINE V set1(float x) { return V{} + x; }
+  static FASTATTN_INLINE V load(const float* p) { V r; std::memcpy(&r, p, sizeof(r)); return r; }
+  static FASTATTN_INLINE void store(float* p, V x) { std::memcpy(p, &x, sizeof(x)); }
+  static FASTATTN_INLINE V add(V a, V b) { return a + b; }
+  static FASTATTN_INLINE V sub(V a, V b) { return a - b; }
+  static FASTATTN_INLINE V mul(V a, V b) { return a * b; }
+  static FASTATTN_INLINE V fmadd(V a, V b, V c) { return a * b + c; }
+  static FASTATTN_INLINE V exp(V x) {
+    simd::vf t;
+    std::memcpy(&t, &x, sizeof(x));
+    t = simd::exp2<5>(simd::mul(t, simd::set1(1.4426950408889634f)));
+    std::memcpy(&x, &t, sizeof(x));
+    return x;
+  }
+};
+#endif
+
+// float64 (gradcheck): plain lane loops the compiler vectorises; std::exp per lane.
+template <> struct Vec<double> {
+  static constexpr int N = 8;
+  static constexpr int NVMAX = 1;
+  struct V { double v[8]; };
+#define FA_LANES for (int l = 0; l < N; ++l)
+  static FASTATTN_INLINE V zero() { V r; FA_LANES r.v[l] = 0.0; return r; }
+  static FASTATTN_INLINE V set1(double x) { V r; FA_LANES r.v[l] = x; return r; }
+  static FASTATTN_INLINE V load(const double* p) { V r; FA_LANES r.v[l] = p[l]; return r; }
+  static FASTATTN_INLINE void store(double* p, V x) { FA_LANES p[l] = x.v[l]; }
+  static FASTATTN_INLINE V add(V a, V b) { FA_LANES a.v[l] += b.v[l]; return a; }
+  static FASTATTN_INLINE V sub(V a, V b) { FA_LANES a.v[l] -= b.v[l]; return a; }
+  static FASTATTN_INLINE V mul(V a, V b) { FA_LANES a.v[l] *= b.v[l]; return a; }
+  static FASTATTN_INLINE V fmadd(V a, V b, V c) { FA_LANES c.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return c; }
+  static FASTATTN_INLINE V exp(V x) { FA_LANES x.v[l] = std::exp(x.v[l]); return x; }
+#undef FA_LANES
+};
+
+template <typename Acc> FASTATTN_INLINE Acc to_acc(float x) { return x; }
+template <typename Acc> FASTATTN_INLINE Acc to_acc(double x) { return static_cast<Acc>(x); }
+template <typename Acc> FASTATTN_INLINE Acc to_acc(bf16_t x) { return bf16_to_f32(x.x); }
+template <typename Acc> FASTATTN_INLINE Acc to_acc(f16_t x) { return f16_to_f32(x.x); }
+
+template <typename T> FASTATTN_INLINE T from_acc(float x) { return from_f32<T>(x); }
+template <typename T> FASTATTN_INLINE T from_acc(double x);
+template <> FASTATTN_INLINE double from_acc<double>(double x) { return x; }
+
+// Stores x into element `off` of a tensor of dtype `dt` (the mask gradient's dtype may differ from q's).
+template <typename Acc> FASTATTN_INLINE void store_any(int dt, void* base, int64_t off, Acc x) {
+  switch (dt) {
+    case kF32: static_cast<float*>(base)[off] = static_cast<float>(x); break;
+    case kF64: static_cast<double*>(base)[off] = static_cast<double>(x); break;
+    case kF16: static_cast<uint16_t*>(base)[off] = f32_to_f16(static_cast<float>(x)); break;
+    case kBF16: static_cast<uint16_t*>(base)[off] = f32_to_bf16(static_cast<float>(x)); break;
+    default: break;
+  }
+}
+inline int64_t dtype_size(int dt) { return dt == kBool ? 1 : dt == kF32 ? 4 : dt == kF64 ? 8 : 2; }
+
+// ============================================================================ GEMM micro-kernels
+
+// C[m, n] (= or +=) sum_{k<K} A[m*sam + k*sak] * B[k*ldb + n] for m < MR, n < NV*N: the MR x NV
+// accumulators stay in registers over the whole K loop, then are stored (or added) once.
+template <typename Acc, int MR, int NV>
+FASTATTN_INLINE void gemm_block(int64_t K, const Acc* FASTATTN_RESTRICT A, int64_t sam, int64_t sak,
+                                const Acc* FASTATTN_RESTRICT Bm, int64_t ldb, Acc* FASTATTN_RESTRICT C,
+                                int64_t ldc, bool accumulate) {
+  using VT = Vec<Acc>;
+  using V = typename VT::V;
+  constexpr int N = VT::N;
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = VT::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = VT::load(Bm + k * ldb + v * N);
+    const Acc* a = A + k * sak;
+    for (int m = 0; m < MR; ++m) {
+      const V am = VT::set1(a[m * sam]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = VT::fmadd(am, b[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      Acc* c = C + m * ldc + v * N;
+      VT::store(c, accumulate ? VT::add(VT::load(c), acc[m][v]) : acc[m][v]);
+    }
+}
+
+// The same for M rows (a multiple of kMR) and nv vectors of columns.
+template <typename Acc>
+void gemm(int64_t M, int64_t nv, int64_t K, const Acc* A, int64_t sam, int64_t sak, const Acc* Bm, int64_t ldb,
+          Acc* C, int64_t ldc, bool accumulate) {
+  constexpr int N = Vec<Acc>::N;
+  constexpr int NVM = Vec<Acc>::NVMAX;
+  for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+    const Acc* a = A + m0 * sam;
+    Acc* c = C + m0 * ldc;
+    int64_t v0 = 0;
+    for (; v0 + NVM <= nv; v0 += NVM) gemm_block<Acc, kMR, NVM>(K, a, sam, sak, Bm + v0 * N, ldb, c + v0 * N, ldc, accumulate);
+    switch (nv - v0) {
+      case 3: gemm_block<Acc, kMR, 3>(K, a, sam, sak, Bm + v0 * N, ldb, c + v0 * N, ldc, accumulate); break;
+      case 2: gemm_block<Acc, kMR, 2>(K, a, sam, sak, Bm + v0 * N, ldb, c + v0 * N, ldc, accumulate); break;
+      case 1: gemm_block<Acc, kMR, 1>(K, a, sam, sak, Bm + v0 * N, ldb, c + v0 * N, ldc, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+#if defined(FASTATTN_HAVE_AVX512BF16)
+constexpr bool kHaveBf16Dot = true;
+// bf16 inputs, fp32 accumulation (vdpbf16ps: two exact bf16 products per fp32 lane and step):
+// C[m, n] = sum_{p<K2} A[m*lda + 2p] * B2[(p*ldb + n)*2] + A[m*lda + 2p+1] * B2[(p*ldb + n)*2 + 1]
+// A: bf16 rows (pairs along k); B2: k pairs interleaved per column, 16 columns per zmm.
+template <int MR, int NV>
+FASTATTN_INLINE void gemm_bf16_block(int64_t K2, const uint16_t* FASTATTN_RESTRICT A, int64_t lda,
+                                     const uint16_t* FASTATTN_RESTRICT B2, int64_t ldb, float* FASTATTN_RESTRICT C,
+                                     int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B2 + (k * ldb + v * 16) * 2);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, A + m * lda + 2 * k, 4);
+      const __m512i a = _mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)a, (__m512bh)b[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + m * ldc + v * 16, acc[m][v]);
+}
+
+// The same for M rows (a multiple of kMR) and nv vectors of 16 columns.
+inline void gemm_bf16(int64_t M, int64_t nv, int64_t K2, const uint16_t* A, int64_t lda, const uint16_t* B2,
+                      int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+    const uint16_t* a = A + m0 * lda;
+    float* c = C + m0 * ldc;
+    int64_t v0 = 0;
+    for (; v0 + 4 <= nv; v0 += 4) gemm_bf16_block<kMR, 4>(K2, a, lda, B2 + v0 * 32, ldb, c + v0 * 16, ldc);
+    switch (nv - v0) {
+      case 3: gemm_bf16_block<kMR, 3>(K2, a, lda, B2 + v0 * 32, ldb, c + v0 * 16, ldc); break;
+      case 2: gemm_bf16_block<kMR, 2>(K2, a, lda, B2 + v0 * 32, ldb, c + v0 * 16, ldc); break;
+      case 1: gemm_bf16_block<kMR, 1>(K2, a, lda, B2 + v0 * 32, ldb, c + v0 * 16, ldc); break;
+      default: break;
+    }
+  }
+}
+#else
+constexpr bool kHaveBf16Dot = false;
+inline void gemm_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}
+#endif
+
+// ============================================================================ loads and stores
+
+// dst[r*ld + d] = t(b, h, i0 + r, d) for r < nr, d < D; zeros in d in [D, ld) and rows [nr, nr_pad).
+template <typename T, typename Acc>
+void load_rows(const Tensor4& t, int64_t b, int64_t h, int64_t i0, int64_t nr, int64_t D, Acc* dst, int64_t ld,
+               int64_t nr_pad) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* src = t.at<const T>(b, h, i0 + r);
+    Acc* o = dst + r * ld;
+    if constexpr (std::is_same<Acc, float>::value) {
+      if (t.se == 1) {
+        int64_t d = 0;
+        for (; d + simd::W <= D; d += simd::W) simd::store(o + d, simd::load_cvt(src + d));
+        if (d < ld) simd::store(o + d, simd::load_cvt_n(src + d, D - d));  // zero-fills lanes >= D
+        for (d += simd::W; d < ld; ++d) o[d] = 0.f;
+        continue;
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] = to_acc<Acc>(src[d * t.se]);
+    for (int64_t d = D; d < ld; ++d) o[d] = Acc(0);
+  }
+  for (int64_t r = nr; r < nr_pad; ++r) std::memset(static_cast<void*>(dst + r * ld), 0, ld * sizeof(Acc));
+}
+
+// Transposed: dst[d*ld + c] = t(b, h, j0 + c, d) for c < nc, d < D; zeros for c in [nc, ld) and d in [D, Dp).
+template <typename T, typename Acc>
+void load_cols(const Tensor4& t, int64_t b, int64_t h, int64_t j0, int64_t nc, int64_t D, int64_t Dp, Acc* dst,
+               int64_t ld) {
+  for (int64_t d = 0; d < Dp; ++d) std::memset(static_cast<void*>(dst + d * ld + nc), 0, (ld - nc) * sizeof(Acc));
+  for (int64_t d = D; d < Dp; ++d) std::memset(static_cast<void*>(dst + d * ld), 0, nc * sizeof(Acc));
+  for (int64_t c = 0; c < nc; ++c) {
+    const T* src = t.at<const T>(b, h, j0 + c);
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + c] = to_acc<Acc>(src[d * t.se]);
+  }
+}
+
+// bf16 bits: dst[r*ld + d] = t(b, h, i0 + r, d) for r < nr, d < D; zeros up to ld and for rows [nr, nr_pad).
+inline void load_rows_bf16(const Tensor4& t, int64_t b, int64_t h, int64_t i0, int64_t nr, int64_t D, uint16_t* dst,
+                           int64_t ld, int64_t nr_pad) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(t.at<const bf16_t>(b, h, i0 + r));
+    uint16_t* o = dst + r * ld;
+    if (t.se == 1) {
+      std::memcpy(o, src, D * 2);
+    } else {
+      for (int64_t d = 0; d < D; ++d) o[d] = src[d * t.se];
+    }
+    for (int64_t d = D; d < ld; ++d) o[d] = 0;
+  }
+  for (int64_t r = nr; r < nr_pad; ++r) std::memset(dst + r * ld, 0, ld * 2);
+}
+
+// bf16 bits, k pairs interleaved per column: dst[((d/2)*ld + c)*2 + d%2] = t(b, h, j0 + c, d) for c < nc,
+// d < D; zeros for c in [nc, ld) and d in [D, Dp2) (Dp2 even).
+inline void load_cols_bf16(const Tensor4& t, int64_t b, int64_t h, int64_t j0, int64_t nc, int64_t D, int64_t Dp2,
+                           uint16_t* dst, int64_t ld) {
+  for (int64_t p = 0; p < Dp2 / 2; ++p) std::memset(dst + (p * ld + nc) * 2, 0, (ld - nc) * 4);
+  for (int64_t c = 0; c < nc; ++c) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(t.at<const bf16_t>(b, h, j0 + c));
+    for (int64_t d = 0; d < D; ++d) dst[((d >> 1) * ld + c) * 2 + (d & 1)] = src[d * t.se];
+    for (int64_t d = D; d < Dp2; ++d) dst[((d >> 1) * ld + c) * 2 + (d & 1)] = 0;
+  }
+}
+
+// t(b, h, i0 + r, d) = mul * src[r*ld + d] for r < nr, d < D, in t's element type.
+template <typename T, typename Acc>
+void store_rows(const Tensor4& t, int64_t b, int64_t h, int64_t i0, int64_t nr, int64_t D, const Acc* src,
+                int64_t ld, Acc mul) {
+  for (int64_t r = 0; r < nr; ++r) {
+    T* dst = t.at<T>(b, h, i0 + r);
+    const Acc* s = src + r * ld;
+    if constexpr (std::is_same<Acc, float>::value) {
+      if (t.se == 1) {
+        const simd::vf vm = simd::set1(mul);
+        int64_t d = 0;
+        for (; d + simd::W <= D; d += simd::W) simd::store_cvt(dst + d, simd::mul(simd::load(s + d), vm));
+        if (d < D) simd::store_cvt_n(dst + d, simd::mul(simd::load(s + d), vm), D - d);
+        continue;
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) dst[d * t.se] = from_acc<T>(s[d] * mul);
+  }
+}
+
+// ============================================================================ per-call context
+
+template <typename Acc>
+struct Ctx {
+  const Params* p = nullptr;
+  int64_t Ep = 0, Evp = 0;        // head dims padded to whole vectors
+  int64_t nqb = 0, nkb = 0;       // query / key blocks
+  int64_t G = 1;                  // query heads per kv head
+  Acc scale = 1;
+  bool dropout = false;
+  Acc drop_mul = 1;               // 1 / (1 - p)
+  const Acc* delta = nullptr;     // (B, H, L) rowsum(dout o out)
+  const Acc* lse_acc = nullptr;   // (B, H, L) lse recomputed in Acc (float64 only), else null
+  bool dmask_direct = false;      // mask gradient written straight from the dQ pass (unbroadcast mask)
+  bool bf16dot = false;           // S and dP from bf16 copies with AVX512-BF16 dot products
+  int64_t Ep2 = 0, Evp2 = 0;      // head dims rounded up to even (bf16 pairs)
+};
+
+// One tile's scratch (kBr x kBc matrices).
+template <typename Acc>
+struct TileBuf {
+  Acc* S;            // scores, then P
+  Acc* dP;           // dP, then dS
+  Acc* PZ;           // P o Z (dropout only)
+  Acc* mask;         // additive mask tile
+  uint32_t* words;   // Philox words of one row
+};
+
+// A query block of one head: Q (kBr x Ep), dO (kBr x Evp), per-row lse (+inf where P must be 0) and delta.
+template <typename Acc>
+struct QBlock {
+  Acc* Q;
+  Acc* dO;
+  uint16_t* Qh = nullptr;   // bf16dot: bf16 rows (kBr x Ep2), (kBr x Evp2)
+  uint16_t* dOh = nullptr;
+  Acc* lse;
+  Acc* delta;
+  int64_t i0 = 0, nr = 0;
+};
+
+// A key block of one kv head: K^T (Ep x kBc), V^T (Evp x kBc), optional K (kBc x Ep).
+template <typename Acc>
+struct KBlock {
+  Acc* KT;
+  Acc* VT;
+  Acc* K;
+  uint16_t* KT2 = nullptr;  // bf16dot: pair-interleaved K^T / V^T (see load_cols_bf16)
+  uint16_t* VT2 = nullptr;
+  int64_t j0 = 0, nc = 0;
+};
+
+template <typename T, typename Acc>
+void load_qblock(const Ctx<Acc>& cx, int64_t b, int64_t h, int64_t ib, QBlock<Acc>& qb) {
+  const Params& p = *cx.p;
+  qb.i0 = ib * kBr;
+  qb.nr = std::min(kBr, p.L - qb.i0);
+  load_rows<T, Acc>(p.q, b, h, qb.i0, qb.nr, p.E, qb.Q, cx.Ep, round_up(qb.nr, kMR));
+  load_rows<T, Acc>(p.dout, b, h, qb.i0, qb.nr, p.Ev, qb.dO, cx.Evp, round_up(qb.nr, kMR));
+  if (std::is_same<T, bf16_t>::value && cx.bf16dot) {
+    load_rows_bf16(p.q, b, h, qb.i0, qb.nr, p.E, qb.Qh, cx.Ep2, round_up(qb.nr, kMR));
+    load_rows_bf16(p.dout, b, h, qb.i0, qb.nr, p.Ev, qb.dOh, cx.Evp2, round_up(qb.nr, kMR));
+  }
+  const int64_t row = (b * p.H + h) * p.L + qb.i0;
+  for (int64_t r = 0; r < kBr; ++r) {
+    Acc l = std::numeric_limits<Acc>::infinity(), dl = 0;
+    if (r < qb.nr) {
+      l = cx.lse_acc ? cx.lse_acc[row + r] : static_cast<Acc>(*p.lse.at<const float>(b, h, qb.i0 + r));
+      // A row with no visible key (lse = -inf) has P = 0: exp(s - (+inf)) = 0 for every s < +inf.
+      if (l == -std::numeric_limits<Acc>::infinity()) l = std::numeric_limits<Acc>::infinity();
+      dl = cx.delta[row + r];
+    }
+    qb.lse[r] = l;
+    qb.delta[r] = dl;
+  }
+}
+
+template <typename T, typename Acc>
+void load_kblock(const Ctx<Acc>& cx, int64_t b, int64_t hk, int64_t jb, KBlock<Acc>& kb, bool with_k) {
+  const Params& p = *cx.p;
+  kb.j0 = jb * kBc;
+  kb.nc = std::min(kBc, p.S - kb.j0);
+  if (std::is_same<T, bf16_t>::value && cx.bf16dot) {
+    load_cols_bf16(p.k, b, hk, kb.j0, kb.nc, p.E, cx.Ep2, kb.KT2, kBc);
+    load_cols_bf16(p.v, b, hk, kb.j0, kb.nc, p.Ev, cx.Evp2, kb.VT2, kBc);
+  } else {
+    load_cols<T, Acc>(p.k, b, hk, kb.j0, kb.nc, p.E, cx.Ep, kb.KT, kBc);
+    load_cols<T, Acc>(p.v, b, hk, kb.j0, kb.nc, p.Ev, cx.Evp, kb.VT, kBc);
+  }
+  if (with_k) load_rows<T, Acc>(p.k, b, hk, kb.j0, kb.nc, p.E, kb.K, cx.Ep, kBc);
+}
+
+// Whether causality alone hides the whole tile (query block qb, key block starting at j0).
+FASTATTN_INLINE bool causal_hidden(const Params& p, int64_t i0, int64_t nr, int64_t j0) {
+  return p.is_causal && j0 > i0 + nr - 1;
+}
+
+// The tile's P (in t.S), dS (in t.dP) and P o Z (t.PZ, dropout only) for query head h.
+// Returns false (nothing written) when the mask/causal structure hides the whole tile.
+// On return *kc = the number of leading key columns that can be nonzero, *r0 = the first row that can be.
+template <typename Acc>
+bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb, const KBlock<Acc>& kb,
+                const TileBuf<Acc>& t, int64_t* kc_out, int64_t* r0_out) {
+  using VT = Vec<Acc>;
+  using V = typename VT::V;
+  constexpr int N = VT::N;
+  const Params& p = *cx.p;
+  const int64_t i0 = qb.i0, nr = qb.nr, j0 = kb.j0, nc = kb.nc;
+  if (causal_hidden(p, i0, nr, j0)) return false;
+  const Acc* mrow0 = nullptr;
+  int64_t mstride = 0;
+  if (p.mask_dtype != kNone) {
+    const MaskView mv = mask_view(p, b, h);
+    const MaskTileInfo mi = load_mask_tile<Acc>(mv, i0, i0 + nr, j0, j0 + nc, t.mask, kBc, 1, Acc(1), true);
+    if (mi.all_hidden) return false;
+    if (!mi.all_zero) {
+      mrow0 = t.mask;
+      mstride = mi.rows_shared ? 0 : kBc;
+    }
+  }
+  // Causal: row r sees columns c < i0 + r - j0 + 1; rows before r0 see none.
+  const int64_t r0 = p.is_causal ? std::max<int64_t>(0, j0 - i0) : 0;
+  const int64_t kc = p.is_causal ? std::min(nc, i0 + nr - j0) : nc;
+  const int64_t ncv = round_up(kc, N);  // computed columns
+  const int64_t rb = r0 / kMR * kMR, re = round_up(nr, kMR);
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (cx.bf16dot) {
+      gemm_bf16(re - rb, ncv / N, cx.Ep2 / 2, qb.Qh + rb * cx.Ep2, cx.Ep2, kb.KT2, kBc, t.S + rb * kBc, kBc);
+      gemm_bf16(re - rb, ncv / N, cx.Evp2 / 2, qb.dOh + rb * cx.Evp2, cx.Evp2, kb.VT2, kBc, t.dP + rb * kBc, kBc);
+    }
+  }
+  if (!cx.bf16dot) {
+    gemm<Acc>(re - rb, ncv / N, cx.Ep, qb.Q + rb * cx.Ep, cx.Ep, 1, kb.KT, kBc, t.S + rb * kBc, kBc, false);
+    gemm<Acc>(re - rb, ncv / N, cx.Evp, qb.dO + rb * cx.Evp, cx.Evp, 1, kb.VT, kBc, t.dP + rb * kBc, kBc, false);
+  }
+  const V vscale = VT::set1(cx.scale);
+  Acc zrow[kBc];
+  for (int64_t r = 0; r < re; ++r) {
+    Acc* s = t.S + r * kBc;
+    Acc* dp = t.dP + r * kBc;
+    const int64_t lim = r < nr ? (p.is_causal ? std::min(kc, i0 + r - j0 + 1) : kc) : 0;
+    if (lim <= 0) {
+      std::memset(static_cast<void*>(s), 0, ncv * sizeof(Acc));
+      std::memset(static_cast<void*>(dp), 0, ncv * sizeof(Acc));
+      if (cx.dropout) std::memset(static_cast<void*>(t.PZ + r * kBc), 0, ncv * sizeof(Acc));
+      continue;
+    }
+    // P = exp(scale * qk + mask - lse)
+    const V vlse = VT::set1(qb.lse[r]);
+    const Acc* m = mrow0 ? mrow0 + r * mstride : nullptr;
+    const int64_t limv = round_up(lim, N);
+    for (int64_t c = 0; c < limv; c += N) {
+      V x = VT::mul(VT::load(s + c), vscale);
+      if (m) x = VT::add(x, VT::load(m + c));
+      VT::store(s + c, VT::exp(VT::sub(x, vlse)));
+    }
+    for (int64_t c = lim; c < ncv; ++c) s[c] = Acc(0);
+    if (cx.dropout) {
+      // Z = keep ? 1/(1-p) : 0;  PZ = P o Z;  dP <- dP o Z
+      dropout_words_row(p.seed, b, h, i0 + r, j0, lim, t.words);
+      Acc* pz = t.PZ + r * kBc;
+      for (int64_t c = 0; c < lim; ++c) zrow[c] = t.words[c] >= p.thr ? cx.drop_mul : Acc(0);
+      for (int64_t c = lim; c < ncv; ++c) zrow[c] = Acc(0);
+      for (int64_t c = 0; c < ncv; c += N) {
+        const V z = VT::load(zrow + c);
+        VT::store(pz + c, VT::mul(VT::load(s + c), z));
+        VT::store(dp + c, VT::mul(VT::load(dp + c), z));
+      }
+    }
+    // dS = P o (dP - delta)
+    const V vdelta = VT::set1(qb.delta[r]);
+    for (int64_t c = 0; c < ncv; c += N) VT::store(dp + c, VT::mul(VT::load(s + c), VT::sub(VT::load(dp + c), vdelta)));
+  }
+  *kc_out = kc;
+  *r0_out = r0;
+  return true;
+}
+
+// dV_j += (P o Z)^T dO ; dK_j += dS^T Q   (dK scaled at the store). dKj/dVj: kBc rows of the key block.
+template <typename Acc>
+FASTATTN_INLINE void accumulate_dkdv(const Ctx<Acc>& cx, const QBlock<Acc>& qb, const TileBuf<Acc>& t, int64_t kc,
+                                     int64_t r0, Acc* dKj, Acc* dVj) {
+  constexpr int N = Vec<Acc>::N;
+  const int64_t M = round_up(kc, kMR), K = qb.nr - r0;
+  const Acc* pz = cx.dropout ? t.PZ : t.S;
+  gemm<Acc>(M, cx.Evp / N, K, pz + r0 * kBc, 1, kBc, qb.dO + r0 * cx.Evp, cx.Evp, dVj, cx.Evp, true);
+  gemm<Acc>(M, cx.Ep / N, K, t.dP + r0 * kBc, 1, kBc, qb.Q + r0 * cx.Ep, cx.Ep, dKj, cx.Ep, true);
+}
+
+// dQ_i += dS K_j   (scaled at the store).
+template <typename Acc>
+FASTATTN_INLINE void accumulate_dq(const Ctx<Acc>& cx, const QBlock<Acc>& qb, const TileBuf<Acc>& t, int64_t kc,
+                                   const Acc* Kj, Acc* dQ) {
+  constexpr int N = Vec<Acc>::N;
+  gemm<Acc>(round_up(qb.nr, kMR), cx.Ep / N, kc, t.dP, kBc, 1, Kj, cx.Ep, dQ, cx.Ep, true);
+}
+
+// dmask(b, h, i, j) = dS_ij for an unbroadcast mask (each element has exactly one writer).
+template <typename Acc>
+void write_dmask_tile(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb, const KBlock<Acc>& kb,
+                      const TileBuf<Acc>& t, int64_t kc) {
+  const Params& p = *cx.p;
+  const Tensor4& dm = p.dmask;
+  char* base = reinterpret_cast<char*>(dm.ptr);
+  const int64_t es = dtype_size(p.dmask_dtype);
+  for (int64_t r = 0; r < qb.nr; ++r) {
+    const int64_t row = b * dm.sb + h * dm.sh + (qb.i0 + r) * dm.sl + kb.j0 * dm.se;
+    const Acc* ds = t.dP + r * kBc;
+    // Columns >= kc stay 0 (causally hidden).
+    if (dm.se == 1 && dtype_size(p.dmask_dtype) == static_cast<int64_t>(sizeof(Acc)) &&
+        p.dmask_dtype == (sizeof(Acc) == 4 ? kF32 : kF64)) {
+      std::memcpy(base + row * es, ds, kc * sizeof(Acc));
+      continue;
+    }
+    for (int64_t c = 0; c < kc; ++c) store_any<Acc>(p.dmask_dtype, base + (row + c * dm.se) * es, 0, ds[c]);
+  }
+}
+
+// ============================================================================ scratch
+
+// Per-thread scratch: one 64-byte aligned allocation carved with Arena.
+struct ThreadScratch {
+  std::vector<Scratch> s;
+  explicit ThreadScratch(int nt) : s(static_cast<size_t>(std::max(nt, 1))) {}
+};
+
+template <typename Acc>
+struct Bufs {
+  TileBuf<Acc> t;
+  QBlock<Acc> qb;
+  Acc* dQ = nullptr;                 // kBr x Ep
+  KBlock<Acc> kb;                    // one key block (split / dmask passes) or unused
+  Acc* Kall = nullptr;               // fused: K (S_pad x Ep), KT blocks, VT blocks
+  Acc* KTall = nullptr;
+  Acc* VTall = nullptr;
+  uint16_t* KT2all = nullptr;        // fused + bf16dot
+  uint16_t* VT2all = nullptr;
+  Acc* dK = nullptr;                 // fused: S_pad x Ep; split: kBc x Ep
+  Acc* dV = nullptr;
+  Acc* red = nullptr;                // dmask pass: kBr x kBc reduction tile
+};
+
+// Lays out Bufs in one allocation; kv_rows = rows of K/dK/dV buffers (S_pad for fused, kBc otherwise).
+template <typename Acc>
+Bufs<Acc> carve(const Ctx<Acc>& cx, Arena& a, int64_t kv_rows, bool fused) {
+  Bufs<Acc> u;
+  const size_t tile = kBr * kBc;
+  u.t.S = a.take<Acc>(tile);
+  u.t.dP = a.take<Acc>(tile);
+  u.t.PZ = a.take<Acc>(tile);
+  u.t.mask = a.take<Acc>(tile);
+  u.t.words = a.take<uint32_t>(kBc);
+  u.qb.Q = a.take<Acc>(kBr * cx.Ep);
+  u.qb.dO = a.take<Acc>(kBr * cx.Evp);
+  u.qb.lse = a.take<Acc>(kBr);
+  u.qb.delta = a.take<Acc>(kBr);
+  u.dQ = a.take<Acc>(kBr * cx.Ep);
+  u.kb.KT = a.take<Acc>(cx.Ep * kBc);
+  u.kb.VT = a.take<Acc>(cx.Evp * kBc);
+  u.kb.K = a.take<Acc>(kBc * cx.Ep);
+  if (cx.bf16dot) {
+    u.qb.Qh = a.take<uint16_t>(kBr * cx.Ep2);
+    u.qb.dOh = a.take<uint16_t>(kBr * cx.Evp2);
+    u.kb.KT2 = a.take<uint16_t>(cx.Ep2 * kBc);
+    u.kb.VT2 = a.take<uint16_t>(cx.Evp2 * kBc);
+  }
+  if (fused) {
+    u.Kall = a.take<Acc>(kv_rows * cx.Ep);
+    if (!cx.bf16dot) {
+      u.KTall = a.take<Acc>(kv_rows * cx.Ep);
+      u.VTall = a.take<Acc>(kv_rows * cx.Evp);
+    } else {
+      u.KT2all = a.take<uint16_t>(kv_rows * cx.Ep2);
+      u.VT2all = a.take<uint16_t>(kv_rows * cx.Evp2);
+    }
+  }
+  u.dK = a.take<Acc>(kv_rows * cx.Ep);
+  u.dV = a.take<Acc>(kv_rows * cx.Evp);
+  u.red = a.take<Acc>(tile);
+  return u;
+}
+
+template <typename Acc>
+Bufs<Acc> thread_bufs(const Ctx<Acc>& cx, Scratch& s, int64_t kv_rows, bool fused) {
+  Arena plan;
+  carve(cx, plan, kv_rows, fused);
+  const size_t bytes = plan.off + 64;
+  Arena a;
+  a.base = static_cast<char*>(s.get(bytes));
+  // No zeroing needed: every element the tile code reads is written first (padding included).
+  return carve(cx, a, kv_rows, fused);
+}
+
+// ============================================================================ passes
+
+// delta[b, h, i] = sum_e dout * out, in Acc.
+template <typename T, typename Acc>
+void compute_delta(const Params& p, Acc* delta) {
+  parallel_for(p.B * p.H, p.num_threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      for (int64_t i = 0; i < p.L; ++i) {
+        const T* d = p.dout.at<const T>(b, h, i);
+        const T* o = p.out.at<const T>(b, h, i);
+        Acc s = 0;
+        if constexpr (std::is_same<Acc, float>::value) {
+          if (p.dout.se == 1 && p.out.se == 1) {
+            simd::vf acc = simd::zero();
+            int64_t e = 0;
+            for (; e + simd::W <= p.Ev; e += simd::W) acc = simd::fmadd(simd::load_cvt(d + e), simd::load_cvt(o + e), acc);
+            if (e < p.Ev) acc = simd::fmadd(simd::load_cvt_n(d + e, p.Ev - e), simd::load_cvt_n(o + e, p.Ev - e), acc);
+            delta[bh * p.L + i] = simd::reduce_add(acc);
+            continue;
+          }
+        }
+        for (int64_t e = 0; e < p.Ev; ++e) s += to_acc<Acc>(d[e * p.dout.se]) * to_acc<Acc>(o[e * p.out.se]);
+        delta[bh * p.L + i] = s;
+      }
+    }
+  }, 1);
+}
+
+// float64: lse recomputed in double (the float32 lse of the forward would cap the gradients' accuracy
+// at ~1e-7 relative). lse[b, h, i] = log sum_j exp(s_ij) over visible j, -inf if none.
+template <typename T, typename Acc>
+void recompute_lse(const Ctx<Acc>& cx, ThreadScratch& ts, Acc* lse) {
+  const Params& p = *cx.p;
+  parallel_for(p.B * p.H * cx.nqb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+    Acc mx[kBr], sum[kBr];
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t ib = w % cx.nqb, bh = w / cx.nqb, b = bh / p.H, h = bh % p.H, hk = p.kv_head(h);
+      const int64_t i0 = ib * kBr, nr = std::min(kBr, p.L - i0), nrp = round_up(nr, kMR);
+      load_rows<T, Acc>(p.q, b, h, i0, nr, p.E, u.qb.Q, cx.Ep, nrp);
+      for (int64_t r = 0; r < kBr; ++r) mx[r] = -std::numeric_limits<Acc>::infinity(), sum[r] = 0;
+      const MaskView mv = mask_view(p, b, h);
+      for (int64_t jb = 0; jb < cx.nkb; ++jb) {
+        const int64_t j0 = jb * kBc, nc = std::min(kBc, p.S - j0);
+        if (causal_hidden(p, i0, nr, j0)) break;
+        MaskTileInfo mi;
+        if (p.mask_dtype != kNone) {
+          mi = load_mask_tile<Acc>(mv, i0, i0 + nr, j0, j0 + nc, u.t.mask, kBc, 1, Acc(1), true);
+          if (mi.all_hidden) continue;
+        }
+        load_cols<T, Acc>(p.k, b, hk, j0, nc, p.E, cx.Ep, u.kb.KT, kBc);
+        gemm<Acc>(nrp, kBc / Vec<Acc>::N, cx.Ep, u.qb.Q, cx.Ep, 1, u.kb.KT, kBc, u.t.S, kBc, false);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t lim = p.is_causal ? std::min(nc, i0 + r - j0 + 1) : nc;
+          const Acc* m = (p.mask_dtype != kNone && !mi.all_zero) ? u.t.mask + (mi.rows_shared ? 0 : r * kBc) : nullptr;
+          for (int64_t c = 0; c < lim; ++c) {
+            const Acc x = u.t.S[r * kBc + c] * cx.scale + (m ? m[c] : Acc(0));
+            if (x == -std::numeric_limits<Acc>::infinity()) continue;
+            if (x > mx[r]) {
+              sum[r] = sum[r] * std::exp(mx[r] - x) + 1;
+              mx[r] = x;
+            } else {
+              sum[r] += std::exp(x - mx[r]);
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        lse[bh * p.L + i0 + r] = sum[r] > 0 ? mx[r] + std::log(sum[r]) : -std::numeric_limits<Acc>::infinity();
+    }
+  }, 1);
+}
+
+// Fused: task (b, hk) owns dK/dV of kv head hk and dQ of its G query heads.
+template <typename T, typename Acc>
+void pass_fused(const Ctx<Acc>& cx, ThreadScratch& ts) {
+  const Params& p = *cx.p;
+  const int64_t Sp = cx.nkb * kBc;
+  parallel_for(p.B * p.Hk, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], Sp, true);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / p.Hk, hk = w % p.Hk;
+      std::vector<KBlock<Acc>> kbs(static_cast<size_t>(cx.nkb));
+      for (int64_t jb = 0; jb < cx.nkb; ++jb) {
+        KBlock<Acc>& kb = kbs[jb];
+        kb.K = u.Kall + jb * kBc * cx.Ep;
+        if (cx.bf16dot) {
+          kb.KT2 = u.KT2all + jb * kBc * cx.Ep2;
+          kb.VT2 = u.VT2all + jb * kBc * cx.Evp2;
+        } else {
+          kb.KT = u.KTall + jb * kBc * cx.Ep;
+          kb.VT = u.VTall + jb * kBc * cx.Evp;
+        }
+        load_kblock<T, Acc>(cx, b, hk, jb, kb, true);
+      }
+      std::memset(static_cast<void*>(u.dK), 0, Sp * cx.Ep * sizeof(Acc));
+      std::memset(static_cast<void*>(u.dV), 0, Sp * cx.Evp * sizeof(Acc));
+      for (int64_t h = hk * cx.G; h < (hk + 1) * cx.G; ++h) {
+        for (int64_t ib = 0; ib < cx.nqb; ++ib) {
+          load_qblock<T, Acc>(cx, b, h, ib, u.qb);
+          std::memset(static_cast<void*>(u.dQ), 0, kBr * cx.Ep * sizeof(Acc));
+          for (int64_t jb = 0; jb < cx.nkb; ++jb) {
+            const KBlock<Acc>& kb = kbs[jb];
+            int64_t kc, r0;
+            if (!tile_grads(cx, b, h, u.qb, kb, u.t, &kc, &r0)) continue;
+            accumulate_dkdv(cx, u.qb, u.t, kc, r0, u.dK + kb.j0 * cx.Ep, u.dV + kb.j0 * cx.Evp);
+            accumulate_dq(cx, u.qb, u.t, kc, kb.K, u.dQ);
+            if (cx.dmask_direct) write_dmask_tile(cx, b, h, u.qb, kb, u.t, kc);
+          }
+          store_rows<T, Acc>(p.dq, b, h, u.qb.i0, u.qb.nr, p.E, u.dQ, cx.Ep, cx.scale);
+        }
+      }
+      store_rows<T, Acc>(p.dk, b, hk, 0, p.S, p.E, u.dK, cx.Ep, cx.scale);
+      store_rows<T, Acc>(p.dv, b, hk, 0, p.S, p.Ev, u.dV, cx.Evp, Acc(1));
+    }
+  }, 1);
+}
+
+// Split, dK/dV: task (b, hk, key block) loops its query heads > query blocks.
+template <typename T, typename Acc>
+void pass_dkdv(const Ctx<Acc>& cx, ThreadScratch& ts) {
+  const Params& p = *cx.p;
+  parallel_for(p.B * p.Hk * cx.nkb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t jb = w % cx.nkb, bhk = w / cx.nkb, b = bhk / p.Hk, hk = bhk % p.Hk;
+      load_kblock<T, Acc>(cx, b, hk, jb, u.kb, false);
+      std::memset(static_cast<void*>(u.dK), 0, kBc * cx.Ep * sizeof(Acc));
+      std::memset(static_cast<void*>(u.dV), 0, kBc * cx.Evp * sizeof(Acc));
+      const int64_t ib0 = p.is_causal ? u.kb.j0 / kBr : 0;
+      for (int64_t h = hk * cx.G; h < (hk + 1) * cx.G; ++h) {
+        for (int64_t ib = ib0; ib < cx.nqb; ++ib) {
+          load_qblock<T, Acc>(cx, b, h, ib, u.qb);
+          int64_t kc, r0;
+          if (!tile_grads(cx, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
+          accumulate_dkdv(cx, u.qb, u.t, kc, r0, u.dK, u.dV);
+        }
+      }
+      store_rows<T, Acc>(p.dk, b, hk, u.kb.j0, u.kb.nc, p.E, u.dK, cx.Ep, cx.scale);
+      store_rows<T, Acc>(p.dv, b, hk, u.kb.j0, u.kb.nc, p.Ev, u.dV, cx.Evp, Acc(1));
+    }
+  }, 1);
+}
+
+// Split, dQ (and an unbroadcast mask's gradient): task (b, h, query block) loops the key blocks.
+template <typename T, typename Acc>
+void pass_dq(const Ctx<Acc>& cx, ThreadScratch& ts) {
+  const Params& p = *cx.p;
+  parallel_for(p.B * p.H * cx.nqb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t ib = w % cx.nqb, bh = w / cx.nqb, b = bh / p.H, h = bh % p.H, hk = p.kv_head(h);
+      load_qblock<T, Acc>(cx, b, h, ib, u.qb);
+      std::memset(static_cast<void*>(u.dQ), 0, kBr * cx.Ep * sizeof(Acc));
+      for (int64_t jb = 0; jb < cx.nkb; ++jb) {
+        if (causal_hidden(p, u.qb.i0, u.qb.nr, jb * kBc)) break;
+        load_kblock<T, Acc>(cx, b, hk, jb, u.kb, true);
+        int64_t kc, r0;
+        if (!tile_grads(cx, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
+        accumulate_dq(cx, u.qb, u.t, kc, u.kb.K, u.dQ);
+        if (cx.dmask_direct) write_dmask_tile(cx, b, h, u.qb, u.kb, u.t, kc);
+      }
+      store_rows<T, Acc>(p.dq, b, h, u.qb.i0, u.qb.nr, p.E, u.dQ, cx.Ep, cx.scale);
+    }
+  }, 1);
+}
+
+// Gradient of a broadcast mask: task = one tile of dmask (a size-1 dim is one "block"); it sums dS over
+// the broadcast batch / head / query / key indices, in that nesting order.
+template <typename T, typename Acc>
+void pass_dmask_reduce(const Ctx<Acc>& cx, ThreadScratch& ts) {
+  const Params& p = *cx.p;
+  const Tensor4& dm = p.dmask;
+  const bool rb = p.B > 1 && dm.sb == 0, rh = p.H > 1 && dm.sh == 0;
+  const bool rl = p.L > 1 && dm.sl == 0, rs = p.S > 1 && dm.se == 0;
+  const int64_t Bm = rb ? 1 : p.B, Hm = rh ? 1 : p.H, nib = rl ? 1 : cx.nqb, njb = rs ? 1 : cx.nkb;
+  const int64_t es = dtype_size(p.dmask_dtype);
+  parallel_for(Bm * Hm * nib * njb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+    for (int64_t w = begin; w < end; ++w) {
+      int64_t x = w;
+      const int64_t jbm = x % njb; x /= njb;
+      const int64_t ibm = x % nib; x /= nib;
+      const int64_t hm = x % Hm, bm = x / Hm;
+      std::memset(static_cast<void*>(u.red), 0, kBr * kBc * sizeof(Acc));
+      for (int64_t b = rb ? 0 : bm; b < (rb ? p.B : bm + 1); ++b) {
+        for (int64_t h = rh ? 0 : hm; h < (rh ? p.H : hm + 1); ++h) {
+          const int64_t hk = p.kv_head(h);
+          for (int64_t ib = rl ? 0 : ibm; ib < (rl ? cx.nqb : ibm + 1); ++ib) {
+            load_qblock<T, Acc>(cx, b, h, ib, u.qb);
+            for (int64_t jb = rs ? 0 : jbm; jb < (rs ? cx.nkb : jbm + 1); ++jb) {
+              if (causal_hidden(p, u.qb.i0, u.qb.nr, jb * kBc)) break;
+              load_kblock<T, Acc>(cx, b, hk, jb, u.kb, false);
+              int64_t kc, r0;
+              if (!tile_grads(cx, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
+              for (int64_t r = 0; r < u.qb.nr; ++r) {
+                const Acc* ds = u.t.dP + r * kBc;
+                Acc* o = u.red + (rl ? 0 : r * kBc);
+                if (rs) {
+                  Acc s = o[0];
+                  for (int64_t c = 0; c < kc; ++c) s += ds[c];
+                  o[0] = s;
+                } else {
+                  using VT = Vec<Acc>;
+                  for (int64_t c = 0; c < kc; c += VT::N) VT::store(o + c, VT::add(VT::load(o + c), VT::load(ds + c)));
+                }
+              }
+            }
+          }
+        }
+      }
+      const int64_t i0 = ibm * kBr, nr = rl ? 1 : std::min(kBr, p.L - i0);
+      const int64_t j0 = jbm * kBc, nc = rs ? 1 : std::min(kBc, p.S - j0);
+      char* base = reinterpret_cast<char*>(dm.ptr);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t off = bm * dm.sb + hm * dm.sh + (i0 + r) * dm.sl + (j0 + c) * dm.se;
+          store_any<Acc>(p.dmask_dtype, base + off * es, 0, u.red[r * kBc + c]);
+        }
+    }
+  }, 1);
+}
+
+template <typename T, typename Acc>
+void backward_impl(const Params& p, int mode) {
+  constexpr int N = Vec<Acc>::N;
+  Ctx<Acc> cx;
+  cx.p = &p;
+  cx.Ep = round_up(p.E, N);
+  cx.Evp = round_up(p.Ev, N);
+  cx.nqb = ceil_div(p.L, kBr);
+  cx.nkb = ceil_div(p.S, kBc);
+  cx.G = p.H / p.Hk;
+  cx.scale = static_cast<Acc>(p.scale);
+  cx.bf16dot = kHaveBf16Dot && std::is_same<T, bf16_t>::value;
+  cx.Ep2 = round_up(p.E, 2);
+  cx.Evp2 = round_up(p.Ev, 2);
+  cx.dropout = p.dropout_p > 0.0;
+  cx.drop_mul = static_cast<Acc>(p.dropout_scale());
+  const bool want_dmask = p.dmask_dtype != kNone && p.mask_dtype != kNone;
+  const bool bcast = (p.B > 1 && p.dmask.sb == 0) || (p.H > 1 && p.dmask.sh == 0) || (p.L > 1 && p.dmask.sl == 0) ||
+                     (p.S > 1 && p.dmask.se == 0);
+  cx.dmask_direct = want_dmask && !bcast;
+
+  std::vector<Acc> delta(static_cast<size_t>(p.B * p.H * p.L));
+  compute_delta<T, Acc>(p, delta.data());
+  cx.delta = delta.data();
+  ThreadScratch ts(p.num_threads);
+  std::vector<Acc> lse;
+  if (std::is_same<Acc, double>::value) {
+    lse.resize(static_cast<size_t>(p.B * p.H * p.L));
+    recompute_lse<T, Acc>(cx, ts, lse.data());
+    cx.lse_acc = lse.data();
+  }
+
+  // Fused does 5 tile GEMMs, split 7 (QK^T and dO V^T twice) but has B*H*L/kBr + B*Hk*S/kBc tasks
+  // instead of B*Hk: fused unless its rounds of tasks leave threads idle for more than that 1.4x
+  // (e.g. 1 kv head on 2 threads). Fused also keeps S x (3E + 2Ev) of scratch per thread.
+  const int64_t tasks = p.B * p.Hk, nt = std::max(1, p.num_threads);
+  const double fused_bytes = static_cast<double>(cx.nkb * kBc) * (3 * cx.Ep + 2 * cx.Evp) * sizeof(Acc);
+  bool fused = ceil_div(tasks, nt) * nt <= 1.5 * tasks && fused_bytes <= 256.0 * (1 << 20);
+  if (mode == kFused) fused = true;
+  if (mode == kSplit) fused = false;
+  if (fused) {
+    pass_fused<T, Acc>(cx, ts);
+  } else {
+    pass_dkdv<T, Acc>(cx, ts);
+    pass_dq<T, Acc>(cx, ts);
+  }
+  if (want_dmask && !cx.dmask_direct) pass_dmask_reduce<T, Acc>(cx, ts);
+}
+
+void check_backward_params(const Params& p) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("fastattn backward: " + m); };
+  if (p.B < 0 || p.H < 1 || p.Hk < 1 || p.L < 0 || p.S < 0 || p.E < 1 || p.Ev < 1)
+    fail("bad sizes (need H, Hk, E, Ev >= 1 and B, L, S >= 0)");
+  if (p.H % p.Hk != 0) fail("H must be a multiple of Hk");
+  if (p.dtype != kF32 && p.dtype != kF16 && p.dtype != kBF16 && p.dtype != kF64) fail("unsupported dtype");
+  if (p.mask_dtype != kNone && p.mask_dtype != kBool && p.mask_dtype != kF32 && p.mask_dtype != p.dtype)
+    fail("mask dtype must be bool, float32 or q's dtype");
+  if (p.dmask_dtype != kNone && (p.mask_dtype == kNone || p.mask_dtype == kBool || p.dmask_dtype != p.mask_dtype))
+    fail("a mask gradient needs a float mask and has the mask's dtype");
+  if (!(p.dropout_p >= 0.0 && p.dropout_p < 1.0)) fail("dropout_p must be in [0, 1)");
+}
+
+void backward(const Params& p, int mode) {
+  if (p.B == 0 || p.L == 0 || p.S == 0) return;  // the caller fills the empty / zero gradients
+  switch (p.dtype) {
+    case kF32: backward_impl<float, float>(p, mode); break;
+    case kBF16: backward_impl<bf16_t, float>(p, mode); break;
+    case kF16: backward_impl<f16_t, float>(p, mode); break;
+    case kF64: backward_impl<double, double>(p, mode); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void register_backward(py::module_& m) {
+  m.def("bwd",
+        [](const Params& p, int mode) {
+          check_backward_params(p);
+          py::gil_scoped_release nogil;
+          backward(p, mode);
+        },
+        py::arg("params"), py::arg("mode") = 0,
+        "Backward attention: writes p.dq (B,H,L,E), p.dk (B,Hk,S,E), p.dv (B,Hk,S,Ev) from p.dout, p.q, p.k, p.v,\n"
+        "p.out, p.lse, p.mask; and p.dmask when p.dmask_dtype != 0 (dmask strides: 0 on the mask's size-1\n"
+        "dims, which are summed; dmask must be zero-filled by the caller). mode: 0 auto, 1 fused, 2 split\n"
+        "(same bits either way; for tests).");
+}
+
+}  // namespace FASTATTN_NS
+}  // namespace fastattn

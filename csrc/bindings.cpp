@@ -1,0 +1,91 @@
+// fastattn._C_<isa>: the CPU kernels of one instruction set (see setup.py), driven by fastattn/_cpu.py.
+// Python fills a Params (addresses from tensor.data_ptr(), strides in elements) and calls fwd / bwd;
+// the GIL is released while a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <tuple>
+
+#include "common.h"
+#include "forward.h"
+
+namespace py = pybind11;
+using namespace fastattn::FASTATTN_NS;
+
+namespace {
+
+void bind_params(py::module_& m) {
+  py::class_<Tensor4>(m, "Tensor4", "A strided 4-D view: address and element strides (b, h, i, e).")
+      .def(py::init([](uintptr_t ptr, int64_t sb, int64_t sh, int64_t sl, int64_t se) {
+             Tensor4 t;
+             t.ptr = ptr; t.sb = sb; t.sh = sh; t.sl = sl; t.se = se;
+             return t;
+           }),
+           py::arg("ptr"), py::arg("sb"), py::arg("sh"), py::arg("sl"), py::arg("se"))
+      .def_readwrite("ptr", &Tensor4::ptr)
+      .def_readwrite("sb", &Tensor4::sb)
+      .def_readwrite("sh", &Tensor4::sh)
+      .def_readwrite("sl", &Tensor4::sl)
+      .def_readwrite("se", &Tensor4::se);
+  py::class_<Params>(m, "Params", "Arguments of one kernel call (see csrc/common.h).")
+      .def(py::init<>())
+      .def_readwrite("q", &Params::q)
+      .def_readwrite("k", &Params::k)
+      .def_readwrite("v", &Params::v)
+      .def_readwrite("out", &Params::out)
+      .def_readwrite("lse", &Params::lse)
+      .def_readwrite("mask", &Params::mask)
+      .def_readwrite("dout", &Params::dout)
+      .def_readwrite("dq", &Params::dq)
+      .def_readwrite("dk", &Params::dk)
+      .def_readwrite("dv", &Params::dv)
+      .def_readwrite("dmask", &Params::dmask)
+      .def_readwrite("dtype", &Params::dtype)
+      .def_readwrite("mask_dtype", &Params::mask_dtype)
+      .def_readwrite("dmask_dtype", &Params::dmask_dtype)
+      .def_readwrite("B", &Params::B)
+      .def_readwrite("H", &Params::H)
+      .def_readwrite("Hk", &Params::Hk)
+      .def_readwrite("L", &Params::L)
+      .def_readwrite("S", &Params::S)
+      .def_readwrite("E", &Params::E)
+      .def_readwrite("Ev", &Params::Ev)
+      .def_readwrite("scale", &Params::scale)
+      .def_readwrite("is_causal", &Params::is_causal)
+      .def_readwrite("dropout_p", &Params::dropout_p)
+      .def_readwrite("thr", &Params::thr)
+      .def_readwrite("seed", &Params::seed)
+      .def_readwrite("num_threads", &Params::num_threads);
+}
+
+bool has_bf16_dot() {
+#if defined(FASTATTN_HAVE_AVX512BF16)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(FASTATTN_MODULE, m) {
+  m.doc() = "fastattn CPU attention kernels (" FASTATTN_ISA_NAME ")";
+  bind_params(m);
+  m.def("fwd", [](const Params& p) {
+          check_forward_params(p);
+          py::gil_scoped_release nogil;
+          forward(p);
+        },
+        py::arg("params"),
+        "Forward attention: writes p.out (B,H,L,Ev) and p.lse (B,H,L) float32 from p.q, p.k, p.v, p.mask.");
+  m.def("isa", [] { return std::make_tuple(std::string(FASTATTN_ISA_NAME), has_bf16_dot()); },
+        "(instruction set name, whether AVX512-BF16 dot-product instructions are compiled in)");
+  m.def("philox_words_row",
+        [](uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) {
+          std::vector<uint32_t> w(static_cast<size_t>(std::max<int64_t>(n, 0)));
+          dropout_words_row(seed, b, h, i, j0, n, w.data());
+          return py::bytes(reinterpret_cast<const char*>(w.data()), w.size() * 4);
+        },
+        "The kernels' Philox words of (b, h, i, j0..j0+n) as little-endian uint32 bytes (for tests).");
+  register_backward(m);
+}

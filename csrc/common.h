@@ -1,0 +1,925 @@
+// fastattn: shared pieces of the CPU kernels (forward and backward).
+//
+// No torch headers: tensors arrive as raw addresses plus element strides (Params / Tensor4).
+// The same sources are compiled once per instruction set (setup.py); the FASTATTN_HAVE_* macros,
+// never the build machine's -march, select the SIMD code. Everything lives in
+// fastattn::<isa namespace> so the three modules' symbols stay distinct.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include <sched.h>
+#include <unistd.h>
+
+#if defined(FASTATTN_HAVE_AVX512) || defined(FASTATTN_HAVE_AVX2)
+#include <immintrin.h>
+#endif
+
+#ifndef FASTATTN_ISA_NAME
+#define FASTATTN_ISA_NAME "portable"
+#endif
+
+#if defined(FASTATTN_HAVE_AVX512)
+#define FASTATTN_NS isa_avx512
+#elif defined(FASTATTN_HAVE_AVX2)
+#define FASTATTN_NS isa_avx2
+#else
+#define FASTATTN_NS isa_portable
+#endif
+
+#if defined(__GNUC__)
+#define FASTATTN_INLINE inline __attribute__((always_inline))
+#define FASTATTN_RESTRICT __restrict__
+#else
+#define FASTATTN_INLINE inline
+#define FASTATTN_RESTRICT
+#endif
+
+namespace pybind11 {
+class module_;
+}
+
+namespace fastattn {
+namespace FASTATTN_NS {
+
+// ============================================================================================ types
+
+// Element dtype codes shared with fastattn/_cpu.py (DTYPE_CODES there).
+enum DType : int { kNone = 0, kBool = 1, kF32 = 2, kF16 = 3, kBF16 = 4, kF64 = 5 };
+
+// 16-bit storage types (bit patterns only; arithmetic is done in fp32).
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+// A 4-D strided view: element (b, h, i, e) lives at ptr + b*sb + h*sh + i*sl + e*se elements.
+// (lse uses sb/sh/sl; a broadcast mask dim has stride 0.)
+struct Tensor4 {
+  uintptr_t ptr = 0;
+  int64_t sb = 0, sh = 0, sl = 0, se = 0;
+  template <typename T> T* at(int64_t b, int64_t h, int64_t i) const {
+    return reinterpret_cast<T*>(ptr) + b * sb + h * sh + i * sl;
+  }
+};
+
+// Everything a kernel call needs. Forward fills q,k,v,out,lse,mask; backward also dout,dq,dk,dv,dmask.
+struct Params {
+  Tensor4 q, k, v, out, lse, mask;        // q (B,H,L,E) k (B,Hk,S,E) v (B,Hk,S,Ev) out (B,H,L,Ev) lse (B,H,L)
+  Tensor4 dout, dq, dk, dv, dmask;        // backward only
+  int dtype = kF32;                       // element type of q/k/v/out (and dout/dq/dk/dv)
+  int mask_dtype = kNone;                 // kNone, kBool, kF32, or dtype
+  int dmask_dtype = kNone;                // kNone when no mask gradient is wanted
+  int64_t B = 0, H = 0, Hk = 0, L = 0, S = 0, E = 0, Ev = 0;
+  double scale = 1.0;
+  bool is_causal = false;
+  double dropout_p = 0.0;                 // 0: no RNG at all
+  uint32_t thr = 0;                       // keep iff philox word >= thr (brief)
+  uint64_t seed = 0;
+  int num_threads = 1;
+  // key/value head used by query head h (GQA).
+  int64_t kv_head(int64_t h) const { return h / (H / Hk); }
+  // multiplier of kept probabilities: 1 / (1 - p).
+  double dropout_scale() const { return dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0; }
+};
+
+// The backward kernel's bindings (csrc/backward.cpp); bindings.cpp calls it from PYBIND11_MODULE.
+void register_backward(pybind11::module_& m);
+
+// ============================================================================================ threads
+
+// A persistent pool of worker threads (no OpenMP: torch ships its own runtime, two oversubscribe).
+// run(n, nt, grain, fn): items [0, n) in chunks of `grain`, handed out dynamically to nt threads
+// (the caller is thread 0). Idle workers spin for a short while (FASTATTN_SPIN_US, default 50 us)
+// before sleeping, so back-to-back calls do not pay a wake-up each (as OpenMP runtimes do).
+// Re-created lazily after fork() (the child has none of the parent's threads).
+class ThreadPool {
+ public:
+  using Call = void (*)(void* ctx, int64_t begin, int64_t end, int tid);
+
+  ThreadPool() {
+    const char* env = std::getenv("FASTATTN_SPIN_US");
+    spin_us_ = env ? std::max(0L, std::atol(env)) : 50L;
+    cpu_set_t set;
+    ncpu_ = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
+                                                         : static_cast<int>(std::thread::hardware_concurrency());
+  }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  // Runs fn over [0, n) with up to nt threads; returns after every item is done.
+  void run(int64_t n, int nt, int64_t grain, void* ctx, Call call) {
+    std::unique_lock<std::mutex> job_lock(job_mu_, std::try_to_lock);
+    if (nt <= 1 || n <= grain || in_worker() || !job_lock.owns_lock()) {
+      // Nested or concurrent calls (another Python thread is using the pool) run inline.
+      call(ctx, 0, n, 0);
+      return;
+    }
+    nt = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(nt), (n + grain - 1) / grain, kMaxThreads}));
+    ensure_workers(nt - 1);
+    // Spinning only pays when every thread has a CPU; oversubscribed, it steals the CPUs doing the work.
+    spin_ok_.store(static_cast<int>(workers_.size()) + 1 <= std::max(1, ncpu_), std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ctx_ = ctx;
+      call_ = call;
+      n_ = n;
+      grain_ = grain;
+      next_.store(0, std::memory_order_relaxed);
+      error_ = nullptr;
+      pending_.store(nt - 1, std::memory_order_relaxed);
+      // generation and active thread count in one word: a worker reads both consistently.
+      job_.store((job_.load(std::memory_order_relaxed) / kMaxThreads + 1) * kMaxThreads + nt,
+                 std::memory_order_release);
+    }
+    cv_work_.notify_all();
+    work(0);
+    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  static bool& in_worker() {
+    static thread_local bool flag = false;
+    return flag;
+  }
+
+ private:
+  static constexpr int64_t kMaxThreads = 1024;
+
+  // Busy-waits (with pause) until pred() or spin_us_ elapse; returns pred()'s last value.
+  template <typename Pred>
+  bool spin_until(Pred pred) const {
+    if (pred()) return true;
+    if (spin_us_ <= 0 || !spin_ok_.load(std::memory_order_relaxed)) return false;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (uint32_t k = 1;; ++k) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (pred()) return true;
+      if ((k & 255u) == 0 &&
+          std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_))
+        return pred();
+    }
+  }
+
+  void work(int tid) {
+    try {
+      for (;;) {
+        const int64_t b = next_.fetch_add(grain_, std::memory_order_relaxed);
+        if (b >= n_) break;
+        call_(ctx_, b, std::min(n_, b + grain_), tid);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!error_) error_ = std::current_exception();
+      next_.store(n_, std::memory_order_relaxed);
+    }
+  }
+
+  void ensure_workers(int count) {
+    while (static_cast<int>(workers_.size()) < count) {
+      const int tid = static_cast<int>(workers_.size()) + 1;
+      // The job word is read here, before run() bumps it for the job being started: a worker that
+      // read it on its own thread could start after the bump, miss that job and hang run().
+      const uint64_t seen = job_.load(std::memory_order_acquire);
+      workers_.emplace_back([this, tid, seen] { loop(tid, seen); });
+      workers_.back().detach();  // the pool is never destroyed (see get_pool)
+    }
+  }
+
+  void loop(int tid, uint64_t seen) {
+    in_worker() = true;
+    auto posted = [&] { return job_.load(std::memory_order_acquire) != seen; };
+    for (;;) {
+      if (!spin_until(posted)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_work_.wait(lk, posted);
+      }
+      seen = job_.load(std::memory_order_acquire);
+      if (tid >= static_cast<int>(seen % kMaxThreads)) continue;  // not needed for this job
+      work(tid);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);  // the caller may be about to sleep on cv_done_
+        cv_done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex job_mu_;  // one job at a time
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> job_{0};  // generation * kMaxThreads + active thread count
+  long spin_us_ = 50;
+  int ncpu_ = 1;
+  std::atomic<bool> spin_ok_{true};
+  void* ctx_ = nullptr;
+  Call call_ = nullptr;
+  int64_t n_ = 0, grain_ = 1;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0};
+  std::exception_ptr error_;
+};
+
+// The process's pool; a forked child (different pid) gets a fresh one (the old object is leaked on
+// purpose: its threads do not exist in the child and its mutexes may be held).
+inline ThreadPool& get_pool() {
+  static std::atomic<ThreadPool*> pool{nullptr};
+  static std::atomic<pid_t> owner{0};
+  static std::mutex create_mu;
+  const pid_t pid = getpid();
+  ThreadPool* p = pool.load(std::memory_order_acquire);
+  if (p != nullptr && owner.load(std::memory_order_acquire) == pid) return *p;
+  std::lock_guard<std::mutex> lk(create_mu);
+  p = pool.load(std::memory_order_acquire);
+  if (p == nullptr || owner.load(std::memory_order_acquire) != pid) {
+    p = new ThreadPool();
+    owner.store(pid, std::memory_order_release);
+    pool.store(p, std::memory_order_release);
+  }
+  return *p;
+}
+
+// fn(begin, end, tid) over [0, n_items) in dynamically scheduled chunks of `grain` (0: ~4 chunks per
+// thread), by up to num_threads threads incl. the caller. tid in [0, num_threads): index per-thread scratch.
+template <typename F>
+void parallel_for(int64_t n_items, int num_threads, F&& fn, int64_t grain = 0) {
+  if (n_items <= 0) return;
+  if (num_threads < 1) num_threads = 1;
+  if (grain <= 0) grain = std::max<int64_t>(1, n_items / (4 * static_cast<int64_t>(num_threads)));
+  using Fn = std::remove_reference_t<F>;
+  get_pool().run(n_items, num_threads, grain, const_cast<void*>(static_cast<const void*>(&fn)),
+                 [](void* ctx, int64_t b, int64_t e, int tid) { (*static_cast<Fn*>(ctx))(b, e, tid); });
+}
+
+// fn(begin, end, tid) with thread tid getting the contiguous static range tid*n/nt .. (tid+1)*n/nt
+// (deterministic assignment; same result as parallel_for when items are independent).
+template <typename F>
+void parallel_for_static(int64_t n_items, int num_threads, F&& fn) {
+  if (n_items <= 0) return;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_items)));
+  parallel_for(nt, nt, [&](int64_t b, int64_t e, int) {
+    for (int64_t t = b; t < e; ++t) fn(t * n_items / nt, (t + 1) * n_items / nt, static_cast<int>(t));
+  }, 1);
+}
+
+// 64-byte aligned scratch, grown (never shrunk) once per call per thread.
+class Scratch {
+ public:
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch(Scratch&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  ~Scratch() { std::free(p_); }
+  void* get(size_t bytes) {
+    if (bytes > n_) {
+      std::free(p_);
+      n_ = (bytes + 63) / 64 * 64;
+      p_ = std::aligned_alloc(64, n_);
+      if (p_ == nullptr) throw std::bad_alloc();
+    }
+    return p_;
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// Carves 64-byte aligned sub-buffers out of one allocation: plan with take<T>(n) on a null base to size it.
+struct Arena {
+  char* base = nullptr;
+  size_t off = 0;
+  template <typename T> T* take(size_t n) {
+    off = (off + 63) / 64 * 64;
+    T* p = reinterpret_cast<T*>(base + off);
+    off += n * sizeof(T);
+    return base ? p : nullptr;
+  }
+};
+
+// ============================================================================================ scalars
+
+// bf16 -> f32: the bf16 bits are the top half of the f32.
+FASTATTN_INLINE float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
+FASTATTN_INLINE uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+// f16 -> f32 (exact): rebias the exponent, normalise subnormals, map inf/NaN.
+FASTATTN_INLINE float f16_to_f32(uint16_t h) {
+#if defined(FASTATTN_HAVE_AVX2)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: value = man * 2^-24
+    float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+// f32 -> f16, round to nearest even (overflow -> inf, NaN -> NaN, subnormals rounded exactly).
+FASTATTN_INLINE uint16_t f32_to_f16(float f) {
+#if defined(FASTATTN_HAVE_AVX2)
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return sign | 0x7e00u;              // NaN
+  if (u >= 0x477ff000u) return sign | 0x7c00u;             // >= 65520 rounds to inf
+  if (u >= 0x38800000u) {                                  // normal f16
+    uint32_t r = u - 0x38000000u;                          // rebias exponent (127 -> 15)
+    r += 0xfffu + ((r >> 13) & 1u);
+    return sign | static_cast<uint16_t>(r >> 13);
+  }
+  // subnormal or zero: value / 2^-24 rounded to nearest even by the FPU (exact for these magnitudes)
+  float g;
+  std::memcpy(&g, &u, 4);
+  return sign | static_cast<uint16_t>(std::nearbyint(g * 16777216.0f));
+#endif
+}
+
+// Element <-> f32 / f64 conversions by storage type.
+FASTATTN_INLINE float to_f32(float x) { return x; }
+FASTATTN_INLINE float to_f32(double x) { return static_cast<float>(x); }
+FASTATTN_INLINE float to_f32(bf16_t x) { return bf16_to_f32(x.x); }
+FASTATTN_INLINE float to_f32(f16_t x) { return f16_to_f32(x.x); }
+FASTATTN_INLINE double to_f64(double x) { return x; }
+FASTATTN_INLINE double to_f64(float x) { return x; }
+FASTATTN_INLINE double to_f64(bf16_t x) { return bf16_to_f32(x.x); }
+FASTATTN_INLINE double to_f64(f16_t x) { return f16_to_f32(x.x); }
+template <typename T> FASTATTN_INLINE T from_f32(float x);
+template <> FASTATTN_INLINE float from_f32<float>(float x) { return x; }
+template <> FASTATTN_INLINE double from_f32<double>(float x) { return x; }
+template <> FASTATTN_INLINE bf16_t from_f32<bf16_t>(float x) { return bf16_t{f32_to_bf16(x)}; }
+template <> FASTATTN_INLINE f16_t from_f32<f16_t>(float x) { return f16_t{f32_to_f16(x)}; }
+
+// ============================================================================================ philox
+
+constexpr uint32_t kPhiloxA = 0xD2511F53u, kPhiloxB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+// Philox4x32-10 (brief): 10 rounds of (c0..c3) <- (hi(B c2)^c1^k0, lo(B c2), hi(A c0)^c3^k1, lo(A c0)).
+FASTATTN_INLINE void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxA) * c[0];
+    const uint64_t p2 = static_cast<uint64_t>(kPhiloxB) * c[2];
+    const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ c[1] ^ k0;
+    const uint32_t n1 = static_cast<uint32_t>(p2);
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1;
+    const uint32_t n3 = static_cast<uint32_t>(p0);
+    c[0] = n0; c[1] = n1; c[2] = n2; c[3] = n3;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// The uint32 word of element (b, h, i, j): counter (j>>2, i, h, b), key (seed lo, seed hi), word j&3.
+FASTATTN_INLINE uint32_t dropout_word(uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j) {
+  uint32_t c[4] = {static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), static_cast<uint32_t>(h),
+                   static_cast<uint32_t>(b)};
+  philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return c[j & 3];
+}
+// keep(b,h,i,j) = word >= thr.
+FASTATTN_INLINE bool dropout_keep(uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j, uint32_t thr) {
+  return dropout_word(seed, b, h, i, j) >= thr;
+}
+
+namespace simd {
+#if defined(FASTATTN_HAVE_AVX512)
+constexpr int kPhiloxLanes = 16;
+using vu32 = __m512i;
+// (hi, lo) of a * c per 32-bit lane: even lanes from one vpmuludq, odd lanes from a shifted one.
+FASTATTN_INLINE void mulhilo(__m512i a, __m512i c, __m512i& hi, __m512i& lo) {
+  const __m512i ev = _mm512_mul_epu32(a, c);
+  const __m512i od = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(ev, 32), od);
+  lo = _mm512_mask_blend_epi32(0xAAAA, ev, _mm512_slli_epi64(od, 32));
+}
+// Philox4x32-10 on 16 independent counters (one per lane).
+FASTATTN_INLINE void philox(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, uint32_t k0, uint32_t k1) {
+  const __m512i A = _mm512_set1_epi32(static_cast<int>(kPhiloxA));
+  const __m512i B = _mm512_set1_epi32(static_cast<int>(kPhiloxB));
+  for (int r = 0; r < 10; ++r) {
+    __m512i hi0, lo0, hi2, lo2;
+    mulhilo(A, c0, hi0, lo0);
+    mulhilo(B, c2, hi2, lo2);
+    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi2, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c0 = n0; c1 = lo2; c2 = n2; c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+FASTATTN_INLINE __m512i u32_iota(uint32_t base) {
+  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)),
+                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+FASTATTN_INLINE __m512i u32_set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+FASTATTN_INLINE void u32_store(uint32_t* p, __m512i x) { _mm512_storeu_si512(p, x); }
+#elif defined(FASTATTN_HAVE_AVX2)
+constexpr int kPhiloxLanes = 8;
+using vu32 = __m256i;
+FASTATTN_INLINE void mulhilo(__m256i a, __m256i c, __m256i& hi, __m256i& lo) {
+  const __m256i ev = _mm256_mul_epu32(a, c);
+  const __m256i od = _mm256_mul_epu32(a, _mm256_srli_epi64(c, 32));
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(ev, 32), od, 0xAA);
+  lo = _mm256_blend_epi32(ev, _mm256_slli_epi64(od, 32), 0xAA);
+}
+FASTATTN_INLINE void philox(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, uint32_t k0, uint32_t k1) {
+  const __m256i A = _mm256_set1_epi32(static_cast<int>(kPhiloxA));
+  const __m256i B = _mm256_set1_epi32(static_cast<int>(kPhiloxB));
+  for (int r = 0; r < 10; ++r) {
+    __m256i hi0, lo0, hi2, lo2;
+    mulhilo(A, c0, hi0, lo0);
+    mulhilo(B, c2, hi2, lo2);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi2, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c0 = n0; c1 = lo2; c2 = n2; c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+FASTATTN_INLINE __m256i u32_iota(uint32_t base) {
+  return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FASTATTN_INLINE __m256i u32_set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+FASTATTN_INLINE void u32_store(uint32_t* p, __m256i x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
+#else
+constexpr int kPhiloxLanes = 8;
+struct vu32 { uint32_t v[8]; };
+FASTATTN_INLINE void philox(vu32& c0, vu32& c1, vu32& c2, vu32& c3, uint32_t k0, uint32_t k1) {
+  for (int l = 0; l < 8; ++l) {
+    uint32_t c[4] = {c0.v[l], c1.v[l], c2.v[l], c3.v[l]};
+    philox4x32_10(c, k0, k1);
+    c0.v[l] = c[0]; c1.v[l] = c[1]; c2.v[l] = c[2]; c3.v[l] = c[3];
+  }
+}
+FASTATTN_INLINE vu32 u32_iota(uint32_t base) {
+  vu32 r;
+  for (int l = 0; l < 8; ++l) r.v[l] = base + static_cast<uint32_t>(l);
+  return r;
+}
+FASTATTN_INLINE vu32 u32_set1(uint32_t x) {
+  vu32 r;
+  for (int l = 0; l < 8; ++l) r.v[l] = x;
+  return r;
+}
+FASTATTN_INLINE void u32_store(uint32_t* p, vu32 x) { std::memcpy(p, x.v, sizeof(x.v)); }
+#endif
+}  // namespace simd
+
+// words[t] = dropout_word(seed, b, h, i, j0 + t) for t in [0, n): one Philox per 4 j's, lanes over counters.
+inline void dropout_words_row(uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n,
+                              uint32_t* words) {
+  constexpr int W = simd::kPhiloxLanes;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  int64_t c = j0 >> 2;
+  const int64_t c_end = (j0 + n + 3) >> 2;
+  alignas(64) uint32_t buf[4][W];
+  while (c < c_end) {
+    simd::vu32 c0 = simd::u32_iota(static_cast<uint32_t>(c)), c1 = simd::u32_set1(static_cast<uint32_t>(i)),
+               c2 = simd::u32_set1(static_cast<uint32_t>(h)), c3 = simd::u32_set1(static_cast<uint32_t>(b));
+    simd::philox(c0, c1, c2, c3, k0, k1);
+    simd::u32_store(buf[0], c0);
+    simd::u32_store(buf[1], c1);
+    simd::u32_store(buf[2], c2);
+    simd::u32_store(buf[3], c3);
+    for (int l = 0; l < W && c + l < c_end; ++l) {
+      for (int r = 0; r < 4; ++r) {
+        const int64_t j = 4 * (c + l) + r;
+        if (j >= j0 && j < j0 + n) words[j - j0] = buf[r][l];
+      }
+    }
+    c += W;
+  }
+}
+
+// keep[t] = (word(b, h, i, j0 + t) >= thr) for t in [0, n).
+inline void dropout_keep_row(uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, uint32_t thr,
+                             uint8_t* keep) {
+  uint32_t words[64];
+  for (int64_t t0 = 0; t0 < n; t0 += 64) {
+    const int64_t m = std::min<int64_t>(64, n - t0);
+    dropout_words_row(seed, b, h, i, j0 + t0, m, words);
+    for (int64_t t = 0; t < m; ++t) keep[t0 + t] = words[t] >= thr;
+  }
+}
+
+// words[r * n + t] = word(b, h, i0 + t, 4*c0 + r): the four keys of counter c0 for n queries (lanes over i).
+inline void dropout_words_quad_col(uint64_t seed, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t c0,
+                                   uint32_t* words) {
+  constexpr int W = simd::kPhiloxLanes;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  alignas(64) uint32_t buf[4][W];
+  for (int64_t t0 = 0; t0 < n; t0 += W) {
+    simd::vu32 a = simd::u32_set1(static_cast<uint32_t>(c0)), c = simd::u32_iota(static_cast<uint32_t>(i0 + t0)),
+               d = simd::u32_set1(static_cast<uint32_t>(h)), e = simd::u32_set1(static_cast<uint32_t>(b));
+    simd::philox(a, c, d, e, k0, k1);
+    simd::u32_store(buf[0], a);
+    simd::u32_store(buf[1], c);
+    simd::u32_store(buf[2], d);
+    simd::u32_store(buf[3], e);
+    const int64_t m = std::min<int64_t>(W, n - t0);
+    for (int r = 0; r < 4; ++r)
+      for (int64_t l = 0; l < m; ++l) words[r * n + t0 + l] = buf[r][l];
+  }
+}
+
+// ============================================================================================ simd f32
+
+// Float vectors of W lanes: AVX-512 (16), AVX2 (8) or a portable 8-lane struct the compiler vectorises.
+// Partial ("_n") loads/stores touch only the first n lanes' memory.
+namespace simd {
+
+// 2^f on f in [-0.5, 0.5]: minimax-fit polynomials (relative error 1.4e-7 for degree 5, 7.7e-5 for 3).
+template <int DEG> struct Exp2Poly;
+template <> struct Exp2Poly<5> {
+  static constexpr float c[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022121727466583f,
+                                 0.05550742521882057f, 0.009675459936261177f, 0.0013266970636323094f};
+};
+template <> struct Exp2Poly<3> {
+  static constexpr float c[4] = {0.9999289512634277f, 0.6932762265205383f, 0.24260404706001282f,
+                                 0.05508868396282196f};
+};
+
+#if defined(FASTATTN_HAVE_AVX512)
+constexpr int W = 16;
+using vf = __m512;
+FASTATTN_INLINE vf zero() { return _mm512_setzero_ps(); }
+FASTATTN_INLINE vf set1(float x) { return _mm512_set1_ps(x); }
+FASTATTN_INLINE vf load(const float* p) { return _mm512_loadu_ps(p); }
+FASTATTN_INLINE __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+FASTATTN_INLINE vf load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+FASTATTN_INLINE void store(float* p, vf x) { _mm512_storeu_ps(p, x); }
+FASTATTN_INLINE void store_n(float* p, vf x, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+FASTATTN_INLINE vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+FASTATTN_INLINE vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+FASTATTN_INLINE vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+FASTATTN_INLINE vf fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }  // a*b+c
+FASTATTN_INLINE vf fmsub(vf a, vf b, vf c) { return _mm512_fmsub_ps(a, b, c); }  // a*b-c
+FASTATTN_INLINE vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+FASTATTN_INLINE float reduce_add(vf a) { return _mm512_reduce_add_ps(a); }
+FASTATTN_INLINE float reduce_max(vf a) { return _mm512_reduce_max_ps(a); }
+// 2^x: x = n + f, 2^f by polynomial, scaled by 2^n with vscalefps (x <= -200 gives exactly 0, -inf too;
+// NaN stays NaN: max returns its second operand when one is NaN).
+template <int DEG = 5>
+FASTATTN_INLINE vf exp2(vf x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
+  const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = _mm512_sub_ps(x, n);
+  vf p = _mm512_set1_ps(Exp2Poly<DEG>::c[DEG]);
+  for (int d = DEG - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(Exp2Poly<DEG>::c[d]));
+  return _mm512_scalef_ps(p, n);
+}
+// W elements of type T -> f32 lanes.
+FASTATTN_INLINE vf load_cvt(const float* p) { return _mm512_loadu_ps(p); }
+FASTATTN_INLINE vf load_cvt(const bf16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+FASTATTN_INLINE vf load_cvt(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FASTATTN_INLINE vf load_cvt_n(const float* p, int64_t n) { return load_n(p, n); }
+FASTATTN_INLINE vf load_cvt_n(const bf16_t* p, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(lanes(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+FASTATTN_INLINE vf load_cvt_n(const f16_t* p, int64_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p));
+}
+// f32 lanes -> bf16 bits, round to nearest even, NaN kept quiet (same as f32_to_bf16).
+FASTATTN_INLINE __m256i cvt_bf16(vf x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i r = _mm512_add_epi32(
+      u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512i res = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16),
+                                              _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(res);
+}
+FASTATTN_INLINE void store_cvt(float* p, vf x) { _mm512_storeu_ps(p, x); }
+FASTATTN_INLINE void store_cvt(bf16_t* p, vf x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), cvt_bf16(x)); }
+FASTATTN_INLINE void store_cvt(f16_t* p, vf x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+FASTATTN_INLINE void store_cvt_n(float* p, vf x, int64_t n) { store_n(p, x, n); }
+FASTATTN_INLINE void store_cvt_n(bf16_t* p, vf x, int64_t n) { _mm256_mask_storeu_epi16(p, lanes(n), cvt_bf16(x)); }
+FASTATTN_INLINE void store_cvt_n(f16_t* p, vf x, int64_t n) {
+  _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+#elif defined(FASTATTN_HAVE_AVX2)
+constexpr int W = 8;
+using vf = __m256;
+FASTATTN_INLINE vf zero() { return _mm256_setzero_ps(); }
+FASTATTN_INLINE vf set1(float x) { return _mm256_set1_ps(x); }
+FASTATTN_INLINE vf load(const float* p) { return _mm256_loadu_ps(p); }
+FASTATTN_INLINE __m256i lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FASTATTN_INLINE vf load_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes(n)); }
+FASTATTN_INLINE void store(float* p, vf x) { _mm256_storeu_ps(p, x); }
+FASTATTN_INLINE void store_n(float* p, vf x, int64_t n) { _mm256_maskstore_ps(p, lanes(n), x); }
+FASTATTN_INLINE vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+FASTATTN_INLINE vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+FASTATTN_INLINE vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+FASTATTN_INLINE vf fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+FASTATTN_INLINE vf fmsub(vf a, vf b, vf c) { return _mm256_fmsub_ps(a, b, c); }
+FASTATTN_INLINE vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+FASTATTN_INLINE float reduce_add(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+FASTATTN_INLINE float reduce_max(vf a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// 2^x: x = n + f, 2^f by polynomial times 2^n built in the exponent bits; x < -126 (and -inf) gives 0,
+// NaN stays NaN (min/max return their second operand when one is NaN).
+template <int DEG = 5>
+FASTATTN_INLINE vf exp2(vf x) {
+  const vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);
+  x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(127.0f), x);
+  const vf n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf f = _mm256_sub_ps(x, n);
+  vf p = _mm256_set1_ps(Exp2Poly<DEG>::c[DEG]);
+  for (int d = DEG - 1; d >= 0; --d) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(Exp2Poly<DEG>::c[d]));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), tiny);
+}
+FASTATTN_INLINE vf load_cvt(const float* p) { return _mm256_loadu_ps(p); }
+FASTATTN_INLINE vf load_cvt(const bf16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+FASTATTN_INLINE vf load_cvt(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+template <typename T> FASTATTN_INLINE vf load_cvt_n(const T* p, int64_t n) {
+  if (n >= W) return load_cvt(p);
+  alignas(32) T tmp[W];
+  std::memset(static_cast<void*>(tmp), 0, sizeof(tmp));
+  std::memcpy(static_cast<void*>(tmp), p, static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T));
+  return load_cvt(tmp);
+}
+FASTATTN_INLINE vf load_cvt_n(const float* p, int64_t n) { return load_n(p, n); }
+FASTATTN_INLINE void store_cvt(float* p, vf x) { _mm256_storeu_ps(p, x); }
+FASTATTN_INLINE void store_cvt(bf16_t* p, vf x) {
+  alignas(32) float t[W];
+  _mm256_store_ps(t, x);
+  for (int l = 0; l < W; ++l) p[l].x = f32_to_bf16(t[l]);
+}
+FASTATTN_INLINE void store_cvt(f16_t* p, vf x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <typename T> FASTATTN_INLINE void store_cvt_n(T* p, vf x, int64_t n) {
+  if (n >= W) return store_cvt(p, x);
+  alignas(32) T tmp[W];
+  store_cvt(tmp, x);
+  std::memcpy(static_cast<void*>(p), tmp, static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T));
+}
+FASTATTN_INLINE void store_cvt_n(float* p, vf x, int64_t n) { store_n(p, x, n); }
+
+#else
+constexpr int W = 8;
+#if defined(__GNUC__)
+// GNU vector extension: 8 floats the compiler maps to whatever SIMD the target has (2x SSE2, NEON, ...).
+typedef float v8f_t __attribute__((vector_size(32)));
+struct vf { v8f_t v; };
+#define FASTATTN_VOP(expr) { vf r; r.v = (expr); return r; }
+#else
+struct vf { float v[8]; };
+#endif
+#define FASTATTN_VLOOP for (int l = 0; l < 8; ++l)
+FASTATTN_INLINE vf zero() { vf r; FASTATTN_VLOOP r.v[l] = 0.f; return r; }
+FASTATTN_INLINE vf set1(float x) { vf r; FASTATTN_VLOOP r.v[l] = x; return r; }
+FASTATTN_INLINE vf load(const float* p) { vf r; std::memcpy(&r.v, p, sizeof(r.v)); return r; }
+FASTATTN_INLINE vf load_n(const float* p, int64_t n) { vf r; FASTATTN_VLOOP r.v[l] = l < n ? p[l] : 0.f; return r; }
+FASTATTN_INLINE void store(float* p, vf x) { std::memcpy(p, &x.v, sizeof(x.v)); }
+FASTATTN_INLINE void store_n(float* p, vf x, int64_t n) { for (int l = 0; l < 8 && l < n; ++l) p[l] = x.v[l]; }
+#if defined(__GNUC__)
+FASTATTN_INLINE vf add(vf a, vf b) FASTATTN_VOP(a.v + b.v)
+FASTATTN_INLINE vf sub(vf a, vf b) FASTATTN_VOP(a.v - b.v)
+FASTATTN_INLINE vf mul(vf a, vf b) FASTATTN_VOP(a.v * b.v)
+FASTATTN_INLINE vf fmadd(vf a, vf b, vf c) FASTATTN_VOP(a.v * b.v + c.v)
+FASTATTN_INLINE vf fmsub(vf a, vf b, vf c) FASTATTN_VOP(a.v * b.v - c.v)
+FASTATTN_INLINE vf max(vf a, vf b) FASTATTN_VOP(a.v > b.v ? a.v : b.v)
+#undef FASTATTN_VOP
+#else
+FASTATTN_INLINE vf add(vf a, vf b) { FASTATTN_VLOOP a.v[l] += b.v[l]; return a; }
+FASTATTN_INLINE vf sub(vf a, vf b) { FASTATTN_VLOOP a.v[l] -= b.v[l]; return a; }
+FASTATTN_INLINE vf mul(vf a, vf b) { FASTATTN_VLOOP a.v[l] *= b.v[l]; return a; }
+FASTATTN_INLINE vf fmadd(vf a, vf b, vf c) { FASTATTN_VLOOP c.v[l] += a.v[l] * b.v[l]; return c; }
+FASTATTN_INLINE vf fmsub(vf a, vf b, vf c) { FASTATTN_VLOOP c.v[l] = a.v[l] * b.v[l] - c.v[l]; return c; }
+FASTATTN_INLINE vf max(vf a, vf b) { FASTATTN_VLOOP a.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l]; return a; }
+#endif
+FASTATTN_INLINE float reduce_add(vf a) { float s = 0.f; FASTATTN_VLOOP s += a.v[l]; return s; }
+FASTATTN_INLINE float reduce_max(vf a) { float s = a.v[0]; FASTATTN_VLOOP s = s > a.v[l] ? s : a.v[l]; return s; }
+// 2^x: x = n + f, 2^f by polynomial times 2^n built in the exponent bits; x < -126 (and -inf) gives 0,
+// NaN stays NaN.
+#if defined(__GNUC__)
+template <int DEG = 5>
+FASTATTN_INLINE vf exp2(vf x) {
+  typedef int32_t v8i_t __attribute__((vector_size(32)));
+  const v8f_t lo = x.v < -126.f ? -126.f : x.v;  // NaN compares false: stays NaN
+  const v8f_t y = lo > 127.f ? 127.f : lo;
+  const v8f_t n = (y + 12582912.f) - 12582912.f;  // round to nearest even (|y| < 2^22)
+  const v8f_t f = y - n;
+  v8f_t p = f * 0.f + Exp2Poly<DEG>::c[DEG];
+  for (int d = DEG - 1; d >= 0; --d) p = p * f + Exp2Poly<DEG>::c[d];
+  const v8i_t ni = __builtin_convertvector(n == n ? n : 0.f, v8i_t);
+  const v8i_t e = (ni + 127) << 23;
+  v8f_t s;
+  std::memcpy(&s, &e, sizeof(s));
+  vf r;
+  r.v = x.v < -126.f ? 0.f : p * s;
+  return r;
+}
+#else
+template <int DEG = 5>
+FASTATTN_INLINE vf exp2(vf x) {
+  vf r;
+  FASTATTN_VLOOP {
+    if (x.v[l] != x.v[l]) {
+      r.v[l] = x.v[l];
+      continue;
+    }
+    float y = x.v[l] < -126.f ? -126.f : (x.v[l] > 127.f ? 127.f : x.v[l]);
+    const float n = std::nearbyint(y);
+    const float f = y - n;
+    float p = Exp2Poly<DEG>::c[DEG];
+    for (int d = DEG - 1; d >= 0; --d) p = p * f + Exp2Poly<DEG>::c[d];
+    const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float s;
+    std::memcpy(&s, &e, 4);
+    r.v[l] = x.v[l] >= -126.f ? p * s : 0.f;
+  }
+  return r;
+}
+#endif
+template <typename T> FASTATTN_INLINE vf load_cvt(const T* p) { vf r; FASTATTN_VLOOP r.v[l] = to_f32(p[l]); return r; }
+template <typename T> FASTATTN_INLINE vf load_cvt_n(const T* p, int64_t n) {
+  vf r;
+  FASTATTN_VLOOP r.v[l] = l < n ? to_f32(p[l]) : 0.f;
+  return r;
+}
+template <typename T> FASTATTN_INLINE void store_cvt(T* p, vf x) { FASTATTN_VLOOP p[l] = from_f32<T>(x.v[l]); }
+template <typename T> FASTATTN_INLINE void store_cvt_n(T* p, vf x, int64_t n) {
+  for (int l = 0; l < 8 && l < n; ++l) p[l] = from_f32<T>(x.v[l]);
+}
+#undef FASTATTN_VLOOP
+#endif
+
+}  // namespace simd
+
+// ============================================================================================ masks
+
+// The mask of one (b, h): element (i, j) at ptr + i*sl + j*ss (either stride may be 0 = broadcast).
+struct MaskView {
+  const void* ptr = nullptr;
+  int dtype = kNone;
+  int64_t sl = 0, ss = 0;
+};
+
+inline MaskView mask_view(const Params& p, int64_t b, int64_t h) {
+  MaskView m;
+  if (p.mask_dtype == kNone) return m;
+  const int64_t esize = p.mask_dtype == kBool ? 1 : p.mask_dtype == kF32 ? 4 : p.mask_dtype == kF64 ? 8 : 2;
+  m.ptr = reinterpret_cast<const char*>(p.mask.ptr) + (b * p.mask.sb + h * p.mask.sh) * esize;
+  m.dtype = p.mask_dtype;
+  m.sl = p.mask.sl;
+  m.ss = p.mask.se;
+  return m;
+}
+
+// Additive value of mask element (i, j) times mul: bool -> 0 / -inf; float -> value * mul.
+template <typename Acc>
+FASTATTN_INLINE Acc mask_value(const MaskView& m, int64_t i, int64_t j, Acc mul) {
+  const int64_t o = i * m.sl + j * m.ss;
+  switch (m.dtype) {
+    case kBool: return static_cast<const uint8_t*>(m.ptr)[o] ? Acc(0) : -std::numeric_limits<Acc>::infinity();
+    case kF32: return static_cast<Acc>(static_cast<const float*>(m.ptr)[o]) * mul;
+    case kF64: return static_cast<Acc>(static_cast<const double*>(m.ptr)[o]) * mul;
+    case kF16: return static_cast<Acc>(f16_to_f32(static_cast<const uint16_t*>(m.ptr)[o])) * mul;
+    case kBF16: return static_cast<Acc>(bf16_to_f32(static_cast<const uint16_t*>(m.ptr)[o])) * mul;
+    default: return Acc(0);
+  }
+}
+
+struct MaskTileInfo {
+  bool all_hidden = false;   // every element is -inf: the tile can be skipped
+  bool all_zero = true;      // every element is 0: nothing to add
+  bool rows_shared = false;  // only row 0 was written (mask row stride 0): use it for every row
+};
+
+// out[(i-i0)*osi + (j-j0)*osj] = mask(i, j) * mul (bool: 0 / -inf) for i in [i0,i1), j in [j0,j1).
+// With allow_row_broadcast and a mask whose row stride is 0, writes only the first row (rows_shared).
+template <typename Acc>
+MaskTileInfo load_mask_tile(const MaskView& m, int64_t i0, int64_t i1, int64_t j0, int64_t j1, Acc* out,
+                            int64_t osi, int64_t osj, Acc mul, bool allow_row_broadcast) {
+  MaskTileInfo info;
+  if (m.dtype == kNone) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j) out[(i - i0) * osi + (j - j0) * osj] = Acc(0);
+    return info;
+  }
+  const bool shared = allow_row_broadcast && m.sl == 0;
+  if (shared) i1 = std::min(i1, i0 + 1);
+  info.rows_shared = shared;
+  bool hidden = true, zero = true;
+  const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  if (m.dtype == kBool) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* row = static_cast<const uint8_t*>(m.ptr) + i * m.sl;
+      Acc* o = out + (i - i0) * osi - j0 * osj;
+      for (int64_t j = j0; j < j1; ++j) {
+        const bool keep = row[j * m.ss] != 0;
+        o[j * osj] = keep ? Acc(0) : ninf;
+        hidden &= !keep;
+        zero &= keep;
+      }
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      Acc* o = out + (i - i0) * osi - j0 * osj;
+      for (int64_t j = j0; j < j1; ++j) {
+        const Acc x = mask_value<Acc>(m, i, j, mul);
+        o[j * osj] = x;
+        hidden &= (x == ninf);
+        zero &= (x == Acc(0));
+      }
+    }
+  }
+  info.all_hidden = hidden && i1 > i0 && j1 > j0;
+  info.all_zero = zero;
+  return info;
+}
+
+// True iff mask(i, j) hides every element of rows [i0,i1) x cols [j0,j1) (reads until one is visible).
+inline bool mask_tile_hidden(const MaskView& m, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  if (m.dtype == kNone) return false;
+  if (m.sl == 0) i1 = std::min(i1, i0 + 1);
+  if (m.ss == 0) j1 = std::min(j1, j0 + 1);
+  for (int64_t i = i0; i < i1; ++i) {
+    if (m.dtype == kBool) {
+      const uint8_t* row = static_cast<const uint8_t*>(m.ptr) + i * m.sl;
+      for (int64_t j = j0; j < j1; ++j)
+        if (row[j * m.ss]) return false;
+    } else {
+      for (int64_t j = j0; j < j1; ++j)
+        if (mask_value<double>(m, i, j, 1.0) != -std::numeric_limits<double>::infinity()) return false;
+    }
+  }
+  return i1 > i0 && j1 > j0;
+}
+
+}  // namespace FASTATTN_NS
+}  // namespace fastattn

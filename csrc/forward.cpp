@@ -1,0 +1,989 @@
+// fastattn CPU forward: flash-attention tiled online softmax with fp32 accumulators.
+//
+// For one (b, h) and a block of BM query rows, key blocks of BN keys are visited once:
+//   s_ij  = c * <q_i, k_j> + log2(e) * mask_ij          c = scale * log2(e)  (base-2 scores)
+//   m_i'  = max(m_i, max_j s_ij);  alpha_i = 2^(m_i - m_i')
+//   p_ij  = 2^(s_ij - m_i');  l_i' = alpha_i l_i + sum_j p_ij      (l: no dropout)
+//   o_i'  = alpha_i o_i + sum_j z_ij p_ij v_j                     (z: Philox keep bit)
+// and at the end out_i = o_i / l_i / (1 - p_drop), lse_i = ln(2) (m_i + log2 l_i); l_i = 0 -> 0, -inf.
+//
+// Layout: the query block is packed transposed once (Q^T: E x QG per group of QG = 2 vectors of
+// queries), so the score micro-kernel broadcasts K elements from their natural rows and keeps
+// S^T (keys x queries) in registers: row max / row sum are lane-wise, no horizontal reductions,
+// and dropout draws one Philox call per 4 keys x vector of queries. O stays (queries x Ev) and is
+// updated by broadcasting P^T entries against V rows. With AVX512-BF16 (bf16 inputs) both products
+// use vdpbf16ps on pair-interleaved operands: Q^T and P^T as (query, key/e pair) words, V packed once
+// per key block as (key pair, ev) words.
+// Key blocks beyond the causal diagonal or fully hidden by the mask are skipped (no QK^T, no PV).
+#include "forward.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace fastattn {
+namespace FASTATTN_NS {
+namespace {
+
+using simd::vf;
+using simd::W;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+constexpr int QV = 2;           // query vectors per group
+constexpr int QG = QV * W;      // queries per group
+#if defined(FASTATTN_HAVE_AVX512)
+constexpr int kNR = 12;         // keys per score micro-tile (kNR x QV accumulators)
+constexpr int kAccBudget = 24;  // accumulators of the PV micro-tile
+#elif defined(FASTATTN_HAVE_AVX2)
+constexpr int kNR = 6;
+constexpr int kAccBudget = 8;
+#else
+constexpr int kNR = 4;
+constexpr int kAccBudget = 8;
+#endif
+
+// ------------------------------------------------------------------------------------ lane helpers
+
+#if defined(FASTATTN_HAVE_AVX512)
+// s where j <= i (lane-wise), -inf where key j is after query i (causal).
+FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
+  return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(iq, _mm512_set1_ps(j), _CMP_LT_OQ), _mm512_set1_ps(kNegInf));
+}
+// m, or 0 where m = -inf (the exponent base for rows that have seen no visible key).
+FASTATTN_INLINE vf finite_base(vf m) {
+  return _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ), _mm512_setzero_ps());
+}
+FASTATTN_INLINE bool all_neg_inf(vf x) {
+  return _mm512_cmp_ps_mask(x, _mm512_set1_ps(kNegInf), _CMP_NEQ_UQ) == 0;
+}
+FASTATTN_INLINE vf iota_f(float base) {
+  return _mm512_add_ps(_mm512_set1_ps(base),
+                       _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+#elif defined(FASTATTN_HAVE_AVX2)
+FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
+  return _mm256_blendv_ps(s, _mm256_set1_ps(kNegInf), _mm256_cmp_ps(iq, _mm256_set1_ps(j), _CMP_LT_OQ));
+}
+FASTATTN_INLINE vf finite_base(vf m) {
+  return _mm256_blendv_ps(m, _mm256_setzero_ps(), _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ));
+}
+FASTATTN_INLINE bool all_neg_inf(vf x) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(kNegInf), _CMP_NEQ_UQ)) == 0;
+}
+FASTATTN_INLINE vf iota_f(float base) {
+  return _mm256_add_ps(_mm256_set1_ps(base), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#else
+FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
+  for (int l = 0; l < W; ++l) s.v[l] = iq.v[l] < j ? kNegInf : s.v[l];
+  return s;
+}
+FASTATTN_INLINE vf finite_base(vf m) {
+  for (int l = 0; l < W; ++l) m.v[l] = m.v[l] == kNegInf ? 0.f : m.v[l];
+  return m;
+}
+FASTATTN_INLINE bool all_neg_inf(vf x) {
+  for (int l = 0; l < W; ++l)
+    if (!(x.v[l] == kNegInf)) return false;
+  return true;
+}
+FASTATTN_INLINE vf iota_f(float base) {
+  vf r;
+  for (int l = 0; l < W; ++l) r.v[l] = base + static_cast<float>(l);
+  return r;
+}
+#endif
+
+// ------------------------------------------------------------------------------------ blocking
+
+struct Blocking {
+  int64_t BM = 0;   // query rows per work item (multiple of QG)
+  int64_t BN = 0;   // keys per key block (multiple of kNR, even)
+  int64_t nqb = 0;  // query blocks per (b, h)
+  int64_t Evp = 0;  // Ev rounded up to W
+  int64_t E2 = 0;   // ceil(E / 2) (bf16 pairs)
+};
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+Blocking choose_blocking(const Params& p) {
+  Blocking c;
+  // Large query blocks amortise the per-key-block work (V packing, mask tiles); small enough to keep
+  // every thread busy: at least ~4 items per thread when the heads alone do not provide them.
+  int64_t bm = std::min<int64_t>(round_up(p.L, QG), 8 * QG);
+  const int64_t want = 4 * static_cast<int64_t>(std::max(1, p.num_threads));
+  while (bm > QG && p.B * p.H * ((p.L + bm - 1) / bm) < want) bm -= QG;
+  c.BM = bm;
+  c.nqb = (p.L + bm - 1) / bm;
+  c.BN = 8 * kNR;
+  c.Evp = round_up(p.Ev, W);
+  c.E2 = (p.E + 1) / 2;
+  return c;
+}
+
+// Per-thread buffers of one call.
+struct Bufs {
+  float* qt = nullptr;     // fp32 Q^T: [BM/QG][E][QG]          (bf16 path: uint32 pairs [BM/QG][E2][QG])
+  float* kc = nullptr;     // converted K tile [BN][E]           (bf16 path: uint16 [BN][2*E2])
+  float* vc = nullptr;     // converted V tile [BN][Evp]         (bf16 path: uint32 pairs [BN/2][Evp])
+  float* st = nullptr;     // scores / probabilities S^T [BN][QG]
+  uint32_t* pp = nullptr;  // bf16 path: P^T pairs [BN/2][QG]
+  float* mt = nullptr;     // mask tile, transposed [BN][BM]
+  float* o = nullptr;      // output accumulators [BM][Evp]
+  float* m = nullptr;      // running max (base 2) [BM]
+  float* l = nullptr;      // running sum [BM]
+  float* alpha = nullptr;  // rescale factors of the current key block [BM]
+  uint32_t* words = nullptr;  // dropout words [4][QG]
+};
+
+size_t plan_bufs(const Params& p, const Blocking& c, Arena& a, Bufs& b) {
+  b.qt = a.take<float>(static_cast<size_t>(c.BM * std::max(p.E, 2 * c.E2)));
+  b.kc = a.take<float>(static_cast<size_t>(c.BN * (p.E + 2)));
+  b.vc = a.take<float>(static_cast<size_t>(c.BN * c.Evp));
+  b.st = a.take<float>(static_cast<size_t>(c.BN * QG));
+  b.pp = a.take<uint32_t>(static_cast<size_t>(c.BN / 2 * QG));
+  b.mt = a.take<float>(static_cast<size_t>(c.BN * c.BM));
+  b.o = a.take<float>(static_cast<size_t>(c.BM * c.Evp));
+  b.m = a.take<float>(static_cast<size_t>(c.BM));
+  b.l = a.take<float>(static_cast<size_t>(c.BM));
+  b.alpha = a.take<float>(static_cast<size_t>(c.BM));
+  b.words = a.take<uint32_t>(static_cast<size_t>(4 * QG));
+  return a.off + 64;
+}
+
+// ------------------------------------------------------------------------------------ score epilogue
+
+// What turns raw dot products of one group into base-2 scores for one key block.
+struct ScoreCtx {
+  float c = 0.f;              // scale * log2(e)
+  const float* mt = nullptr;  // mask tile column base for this group (nullptr: no mask)
+  int64_t mt_ld = 0;          // mask tile row (key) stride
+  bool mt_shared = false;     // one value per key (mask row stride 0): broadcast it to every lane
+  bool causal = false;        // some key of the block may follow some query of the group
+  vf iq[QV];                  // query index of each lane (as float)
+  int64_t j0 = 0;             // first key of the block
+};
+
+// s = c * acc + mask, then causal -inf; stores S^T row n and folds it into the lane-wise max.
+FASTATTN_INLINE void score_store(const ScoreCtx& sc, int64_t n, vf* acc, float* st, vf* mx) {
+  const vf cv = simd::set1(sc.c);
+#pragma GCC unroll 4
+  for (int v = 0; v < QV; ++v) {
+    vf s;
+    if (sc.mt == nullptr) {
+      s = simd::mul(acc[v], cv);
+    } else if (sc.mt_shared) {
+      s = simd::fmadd(acc[v], cv, simd::set1(sc.mt[n * sc.mt_ld]));
+    } else {
+      s = simd::fmadd(acc[v], cv, simd::load(sc.mt + n * sc.mt_ld + v * W));
+    }
+    if (sc.causal) s = causal_hide(s, sc.iq[v], static_cast<float>(sc.j0 + n));
+    simd::store(st + n * QG + v * W, s);
+    mx[v] = simd::max(mx[v], s);
+  }
+}
+
+// ------------------------------------------------------------------------------------ fp32 micro-kernels
+
+// S^T[n][q] for NR keys: acc[r][v] = sum_e Q^T[e][v*W + lane] * K[n0 + r][e]  (K rows broadcast).
+template <int NR>
+FASTATTN_INLINE void qk_tile_f32(const float* FASTATTN_RESTRICT qt, const float* FASTATTN_RESTRICT k,
+                                 int64_t ldk, int64_t E, int64_t n0, const ScoreCtx& sc, float* st, vf* mx) {
+  vf acc[NR][QV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) acc[r][v] = simd::zero();
+  const float* kr = k + n0 * ldk;
+  for (int64_t e = 0; e < E; ++e) {
+    vf a[QV];
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) a[v] = simd::load(qt + e * QG + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const vf kb = simd::set1(kr[r * ldk + e]);
+#pragma GCC unroll 4
+      for (int v = 0; v < QV; ++v) acc[r][v] = simd::fmadd(a[v], kb, acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) score_store(sc, n0 + r, acc[r], st, mx);
+}
+
+template <int NR>
+void qk_rest_f32(const float* qt, const float* k, int64_t ldk, int64_t E, int64_t n0, int64_t nr,
+                 const ScoreCtx& sc, float* st, vf* mx) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return qk_rest_f32<NR - 1>(qt, k, ldk, E, n0, nr, sc, st, mx);
+  }
+  qk_tile_f32<NR>(qt, k, ldk, E, n0, sc, st, mx);
+}
+
+// All nk keys of a block for one group.
+void qk_group_f32(const float* qt, const float* k, int64_t ldk, int64_t E, int64_t nk, const ScoreCtx& sc,
+                  float* st, vf* mx) {
+  int64_t n = 0;
+  for (; n + kNR <= nk; n += kNR) qk_tile_f32<kNR>(qt, k, ldk, E, n, sc, st, mx);
+  if (n < nk) qk_rest_f32<kNR - 1>(qt, k, ldk, E, n, nk - n, sc, st, mx);
+}
+
+// O[q0 + r][ev0 + v*W + lane] = alpha[q0 + r] * O[...] + sum_n P^T[n][q0 + r] * V[n][ev0 + v*W + lane].
+template <int QR, int EVV>
+FASTATTN_INLINE void pv_tile_f32(const float* FASTATTN_RESTRICT st, int64_t nk, const float* FASTATTN_RESTRICT v,
+                                 int64_t ldv, float* FASTATTN_RESTRICT o, int64_t ldo, const float* alpha) {
+  vf acc[QR][EVV];
+#pragma GCC unroll 16
+  for (int r = 0; r < QR; ++r) {
+    const vf a = simd::set1(alpha[r]);
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) acc[r][x] = simd::mul(simd::load(o + r * ldo + x * W), a);
+  }
+  for (int64_t n = 0; n < nk; ++n) {
+    vf vv[EVV];
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) vv[x] = simd::load(v + n * ldv + x * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < QR; ++r) {
+      const vf pb = simd::set1(st[n * QG + r]);
+#pragma GCC unroll 4
+      for (int x = 0; x < EVV; ++x) acc[r][x] = simd::fmadd(pb, vv[x], acc[r][x]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < QR; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) simd::store(o + r * ldo + x * W, acc[r][x]);
+}
+
+// Query rows of a PV micro-tile with evv vectors of Ev: as many as the accumulator budget allows.
+constexpr int qr_for(int evv) { return std::min(QG, std::max(1, kAccBudget / evv)); }
+
+template <int EVV>
+void pv_cols_f32(const float* st, int64_t nk, const float* v, int64_t ldv, float* o, int64_t ldo,
+                 const float* alpha, int64_t nrows) {
+  constexpr int QR = qr_for(EVV);
+  int64_t r = 0;
+  for (; r + QR <= nrows; r += QR) pv_tile_f32<QR, EVV>(st + r, nk, v, ldv, o + r * ldo, ldo, alpha + r);
+  for (; r < nrows; ++r) pv_tile_f32<1, EVV>(st + r, nk, v, ldv, o + r * ldo, ldo, alpha + r);
+}
+
+// The whole group (rows [0, nrows) of the group, all Evp columns).
+void pv_group_f32(const float* st, int64_t nk, const float* v, int64_t ldv, float* o, int64_t ldo,
+                  const float* alpha, int64_t nrows, int64_t Evp) {
+  const int64_t nvec = Evp / W;
+  int64_t x = 0;
+  for (; x + 4 <= nvec; x += 4) pv_cols_f32<4>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows);
+  switch (nvec - x) {
+    case 3: pv_cols_f32<3>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 2: pv_cols_f32<2>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 1: pv_cols_f32<1>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    default: break;
+  }
+}
+
+// ------------------------------------------------------------------------------------ softmax pass
+
+// p = 2^(s - m_base) in place for nk keys of a group; adds the row sums (before dropout) to lsum.
+template <int DEG>
+FASTATTN_INLINE void exp_pass(float* st, int64_t nk, const vf* base, vf* lsum) {
+  for (int64_t n = 0; n < nk; ++n) {
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) {
+      const vf p = simd::exp2<DEG>(simd::sub(simd::load(st + n * QG + v * W), base[v]));
+      lsum[v] = simd::add(lsum[v], p);
+      simd::store(st + n * QG + v * W, p);
+    }
+  }
+}
+
+// Zeroes the probabilities of S^T[0..nk) x queries [gi0, gi0+QG) that dropout drops (keys j0..j0+nk).
+void dropout_pass(const Params& p, int64_t b, int64_t h, int64_t gi0, int64_t j0, int64_t nk, float* st,
+                  uint32_t* words) {
+#if defined(FASTATTN_HAVE_AVX512)
+  // One Philox call gives the words of 4 keys x 16 queries (lanes = query index i = counter c1).
+  (void)words;
+  const uint32_t k0 = static_cast<uint32_t>(p.seed), k1 = static_cast<uint32_t>(p.seed >> 32);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.thr));
+  for (int64_t c = j0 >> 2; 4 * c < j0 + nk; ++c) {
+    for (int v = 0; v < QV; ++v) {
+      __m512i w[4] = {simd::u32_set1(static_cast<uint32_t>(c)), simd::u32_iota(static_cast<uint32_t>(gi0 + v * W)),
+                      simd::u32_set1(static_cast<uint32_t>(h)), simd::u32_set1(static_cast<uint32_t>(b))};
+      simd::philox(w[0], w[1], w[2], w[3], k0, k1);
+      for (int r = 0; r < 4; ++r) {
+        const int64_t j = 4 * c + r;
+        if (j < j0 || j >= j0 + nk) continue;
+        float* row = st + (j - j0) * QG + v * W;
+        const __mmask16 keep = _mm512_cmp_epu32_mask(w[r], thr, _MM_CMPINT_NLT);
+        _mm512_storeu_ps(row, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(row)));
+      }
+    }
+  }
+  return;
+#endif
+  for (int64_t c = j0 >> 2; 4 * c < j0 + nk; ++c) {
+    dropout_words_quad_col(p.seed, b, h, gi0, QG, c, words);
+    for (int r = 0; r < 4; ++r) {
+      const int64_t j = 4 * c + r;
+      if (j < j0 || j >= j0 + nk) continue;
+      float* row = st + (j - j0) * QG;
+      const uint32_t* w = words + r * QG;
+      for (int q = 0; q < QG; ++q) row[q] = w[q] >= p.thr ? row[q] : 0.f;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ packing
+
+#if defined(FASTATTN_HAVE_AVX512)
+// In-register 16x16 transpose: r[j] (row j) -> r[c] (column c). 32-bit lanes, no arithmetic.
+FASTATTN_INLINE void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i + c]: 128-bit lane k holds column 4k + c of rows 4i..4i+3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), b = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 a2 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE), b2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(a, b, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(a, b, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(a2, b2, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(a2, b2, 0xDD);
+  }
+}
+
+// dst[c * ldd + j] = rows[j][c] for j < 16 (rows j >= nrows read as 0), c < ncols <= 16; rows are 32-bit
+// words (fp32 after conversion, or bf16 pairs), loaded by load(j, ncols).
+template <typename Load>
+FASTATTN_INLINE void transpose_block(Load load, int64_t nrows, int64_t ncols, float* dst, int64_t ldd) {
+  __m512 r[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) r[j] = j < nrows ? load(j, ncols) : _mm512_setzero_ps();
+  transpose16(r);
+  for (int c = 0; c < ncols; ++c) _mm512_storeu_ps(dst + c * ldd, r[c]);
+}
+#endif
+
+// Q^T for query rows [i0, i0 + nq), groups of QG, zero-padded to BM rows: qt[g][e][lane].
+template <typename T>
+void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t BM, float* qt) {
+  const int64_t E = p.E;
+#if defined(FASTATTN_HAVE_AVX512)
+  if (p.q.se == 1) {
+    for (int64_t g = 0; g < BM / QG; ++g) {
+      for (int64_t r0 = 0; r0 < QG; r0 += 16) {
+        const int64_t nrows = std::max<int64_t>(0, std::min<int64_t>(16, nq - g * QG - r0));
+        const T* row0 = nrows > 0 ? p.q.at<T>(b, h, i0 + g * QG + r0) : nullptr;
+        const int64_t sl = p.q.sl;
+        for (int64_t e0 = 0; e0 < E; e0 += 16) {
+          transpose_block([&](int j, int64_t n) { return simd::load_cvt_n(row0 + j * sl + e0, n); }, nrows,
+                          std::min<int64_t>(16, E - e0), qt + g * E * QG + e0 * QG + r0, QG);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < BM / QG; ++g) {
+    float* dst = qt + g * E * QG;
+    for (int64_t r = 0; r < QG; ++r) {
+      const int64_t i = g * QG + r;
+      if (i < nq) {
+        const T* row = p.q.at<T>(b, h, i0 + i);
+        const int64_t se = p.q.se;
+        for (int64_t e = 0; e < E; ++e) dst[e * QG + r] = to_f32(row[e * se]);
+      } else {
+        for (int64_t e = 0; e < E; ++e) dst[e * QG + r] = 0.f;
+      }
+    }
+  }
+}
+
+// dst[n][0..n_cols) = f32(src row n), rows padded with zeros to ld.
+template <typename T>
+void convert_rows(const T* src, int64_t s_row, int64_t s_col, int64_t nrows, int64_t ncols, float* dst,
+                  int64_t ld) {
+  for (int64_t n = 0; n < nrows; ++n) {
+    const T* row = src + n * s_row;
+    float* d = dst + n * ld;
+    if (s_col == 1) {
+      int64_t e = 0;
+      for (; e + W <= ncols; e += W) simd::store(d + e, simd::load_cvt(row + e));
+      if (e < ncols) simd::store_n(d + e, simd::load_cvt_n(row + e, ncols - e), ncols - e);
+    } else {
+      for (int64_t e = 0; e < ncols; ++e) d[e] = to_f32(row[e * s_col]);
+    }
+    for (int64_t e = ncols; e < ld; ++e) d[e] = 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------ output
+
+// out[i] = o[i] * (1 / l_i) * dropout_scale (0 when l_i == 0); lse[i] = ln2 * (m_i + log2 l_i).
+template <typename T>
+void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b, int64_t h, int64_t i0, int64_t nq) {
+  const float dscale = static_cast<float>(p.dropout_scale());
+  float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh;
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t i = i0 + r;
+    const float l = bf.l[r];
+    const bool empty = l == 0.f;  // no visible key (a NaN l is not empty: NaN propagates as in torch)
+    lse[i * p.lse.sl] = empty ? kNegInf : kLn2 * (bf.m[r] + std::log2(l));
+    const vf f = simd::set1(empty ? 0.f : dscale / l);
+    T* out = p.out.at<T>(b, h, i);
+    const float* o = bf.o + r * c.Evp;
+    if (p.out.se == 1) {
+      int64_t e = 0;
+      for (; e + W <= p.Ev; e += W) simd::store_cvt(out + e, simd::mul(simd::load(o + e), f));
+      if (e < p.Ev) simd::store_cvt_n(out + e, simd::mul(simd::load(o + e), f), p.Ev - e);
+    } else {
+      const float fs = empty ? 0.f : dscale / l;
+      for (int64_t e = 0; e < p.Ev; ++e) out[e * p.out.se] = from_f32<T>(o[e] * fs);
+    }
+  }
+}
+
+// Asks for the output rows in writable state now, so the misses overlap the block's compute.
+template <typename T>
+void prefetch_out_rows(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq) {
+  if (p.out.se != 1) return;
+  const int64_t bytes = p.Ev * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < nq; ++r) {
+    const char* row = reinterpret_cast<const char*>(p.out.at<T>(b, h, i0 + r));
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 1, 3);
+  }
+}
+
+// ------------------------------------------------------------------------------------ driver (fp32 / bf16 dot)
+
+#if defined(FASTATTN_HAVE_AVX512BF16)
+// bf16 pair (x, y) of two fp32 vectors, lane-wise: word = bf16(x) | bf16(y) << 16 (round to nearest even).
+FASTATTN_INLINE __m512i bf16_pairs(__m512 x, __m512 y) {
+  alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(y, x));
+}
+
+// P^T pairs: pp[n2][q] = (bf16 p[2 n2][q], bf16 p[2 n2 + 1][q]); an odd last key pairs with 0.
+void pack_p_pairs(const float* st, int64_t nk, uint32_t* pp) {
+  for (int64_t n2 = 0; 2 * n2 < nk; ++n2) {
+    const bool two = 2 * n2 + 1 < nk;
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) {
+      const __m512 lo = _mm512_loadu_ps(st + 2 * n2 * QG + v * W);
+      const __m512 hi = two ? _mm512_loadu_ps(st + (2 * n2 + 1) * QG + v * W) : _mm512_setzero_ps();
+      _mm512_storeu_si512(pp + n2 * QG + v * W, bf16_pairs(lo, hi));
+    }
+  }
+}
+
+// exp_pass<3> and pack_p_pairs in one sweep (no dropout): p = 2^(s - base) straight into bf16 pairs.
+FASTATTN_INLINE void exp_pack_pass(const float* st, int64_t nk, const vf* base, vf* lsum, uint32_t* pp) {
+  int64_t n2 = 0;
+  for (; 2 * n2 + 1 < nk; ++n2) {
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) {
+      const vf p0 = simd::exp2<3>(simd::sub(simd::load(st + 2 * n2 * QG + v * W), base[v]));
+      const vf p1 = simd::exp2<3>(simd::sub(simd::load(st + (2 * n2 + 1) * QG + v * W), base[v]));
+      lsum[v] = simd::add(lsum[v], simd::add(p0, p1));
+      _mm512_storeu_si512(pp + n2 * QG + v * W, bf16_pairs(p0, p1));
+    }
+  }
+  if (2 * n2 < nk) {
+    for (int v = 0; v < QV; ++v) {
+      const vf p0 = simd::exp2<3>(simd::sub(simd::load(st + 2 * n2 * QG + v * W), base[v]));
+      lsum[v] = simd::add(lsum[v], p0);
+      _mm512_storeu_si512(pp + n2 * QG + v * W, bf16_pairs(p0, _mm512_setzero_ps()));
+    }
+  }
+}
+#endif
+
+// Online-softmax update of one group for one key block (scores in bf.st): m, l, alpha, and p in place
+// (dropout applied after the row sums); with BF16, p goes to bf.pp as bf16 pairs instead.
+// Returns false if every score is -inf (nothing to accumulate).
+template <bool BF16>
+FASTATTN_INLINE bool softmax_update(const Params& p, Bufs& bf, int64_t b, int64_t h, int64_t gi0, int64_t grow,
+                                    int64_t j0, int64_t nk, const vf* mx) {
+  float* m = bf.m + grow;
+  float* l = bf.l + grow;
+  float* alpha = bf.alpha + grow;
+  bool none = true;
+  for (int v = 0; v < QV; ++v) none &= all_neg_inf(mx[v]);
+  if (none) return false;  // every score of the block is -inf: p = 0, m and l unchanged
+  vf base[QV], lsum[QV];
+  for (int v = 0; v < QV; ++v) {
+    const vf mo = simd::load(m + v * W);
+    const vf mn = simd::max(mo, mx[v]);
+    base[v] = finite_base(mn);
+    simd::store(alpha + v * W, simd::exp2<5>(simd::sub(mo, base[v])));  // 2^(-inf) = 0 on first visit
+    simd::store(m + v * W, mn);
+    lsum[v] = simd::zero();
+  }
+  const bool dropout = p.dropout_p > 0.0;
+#if defined(FASTATTN_HAVE_AVX512BF16)
+  if constexpr (BF16) {
+    if (dropout)
+      exp_pass<3>(bf.st, nk, base, lsum);
+    else
+      exp_pack_pass(bf.st, nk, base, lsum, bf.pp);
+  } else {
+    exp_pass<5>(bf.st, nk, base, lsum);
+  }
+#else
+  exp_pass<5>(bf.st, nk, base, lsum);
+#endif
+  for (int v = 0; v < QV; ++v)
+    simd::store(l + v * W, simd::fmadd(simd::load(l + v * W), simd::load(alpha + v * W), lsum[v]));
+  if (dropout) {
+    dropout_pass(p, b, h, gi0, j0, nk, bf.st, bf.words);
+#if defined(FASTATTN_HAVE_AVX512BF16)
+    if constexpr (BF16) pack_p_pairs(bf.st, nk, bf.pp);
+#endif
+  }
+  return true;
+}
+
+// Prepares the per-block score context of group g; returns false if the group sees none of the block.
+FASTATTN_INLINE bool group_ctx(const Params& p, const Blocking& c, const Bufs& bf, const MaskTileInfo& mi,
+                               bool has_mask, int64_t i0, int64_t g, int64_t nq, int64_t j0, int64_t nk,
+                               ScoreCtx& sc) {
+  const int64_t gi0 = i0 + g * QG;
+  const int64_t glast = std::min(i0 + nq, gi0 + QG) - 1;
+  if (p.is_causal && j0 > glast) return false;
+  sc.causal = p.is_causal && j0 + nk - 1 > gi0;
+  for (int v = 0; v < QV; ++v) sc.iq[v] = iota_f(static_cast<float>(gi0 + v * W));
+  sc.j0 = j0;
+  if (has_mask && !mi.all_zero) {
+    sc.mt_shared = mi.rows_shared;
+    sc.mt = mi.rows_shared ? bf.mt : bf.mt + g * QG;
+    sc.mt_ld = c.BM;
+  } else {
+    sc.mt = nullptr;
+  }
+  return true;
+}
+
+// The mask tile is never written for the padding lanes (queries past the end): keep them finite.
+void zero_padded_lanes(const Blocking& c, int64_t nq, int64_t ngroups, float* mt) {
+  if (nq == ngroups * QG) return;
+  for (int64_t n = 0; n < c.BN; ++n) std::fill(mt + n * c.BM + nq, mt + n * c.BM + ngroups * QG, 0.f);
+}
+
+template <typename T>
+void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h, int64_t qb) {
+  const int64_t i0 = qb * c.BM, nq = std::min(c.BM, p.L - i0);
+  const int64_t ngroups = (nq + QG - 1) / QG;
+  const int64_t hk = p.kv_head(h);
+  const int64_t kend = p.is_causal ? std::min(p.S, i0 + nq) : p.S;
+  const bool k_direct = std::is_same<T, float>::value && p.k.se == 1;
+  const bool v_direct = std::is_same<T, float>::value && p.v.se == 1 && p.Ev % W == 0;
+  const MaskView mv = mask_view(p, b, h);
+  const bool has_mask = mv.dtype != kNone;
+
+  prefetch_out_rows<T>(p, b, h, i0, nq);
+  pack_qt_f32<T>(p, b, h, i0, nq, ngroups * QG, bf.qt);
+  std::fill(bf.o, bf.o + ngroups * QG * c.Evp, 0.f);
+  std::fill(bf.m, bf.m + ngroups * QG, kNegInf);
+  std::fill(bf.l, bf.l + ngroups * QG, 0.f);
+  if (has_mask) zero_padded_lanes(c, nq, ngroups, bf.mt);
+
+  ScoreCtx sc;
+  sc.c = static_cast<float>(p.scale) * kLog2e;
+  const T* kbase = p.k.at<T>(b, hk, 0);
+  const T* vbase = p.v.at<T>(b, hk, 0);
+  for (int64_t j0 = 0; j0 < kend; j0 += c.BN) {
+    const int64_t nk = std::min(c.BN, kend - j0);
+    MaskTileInfo mi;
+    if (has_mask) {
+      mi = load_mask_tile<float>(mv, i0, i0 + nq, j0, j0 + nk, bf.mt, 1, c.BM, kLog2e, true);
+      if (mi.all_hidden) continue;
+    }
+    const float* kt;
+    int64_t ldk;
+    if (k_direct) {
+      kt = reinterpret_cast<const float*>(kbase) + j0 * p.k.sl;
+      ldk = p.k.sl;
+    } else {
+      convert_rows<T>(kbase + j0 * p.k.sl, p.k.sl, p.k.se, nk, p.E, bf.kc, p.E);
+      kt = bf.kc;
+      ldk = p.E;
+    }
+    const float* vt;
+    int64_t ldv;
+    if (v_direct) {
+      vt = reinterpret_cast<const float*>(vbase) + j0 * p.v.sl;
+      ldv = p.v.sl;
+    } else {
+      convert_rows<T>(vbase + j0 * p.v.sl, p.v.sl, p.v.se, nk, p.Ev, bf.vc, c.Evp);
+      vt = bf.vc;
+      ldv = c.Evp;
+    }
+    for (int64_t g = 0; g < ngroups; ++g) {
+      if (!group_ctx(p, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
+      vf mx[QV];
+      for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
+      qk_group_f32(bf.qt + g * p.E * QG, kt, ldk, p.E, nk, sc, bf.st, mx);
+      if (!softmax_update<false>(p, bf, b, h, i0 + g * QG, g * QG, j0, nk, mx)) continue;
+      const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
+      pv_group_f32(bf.st, nk, vt, ldv, bf.o + g * QG * c.Evp, c.Evp, bf.alpha + g * QG, nrows, c.Evp);
+    }
+  }
+  write_output<T>(p, c, bf, b, h, i0, nq);
+}
+
+#if defined(FASTATTN_HAVE_AVX512BF16)
+// ------------------------------------------------------------------------------------ bf16 dot path
+
+FASTATTN_INLINE uint32_t load_u32(const void* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+// Q^T pairs: qt[g][e2][lane] = (q[i][2 e2], q[i][2 e2 + 1]) as one 32-bit word (low half first).
+void pack_qt_bf16(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t BM, int64_t E2,
+                  uint32_t* qt) {
+  const int64_t E = p.E, se = p.q.se;
+  for (int64_t g = 0; g < BM / QG; ++g) {
+    uint32_t* dst = qt + g * E2 * QG;
+    for (int64_t r = 0; r < QG; ++r) {
+      const int64_t i = g * QG + r;
+      if (i >= nq) {
+        for (int64_t e2 = 0; e2 < E2; ++e2) dst[e2 * QG + r] = 0;
+        continue;
+      }
+      const uint16_t* row = p.q.at<uint16_t>(b, h, i0 + i);
+      if (se == 1 && E % 2 == 0 && r % 16 == 0) {
+        // 16 rows at once: the rows viewed as 32-bit pairs, transposed in registers.
+        const int64_t nrows = std::min<int64_t>(16, nq - i);
+        const int64_t sl = p.q.sl;
+        for (int64_t e2 = 0; e2 < E2; e2 += 16) {
+          transpose_block(
+              [&](int j, int64_t n) {
+                return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(simd::lanes(n), row + j * sl + 2 * e2));
+              },
+              nrows, std::min<int64_t>(16, E2 - e2), reinterpret_cast<float*>(dst + e2 * QG + r), QG);
+        }
+        r += 15;
+        continue;
+      }
+      if (se == 1 && E % 2 == 0) {
+        for (int64_t e2 = 0; e2 < E2; ++e2) dst[e2 * QG + r] = load_u32(row + 2 * e2);
+      } else {
+        for (int64_t e2 = 0; e2 < E2; ++e2) {
+          const uint32_t lo = row[2 * e2 * se];
+          const uint32_t hi = 2 * e2 + 1 < E ? row[(2 * e2 + 1) * se] : 0u;
+          dst[e2 * QG + r] = lo | (hi << 16);
+        }
+      }
+    }
+  }
+}
+
+// S^T for NR keys with vdpbf16ps: acc[r][v] += sum over e pairs of Q^T pair x K[n0 + r] pair (broadcast).
+template <int NR>
+FASTATTN_INLINE void qk_tile_bf16(const uint32_t* FASTATTN_RESTRICT qt, const uint16_t* FASTATTN_RESTRICT k,
+                                  int64_t ldk, int64_t E2, int64_t n0, const ScoreCtx& sc, float* st, vf* mx) {
+  vf acc[NR][QV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint16_t* kr = k + n0 * ldk;
+  for (int64_t e2 = 0; e2 < E2; ++e2) {
+    __m512bh a[QV];
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) a[v] = (__m512bh)_mm512_loadu_si512(qt + e2 * QG + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_u32(kr + r * ldk + 2 * e2)));
+#pragma GCC unroll 4
+      for (int v = 0; v < QV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a[v], kb);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) score_store(sc, n0 + r, acc[r], st, mx);
+}
+
+template <int NR>
+void qk_rest_bf16(const uint32_t* qt, const uint16_t* k, int64_t ldk, int64_t E2, int64_t n0, int64_t nr,
+                  const ScoreCtx& sc, float* st, vf* mx) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return qk_rest_bf16<NR - 1>(qt, k, ldk, E2, n0, nr, sc, st, mx);
+  }
+  qk_tile_bf16<NR>(qt, k, ldk, E2, n0, sc, st, mx);
+}
+
+void qk_group_bf16(const uint32_t* qt, const uint16_t* k, int64_t ldk, int64_t E2, int64_t nk,
+                   const ScoreCtx& sc, float* st, vf* mx) {
+  int64_t n = 0;
+  for (; n + kNR <= nk; n += kNR) qk_tile_bf16<kNR>(qt, k, ldk, E2, n, sc, st, mx);
+  if (n < nk) qk_rest_bf16<kNR - 1>(qt, k, ldk, E2, n, nk - n, sc, st, mx);
+}
+
+// V pairs for a key block: vp[n2][ev] = (v[2 n2][ev], v[2 n2 + 1][ev]), zero-padded to Evp columns and
+// to an even number of keys.
+void pack_v_pairs(const uint16_t* v, int64_t s_row, int64_t s_col, int64_t nk, int64_t Ev, int64_t Evp,
+                  uint32_t* vp) {
+  for (int64_t n2 = 0; 2 * n2 < nk; ++n2) {
+    const uint16_t* r0 = v + 2 * n2 * s_row;
+    const bool two = 2 * n2 + 1 < nk;
+    const uint16_t* r1 = r0 + s_row;
+    uint32_t* d = vp + n2 * Evp;
+    if (s_col == 1) {
+      for (int64_t e = 0; e < Evp; e += 16) {
+        const __mmask16 m = simd::lanes(Ev - e);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + e));
+        const __m512i hi = two ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + e)) : _mm512_setzero_si512();
+        _mm512_storeu_si512(d + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    } else {
+      for (int64_t e = 0; e < Evp; ++e) {
+        const uint32_t lo = e < Ev ? r0[e * s_col] : 0u;
+        const uint32_t hi = (e < Ev && two) ? r1[e * s_col] : 0u;
+        d[e] = lo | (hi << 16);
+      }
+    }
+  }
+}
+
+// O[q0 + r][ev0 + x*16 + lane] = alpha * O + sum over key pairs of P pair (broadcast) x V pair.
+template <int QR, int EVV>
+FASTATTN_INLINE void pv_tile_bf16(const uint32_t* FASTATTN_RESTRICT pp, int64_t nk2,
+                                  const uint32_t* FASTATTN_RESTRICT vp, int64_t ldv, float* FASTATTN_RESTRICT o,
+                                  int64_t ldo, const float* alpha) {
+  vf acc[QR][EVV];
+#pragma GCC unroll 16
+  for (int r = 0; r < QR; ++r) {
+    const vf a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) acc[r][x] = _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + x * W), a);
+  }
+  for (int64_t n2 = 0; n2 < nk2; ++n2) {
+    __m512bh vv[EVV];
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) vv[x] = (__m512bh)_mm512_loadu_si512(vp + n2 * ldv + x * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < QR; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[n2 * QG + r]));
+#pragma GCC unroll 4
+      for (int x = 0; x < EVV; ++x) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], pb, vv[x]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < QR; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) _mm512_storeu_ps(o + r * ldo + x * W, acc[r][x]);
+}
+
+template <int EVV>
+void pv_cols_bf16(const uint32_t* pp, int64_t nk2, const uint32_t* vp, int64_t ldv, float* o, int64_t ldo,
+                  const float* alpha, int64_t nrows) {
+  constexpr int QR = qr_for(EVV);
+  int64_t r = 0;
+  for (; r + QR <= nrows; r += QR) pv_tile_bf16<QR, EVV>(pp + r, nk2, vp, ldv, o + r * ldo, ldo, alpha + r);
+  for (; r < nrows; ++r) pv_tile_bf16<1, EVV>(pp + r, nk2, vp, ldv, o + r * ldo, ldo, alpha + r);
+}
+
+void pv_group_bf16(const uint32_t* pp, int64_t nk2, const uint32_t* vp, int64_t ldv, float* o, int64_t ldo,
+                   const float* alpha, int64_t nrows, int64_t Evp) {
+  const int64_t nvec = Evp / W;
+  int64_t x = 0;
+  for (; x + 4 <= nvec; x += 4) pv_cols_bf16<4>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows);
+  switch (nvec - x) {
+    case 3: pv_cols_bf16<3>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 2: pv_cols_bf16<2>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 1: pv_cols_bf16<1>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    default: break;
+  }
+}
+
+void item_bf16(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h, int64_t qb) {
+  const int64_t i0 = qb * c.BM, nq = std::min(c.BM, p.L - i0);
+  const int64_t ngroups = (nq + QG - 1) / QG;
+  const int64_t hk = p.kv_head(h);
+  const int64_t kend = p.is_causal ? std::min(p.S, i0 + nq) : p.S;
+  const int64_t E2 = c.E2;
+  const bool k_direct = p.k.se == 1 && p.E % 2 == 0;
+  const MaskView mv = mask_view(p, b, h);
+  const bool has_mask = mv.dtype != kNone;
+  uint32_t* qt = reinterpret_cast<uint32_t*>(bf.qt);
+  uint16_t* kc = reinterpret_cast<uint16_t*>(bf.kc);
+  uint32_t* vp = reinterpret_cast<uint32_t*>(bf.vc);
+
+  prefetch_out_rows<bf16_t>(p, b, h, i0, nq);
+  pack_qt_bf16(p, b, h, i0, nq, ngroups * QG, E2, qt);
+  std::fill(bf.o, bf.o + ngroups * QG * c.Evp, 0.f);
+  std::fill(bf.m, bf.m + ngroups * QG, kNegInf);
+  std::fill(bf.l, bf.l + ngroups * QG, 0.f);
+  if (has_mask) zero_padded_lanes(c, nq, ngroups, bf.mt);
+
+  ScoreCtx sc;
+  sc.c = static_cast<float>(p.scale) * kLog2e;
+  const uint16_t* kbase = p.k.at<uint16_t>(b, hk, 0);
+  const uint16_t* vbase = p.v.at<uint16_t>(b, hk, 0);
+  for (int64_t j0 = 0; j0 < kend; j0 += c.BN) {
+    const int64_t nk = std::min(c.BN, kend - j0);
+    MaskTileInfo mi;
+    if (has_mask) {
+      mi = load_mask_tile<float>(mv, i0, i0 + nq, j0, j0 + nk, bf.mt, 1, c.BM, kLog2e, true);
+      if (mi.all_hidden) continue;
+    }
+    const uint16_t* kt;
+    int64_t ldk;
+    if (k_direct) {
+      kt = kbase + j0 * p.k.sl;
+      ldk = p.k.sl;
+    } else {
+      ldk = 2 * E2;
+      for (int64_t n = 0; n < nk; ++n) {
+        const uint16_t* row = kbase + (j0 + n) * p.k.sl;
+        for (int64_t e = 0; e < ldk; ++e) kc[n * ldk + e] = e < p.E ? row[e * p.k.se] : uint16_t(0);
+      }
+      kt = kc;
+    }
+    pack_v_pairs(vbase + j0 * p.v.sl, p.v.sl, p.v.se, nk, p.Ev, c.Evp, vp);
+    const int64_t nk2 = (nk + 1) / 2;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      if (!group_ctx(p, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
+      vf mx[QV];
+      for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
+      qk_group_bf16(qt + g * E2 * QG, kt, ldk, E2, nk, sc, bf.st, mx);
+      if (!softmax_update<true>(p, bf, b, h, i0 + g * QG, g * QG, j0, nk, mx)) continue;
+      const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
+      pv_group_bf16(bf.pp, nk2, vp, c.Evp, bf.o + g * QG * c.Evp, c.Evp, bf.alpha + g * QG, nrows, c.Evp);
+    }
+  }
+  write_output<bf16_t>(p, c, bf, b, h, i0, nq);
+}
+#endif  // FASTATTN_HAVE_AVX512BF16
+
+// ------------------------------------------------------------------------------------ float64
+
+// Exact two-pass softmax per query row in double (for gradcheck): s_j, m = max s, l = sum e^(s-m).
+void forward_f64(const Params& p) {
+  const int64_t rows = p.B * p.H * p.L;
+  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, p.num_threads)));
+  const double ninf = -std::numeric_limits<double>::infinity();
+  parallel_for(rows, p.num_threads, [&](int64_t r0, int64_t r1, int tid) {
+    double* buf = static_cast<double*>(scratch[static_cast<size_t>(tid)].get(
+        static_cast<size_t>(p.S + p.Ev) * sizeof(double)));
+    double* s = buf;
+    double* acc = buf + p.S;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (p.H * p.L), h = (r / p.L) % p.H, i = r % p.L;
+      const int64_t hk = p.kv_head(h);
+      const MaskView mv = mask_view(p, b, h);
+      const double* q = p.q.at<double>(b, h, i);
+      const int64_t kend = p.is_causal ? std::min(p.S, i + 1) : p.S;
+      double m = ninf;
+      for (int64_t j = 0; j < kend; ++j) {
+        double x = mv.dtype == kNone ? 0.0 : mask_value<double>(mv, i, j, 1.0);
+        if (x != ninf) {
+          const double* k = p.k.at<double>(b, hk, j);
+          double d = 0.0;
+          for (int64_t e = 0; e < p.E; ++e) d += q[e * p.q.se] * k[e * p.k.se];
+          x += p.scale * d;
+        }
+        s[j] = x;
+        if (x > m || x != x) m = x;  // a NaN score makes the row NaN (as in torch), never "empty"
+      }
+      double* out = p.out.at<double>(b, h, i);
+      float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh + i * p.lse.sl;
+      if (m == ninf) {
+        for (int64_t e = 0; e < p.Ev; ++e) out[e * p.out.se] = 0.0;
+        *lse = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      double l = 0.0;
+      std::fill(acc, acc + p.Ev, 0.0);
+      for (int64_t j = 0; j < kend; ++j) {
+        if (s[j] == ninf) continue;
+        const double pj = std::exp(s[j] - m);
+        l += pj;
+        if (p.dropout_p > 0.0 && !dropout_keep(p.seed, b, h, i, j, p.thr)) continue;
+        const double* v = p.v.at<double>(b, hk, j);
+        for (int64_t e = 0; e < p.Ev; ++e) acc[e] += pj * v[e * p.v.se];
+      }
+      const double f = p.dropout_scale() / l;
+      for (int64_t e = 0; e < p.Ev; ++e) out[e * p.out.se] = acc[e] * f;
+      *lse = static_cast<float>(m + std::log(l));
+    }
+  }, 16);
+}
+
+template <typename Item>
+void run_items(const Params& p, Item item) {
+  const Blocking c = choose_blocking(p);
+  Arena plan;
+  Bufs dummy;
+  const size_t bytes = plan_bufs(p, c, plan, dummy);
+  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, p.num_threads)));
+  std::vector<Bufs> bufs(scratch.size());
+  const int64_t n_items = p.B * p.H * c.nqb;
+  parallel_for(n_items, p.num_threads, [&](int64_t t0, int64_t t1, int tid) {
+    Bufs& bf = bufs[static_cast<size_t>(tid)];
+    if (bf.o == nullptr) {
+      Arena a;
+      a.base = static_cast<char*>(scratch[static_cast<size_t>(tid)].get(bytes));
+      plan_bufs(p, c, a, bf);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      // Items ordered (b, h, query block); a causal mask makes later blocks heavier, so hand out
+      // the heavy ones first for a better dynamic balance.
+      const int64_t qb = p.is_causal ? c.nqb - 1 - t % c.nqb : t % c.nqb;
+      const int64_t bh = t / c.nqb;
+      item(p, c, bf, bh / p.H, bh % p.H, qb);
+    }
+  }, 1);
+}
+
+}  // namespace
+
+void check_forward_params(const Params& p) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("fastattn fwd: " + msg); };
+  if (p.B < 0 || p.H < 1 || p.Hk < 1 || p.L < 0 || p.S < 0 || p.E < 1 || p.Ev < 1)
+    fail("sizes must satisfy B, L, S >= 0 and H, Hk, E, Ev >= 1");
+  if (p.H % p.Hk != 0) fail("H must be a multiple of Hk");
+  if (p.dtype != kF32 && p.dtype != kF16 && p.dtype != kBF16 && p.dtype != kF64) fail("unsupported dtype code");
+  if (p.mask_dtype != kNone && p.mask_dtype != kBool && p.mask_dtype != kF32 && p.mask_dtype != p.dtype)
+    fail("mask dtype must be bool, float32 or the dtype of q");
+  if (!(p.dropout_p >= 0.0 && p.dropout_p < 1.0)) fail("dropout_p must be in [0, 1)");
+  if (p.B * p.H * p.L > 0 && (p.q.ptr == 0 || p.out.ptr == 0 || p.lse.ptr == 0)) fail("null q/out/lse pointer");
+  if (p.B * p.L * p.S > 0 && (p.k.ptr == 0 || p.v.ptr == 0)) fail("null k/v pointer");
+  if (p.mask_dtype != kNone && p.mask.ptr == 0) fail("null mask pointer");
+}
+
+void forward(const Params& p) {
+  if (p.B == 0 || p.L == 0) return;
+  switch (p.dtype) {
+    case kF64: return forward_f64(p);
+    case kF32: return run_items(p, item_f32<float>);
+    case kF16: return run_items(p, item_f32<f16_t>);
+    case kBF16:
+#if defined(FASTATTN_HAVE_AVX512BF16)
+      return run_items(p, item_bf16);
+#else
+      return run_items(p, item_f32<bf16_t>);
+#endif
+    default: throw std::invalid_argument("fastattn fwd: unsupported dtype");
+  }
+}
+
+}  // namespace FASTATTN_NS
+}  // namespace fastattn

@@ -1,0 +1,200 @@
+"""CPU launcher: picks the C++ kernel module for this CPU, allocates outputs, passes pointers and strides.
+
+The kernels (csrc/) are built once per instruction set: ``fastattn._C_avx512``, ``_C_avx2`` and
+``_C_portable``. :func:`module` imports the widest one that is built and that the running CPU supports
+(``fastattn._C.cpu_features()``); ``FASTATTN_ISA=portable|avx2|avx512`` forces one.
+
+Tensors are read in place through their strides (no ``.contiguous()`` copies): each one travels as a
+``Tensor4`` (address, strides in elements). Shape legend: B batch, H query heads, Hk key/value heads,
+L query length, S key length, E head dim, Ev value head dim.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+from torch import Tensor
+
+from fastattn import _philox
+
+ISAS = ("avx512", "avx2", "portable")
+
+# Element dtype codes of csrc/common.h (enum DType).
+DTYPE_CODES = {torch.bool: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4, torch.float64: 5}
+
+# CPU features each module's instructions need (fastattn._C.cpu_features() names).
+_NEEDS = {
+    "portable": (),
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+}
+
+
+def _unusable_reason(isa: str) -> str | None:
+    """Why the ISA's module cannot run here (None if it can)."""
+    try:
+        feats = importlib.import_module("fastattn._C").cpu_features()
+    except ImportError as e:
+        if isa == "portable":
+            feats = {}
+        else:
+            return f"fastattn._C (CPU feature detection) cannot be imported: {e}"
+    missing = [f for f in _NEEDS[isa] if not feats.get(f, False)]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    # Import only after the feature check: a wide-vector module may use its instructions anywhere.
+    try:
+        mod = importlib.import_module(f"fastattn._C_{isa}")
+    except ModuleNotFoundError as e:
+        return f"fastattn._C_{isa} is not built ({e})"
+    # Any other ImportError (say, an undefined symbol) is a broken build: let it surface.
+    if mod.isa()[1] and not feats.get("avx512bf16", False):
+        return "the module uses AVX512-BF16 instructions the CPU lacks"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def module():
+    """The kernel module: FASTATTN_ISA if set (an error if it cannot run), else the widest usable one."""
+    forced = os.environ.get("FASTATTN_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"FASTATTN_ISA must be one of {', '.join(ISAS)}, got {forced!r}")
+        why = _unusable_reason(forced)
+        if why is not None:
+            raise RuntimeError(f"FASTATTN_ISA={forced} cannot be used: {why}")
+        return importlib.import_module(f"fastattn._C_{forced}")
+    reasons = []
+    for isa in ISAS:
+        why = _unusable_reason(isa)
+        if why is None:
+            return importlib.import_module(f"fastattn._C_{isa}")
+        reasons.append(f"{isa}: {why}")
+    raise ImportError("no fastattn CPU kernel module can be loaded (" + "; ".join(reasons) + ")")
+
+
+def isa_name() -> str:
+    """Name of the instruction set of the kernels in use ("avx512", "avx2" or "portable")."""
+    return module().isa()[0]
+
+
+def _t4(mod, t: Tensor, broadcast: bool = False):
+    """Tensor4 of a 4-D tensor (3-D: se = 0). ``broadcast``: size-1 dims read with stride 0 (masks)."""
+    st = [0 if broadcast and n == 1 else s for n, s in zip(t.shape, t.stride())]
+    if t.dim() == 3:
+        st.append(0)
+    return mod.Tensor4(t.data_ptr(), *st)
+
+
+def make_params(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
+                dropout_p: float, seed: int):
+    """A Params with the inputs, sizes and scalars filled in (outputs are the caller's)."""
+    B, H, L, E = q.shape
+    _, Hk, S, _ = k.shape
+    p = mod.Params()
+    p.q, p.k, p.v = _t4(mod, q), _t4(mod, k), _t4(mod, v)
+    p.dtype = DTYPE_CODES[q.dtype]
+    if mask is not None:
+        p.mask = _t4(mod, mask, broadcast=True)
+        p.mask_dtype = DTYPE_CODES[mask.dtype]
+    p.B, p.H, p.Hk, p.L, p.S, p.E, p.Ev = B, H, Hk, L, S, E, v.shape[-1]
+    p.scale = float(scale)
+    p.is_causal = bool(is_causal)
+    p.dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        p.thr = _philox.threshold(dropout_p)
+        p.seed = int(seed) & (2**64 - 1)
+    p.num_threads = torch.get_num_threads()
+    return p
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, L, E), got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"unsupported dtype {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None and mask.dtype not in (torch.bool, torch.float32, q.dtype):
+        raise TypeError(f"mask must be bool, float32 or {q.dtype}, got {mask.dtype}")
+
+
+# ============================================================================================ forward
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
+                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(out, lse): out (B, H, L, Ev) in q's dtype (memory layout (B, L, H, Ev)), lse (B, H, L) float32."""
+    return _attention_fwd(module(), q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                          seed=seed)
+
+
+def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
+                   dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """attention_fwd with an explicit kernel module (tests run every ISA)."""
+    _check(q, k, v, mask)
+    B, H, L, _ = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    out = q.new_empty(B, L, H, Ev).transpose(1, 2)
+    lse = q.new_empty(B, H, L, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if S == 0 or Ev == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed)
+    p.out, p.lse = _t4(mod, out), _t4(mod, lse)
+    mod.fwd(p)
+    return out, lse
+
+
+# ============================================================================================ backward
+# (owned by the backward kernel's author: attention_bwd / _attention_bwd go below this line)
+
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, *,
+                  scale: float, is_causal: bool, dropout_p: float, seed: int,
+                  mask_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`attention_fwd`: (dq, dk, dv, dmask or None), contiguous, in the inputs' dtypes.
+
+    dout and out (B, H, L, Ev), q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides; lse (B, H, L)
+    float32 from the forward (-inf rows get zero gradients). With ``mask_needs_grad`` (float masks only),
+    dmask has the mask's 4-D shape and dtype, its size-1 dims summed over. Deterministic: bit-identical
+    from run to run and for any thread count."""
+    return _attention_bwd(module(), dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal,
+                          dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad)
+
+
+def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
+                   mask_needs_grad: bool, mode: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """attention_bwd with an explicit kernel module; ``mode`` (tests): 0 auto, 1 fused (a task per (b, kv
+    head)), 2 split (tasks per key block and per query block). Every mode gives the same bits."""
+    _check(q, k, v, mask)
+    if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
+        raise ValueError(f"dout and out must be (B, H, L, Ev) = {tuple(out.shape)} in {q.dtype}, got dout "
+                         f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
+    if lse.dtype != torch.float32 or lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be float32 {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    dmask = None
+    if mask_needs_grad:
+        if mask is None or mask.dtype == torch.bool:
+            raise ValueError("mask_needs_grad needs a float mask")
+        # Zero-filled: the kernel skips hidden tiles. Stride 0 on size-1 dims tells it to sum over them.
+        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3]) == 0:
+        for g in (dq, dk, dv):
+            g.zero_()
+        return dq, dk, dv, dmask
+    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed)
+    p.out, p.dout, p.lse = _t4(mod, out), _t4(mod, dout), _t4(mod, lse)
+    p.dq, p.dk, p.dv = _t4(mod, dq), _t4(mod, dk), _t4(mod, dv)
+    if dmask is not None:
+        p.dmask = _t4(mod, dmask, broadcast=True)
+        p.dmask_dtype = DTYPE_CODES[dmask.dtype]
+    mod.bwd(p, mode)
+    return dq, dk, dv, dmask

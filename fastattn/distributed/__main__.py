@@ -1,0 +1,5 @@
+import sys
+
+from fastattn.distributed.bench import main
+
+sys.exit(main())

@@ -1,0 +1,289 @@
+"""Ahead-of-time compile report: every Triton attention kernel, in every tile configuration the
+autotuner can pick (``attention.CONFIGS``), for sm_80 and sm_90, without a GPU.
+
+For each (kernel, head-dim bucket, dtype, feature variant, config, arch) it runs
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` on the exact arguments the
+launcher would pass for a representative problem, and reads back:
+
+* registers per thread and local (spill) memory from ``cuobjdump -res-usage`` on the cubin
+  (spill stores/loads from ``ptxas -v`` when local memory is used);
+* shared memory from the compiled kernel's metadata, against the limit (sm_80: 163 KiB, sm_90: 227 KiB);
+* whether tensor-core instructions are in the PTX (``mma.sync``; ``wgmma`` on sm_90).
+
+Each config is compiled in the feature variants it can run with, which bracket its register use:
+``plain`` (no mask, no dropout, not causal: the hot path), ``causal-bool`` (causal with a full
+(B, H, L, S) bool mask: the heaviest call without dropout or float masks) and, for rows usable with
+every feature (``TileConfig.features == "all"``), ``full`` (causal, dropout and a float mask that needs
+a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for the dmask kernel).
+The first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
+mask: the key-range path that skips padded key blocks).
+
+Compilation runs in worker processes (Triton's on-disk cache makes a second run fast); workers are
+spawned with TRITON_INTERPRET=0 so the report also works from an interpreted test session.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = ("fp16", "bf16", "fp32")
+VARIANTS = ("plain", "causal-bool", "full", "pad")
+
+
+def _attention():
+    # Imported lazily: the kernels must be decorated with TRITON_INTERPRET unset (see _init_worker).
+    return importlib.import_module(f"{__package__}.attention" if __package__ else "attention")
+
+
+def _variants(kernel: str, cfg, index: int, variants) -> list[str]:
+    if kernel == "bwd_preprocess":
+        want = ["plain"]  # no features
+    elif kernel == "bwd_dmask":
+        want = ["full"]  # runs only for float masks that need a gradient
+    else:
+        want = ["plain", "causal-bool"] + (["full"] if cfg.features == "all" else [])
+        if index == 0:
+            want.append("pad")  # the key-range (padding mask) path, compiled once per bucket
+    return [v for v in want if v in variants]
+
+
+def jobs(archs=(80, 90), dtypes=("fp16", "bf16"), *, kernels=None, buckets=None, variants=VARIANTS,
+         max_configs: int | None = None) -> list[tuple]:
+    """The (kernel, bucket, dtype, variant, config index, arch) tuples of a report, from the config table."""
+    A = _attention()  # reading the table works even where the kernels were decorated for the interpreter
+    out = []
+    for dtype in dtypes:
+        dclass = "32" if dtype == "fp32" else "16"
+        for bucket in buckets or A.HEAD_BUCKETS:
+            for kernel in kernels or A.KERNELS:
+                rows = A.CONFIGS[kernel][(bucket, dclass)]
+                for i, cfg in enumerate(rows[:max_configs] if max_configs else rows):
+                    for variant in _variants(kernel, cfg, i, variants):
+                        for arch in archs:
+                            out.append((kernel, bucket, dtype, variant, i, arch))
+    return out
+
+
+def _representative_plan(A, bucket: int, dtype: str, variant: str) -> dict:
+    """The launcher's own launch plan (kernel arguments) for a small problem with head dim ``bucket``:
+    BSHD-strided q/k/v/out (what a transformer passes), GQA 4 -> 2 heads, contiguous gradients."""
+    import torch
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    B, H, Hk, L, S, E = 2, 4, 2, 128, 128, bucket
+
+    def bshd(h, n, e):
+        return torch.empty(B, n, h, e, dtype=dt).transpose(1, 2)
+
+    def plan(mask, mask_grad, **kw):
+        q, k, v, dout, out = bshd(H, L, E), bshd(Hk, S, E), bshd(Hk, S, E), bshd(H, L, E), bshd(H, L, E)
+        lse = torch.empty(B, H, L, dtype=torch.float32)
+        kw = dict(scale=E ** -0.5, seed=1234, **kw)
+        dmask = torch.zeros_like(mask) if mask_grad else None
+        launches = A._fwd_plan(q, k, v, mask, out, lse, **kw)
+        launches += A._bwd_plan(dout, q, k, v, out, lse, mask, torch.empty_like(q), torch.empty_like(k),
+                                torch.empty_like(v), dmask, torch.empty_like(lse), **kw)
+        return {launch.name: launch for launch in launches}
+
+    if variant == "plain":
+        return plan(None, False, is_causal=False, dropout_p=0.0)
+    if variant == "causal-bool":
+        return plan(torch.ones(B, H, L, S, dtype=torch.bool), False, is_causal=True, dropout_p=0.0)
+    if variant == "pad":
+        return plan(torch.ones(B, 1, 1, S, dtype=torch.bool), False, is_causal=True, dropout_p=0.0)
+    if variant == "full":
+        full = plan(torch.zeros(B, H, L, S, dtype=dt), True, is_causal=True, dropout_p=0.1)
+        bias = plan(torch.zeros(1, H, L, S, dtype=dt), True, is_causal=True, dropout_p=0.1)
+        return {**full, "bwd_dmask": bias["bwd_dmask"]}
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _signature(fn, args: dict):
+    """(signature, constexprs, attrs) exactly as the JIT would specialise ``fn`` for ``args``."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        value = args[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
+        if ty == "constexpr":  # ints equal to 1, None
+            signature[p.name], constexprs[p.name] = "constexpr", value
+            continue
+        signature[p.name] = ty
+        if spec and "D" in spec:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, local bytes, stack bytes) of the cubin's kernel, from cuobjdump -res-usage. Spilled
+    registers show up as a stack frame (or local memory)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        txt = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", txt)
+    if not m:
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{txt}")
+    return int(m.group(1)), int(m.group(3)), int(m.group(2))
+
+
+def _ptxas_spills(ptx: str, arch: int) -> int:
+    """Spill store + load bytes that ptxas -v reports, assembling the PTX with the flags Triton uses
+    (run only when the cubin has a stack frame or local memory)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.o")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    if r.returncode or not found:
+        raise RuntimeError(f"ptxas -v failed or printed no spill line:\n{r.stderr[-2000:]}")
+    return sum(int(a) + int(b) for a, b in found)
+
+
+def _init_worker() -> None:
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def compile_one(kernel: str, bucket: int, dtype: str, variant: str, config_index: int, arch: int) -> dict:
+    """Compile one kernel configuration for ``arch`` and measure it (runs in a worker process)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    A = _attention()
+    dclass = "32" if dtype == "fp32" else "16"
+    cfg = A.CONFIGS[kernel][(bucket, dclass)][config_index]
+    row = dict(kernel=kernel, head_dim=bucket, dtype=dtype, variant=variant, config=str(cfg),
+               config_index=config_index, features=cfg.features, arch=arch,
+               registers=None, spill_bytes=None, local_bytes=None, shared=None,
+               shared_limit=SMEM_LIMIT.get(arch), tensor_cores=None, compile_s=None, error=None)
+    t0 = time.perf_counter()
+    try:
+        plan = _representative_plan(A, bucket, dtype, variant)
+        args = dict(plan[kernel].args)
+        if dtype == "fp32" and "DOT_PRECISION" in args:
+            args["DOT_PRECISION"] = "tf32"  # the tensor-core path (allow_tf32); ieee runs on FMA units
+        args.update(cfg.kwargs())
+        fn = A.KERNELS[kernel]
+        signature, constexprs, attrs = _signature(fn, args)
+        src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        regs, local, stack = _resource_usage(ck.asm["cubin"])
+        ptx = ck.asm["ptx"]
+        if "wgmma.mma_async" in ptx:
+            tc = "wgmma"
+        elif re.search(r"\bmma\.sync", ptx):
+            tc = "mma"
+        else:
+            tc = "none"
+        row.update(registers=regs, local_bytes=local + stack, shared=int(ck.metadata.shared), tensor_cores=tc,
+                   spill_bytes=_ptxas_spills(ptx, arch) if local + stack else 0)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    row["problems"] = _problems(row)
+    row["ok"] = not row["problems"]
+    return row
+
+
+def _problems(row: dict) -> list[str]:
+    if row["error"]:
+        return [row["error"]]
+    out = []
+    if row["spill_bytes"] or row["local_bytes"]:
+        out.append(f"spills {row['spill_bytes']} B (stack/local {row['local_bytes']} B)")
+    if row["shared"] > row["shared_limit"]:
+        out.append(f"shared memory {row['shared']} B > {row['shared_limit']} B")
+    if row["tensor_cores"] == "none" and row["kernel"] != "bwd_preprocess":
+        out.append("no tensor-core instructions")
+    return out
+
+
+def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), *, kernels=None, buckets=None,
+                   variants=VARIANTS, max_configs: int | None = None, workers: int | None = None,
+                   progress=None) -> list[dict]:
+    """Compile every kernel in every configuration the autotuner can pick (each head-dim bucket,
+    dtype and feature variant) for each arch. One dict per compile: kernel, head_dim, dtype, variant,
+    config, config_index, features, arch, registers, spill_bytes, local_bytes (stack frame + local
+    memory), shared, shared_limit, tensor_cores ("mma" / "wgmma" / "none"), compile_s, error,
+    problems (list of str), ok. ``kernels`` / ``buckets`` / ``variants`` / ``max_configs`` select a
+    subset (tests); ``progress(row, done, total)`` is called as rows arrive."""
+    todo = jobs(archs, dtypes, kernels=kernels, buckets=buckets, variants=variants, max_configs=max_configs)
+    if not todo:
+        return []
+    workers = workers or max(1, min(os.cpu_count() or 1, len(todo)))
+    rows = []
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                initializer=_init_worker) as pool:
+        for f in cf.as_completed([pool.submit(compile_one, *j) for j in todo]):
+            rows.append(f.result())
+            if progress:
+                progress(rows[-1], len(rows), len(todo))
+    order = {j: i for i, j in enumerate(todo)}
+    rows.sort(key=lambda r: order[(r["kernel"], r["head_dim"], r["dtype"], r["variant"], r["config_index"],
+                                   r["arch"])])
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report as a text table (one line per compile)."""
+    head = (f"{'kernel':14} {'E':>3} {'dtype':5} {'config':13} {'rows':4} {'variant':11} {'arch':5} "
+            f"{'regs':>4} {'spill':>5} {'smem KiB':>10} {'tensor':>6} {'time':>6}  status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        smem = f"{r['shared'] / 1024:.1f}/{r['shared_limit'] // 1024}" if r["shared"] is not None else "-"
+        na = lambda x: "-" if x is None else x  # noqa: E731
+        lines.append(f"{r['kernel']:14} {r['head_dim']:>3} {r['dtype']:5} {r['config']:13} {r['features']:4} "
+                     f"{r['variant']:11} sm_{r['arch']:<2} {na(r['registers']):>4} {na(r['spill_bytes']):>5} "
+                     f"{smem:>10} {na(r['tensor_cores']):>6} {r['compile_s']:>5.1f}s  "
+                     f"{'ok' if r['ok'] else 'FAIL: ' + '; '.join(r['problems'])}")
+    return "\n".join(lines)
+
+
+def main(archs=(80, 90), dtypes=DTYPES) -> int:
+    """Print the report for every kernel, config, head-dim bucket, dtype and feature variant (the
+    `fastattn kernels` command); exit status 1 if any configuration fails to compile, spills
+    registers, overflows shared memory or misses the tensor cores."""
+    t0 = time.perf_counter()
+    total = len(jobs(archs, dtypes))
+    print(f"compiling {total} kernel configurations for {', '.join(f'sm_{a}' for a in archs)} "
+          f"({', '.join(dtypes)}) in {os.cpu_count()} processes; Triton's cache makes reruns fast ...",
+          file=sys.stderr, flush=True)
+
+    def progress(row, done, total):
+        if done % 25 == 0 or done == total:
+            print(f"  {done}/{total}", file=sys.stderr, flush=True)
+
+    rows = compile_report(archs, dtypes, progress=progress)
+    print(format_table(rows))
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(bad)} ok, {len(bad)} failed ({time.perf_counter() - t0:.0f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The C++ CPU backward kernel (fastattn._cpu.attention_bwd) against float64 autograd of fastattn.reference.
+
+The kernel gets the reference's own ``out`` (rounded to the input dtype) and ``lse``, so these tests
+check the backward alone; test_sdpa.py covers forward + backward through the public API.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import zlib
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _cpu, reference, testing
+from conftest import DTYPE_IDS
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def _randn(*shape, dtype, gen, layout="bhsd"):
+    """(B, H, N, D) tensor; layout "bshd" gives a transposed view of a (B, N, H, D) buffer."""
+    B, H, N, D = shape
+    if layout == "bshd":
+        return torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
+    return torch.randn(B, H, N, D, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _mask(kind, B, H, L, S, dtype, gen):
+    """Masks by kind: bool_* (True = attend) or float_* (additive; these get a gradient)."""
+    if kind is None:
+        return None
+    if kind == "bool_pad":  # (B,1,1,S) key padding, the last batch keeps 1 key
+        lens = torch.tensor([max(1, S - 3 * b) for b in range(B)])
+        lens[-1] = 1
+        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+    if kind == "bool_full":
+        return torch.rand(B, H, L, S, generator=gen) > 0.4
+    if kind == "bool_rows":  # (B,1,L,S) with every other query row fully masked
+        m = torch.rand(B, 1, L, S, generator=gen) > 0.3
+        m[:, :, ::2] = False
+        return m
+    if kind == "bool_dead":  # every key hidden for every query
+        return torch.zeros(1, 1, 1, S, dtype=torch.bool)
+    shapes = {"float_LS": (1, 1, L, S), "float_BS": (B, 1, 1, S), "float_full": (B, H, L, S),
+              "float_BHL1": (B, H, L, 1), "float_1H11": (1, H, 1, 1)}
+    if kind in shapes:
+        return torch.randn(*shapes[kind], generator=gen, dtype=torch.float64).to(dtype)
+    if kind == "float_ninf":  # -inf entries and fully hidden rows
+        m = torch.randn(B, 1, L, S, generator=gen, dtype=torch.float64)
+        m[torch.rand(B, 1, L, S, generator=gen) > 0.6] = float("-inf")
+        m[:, :, 1::3] = float("-inf")
+        return m.to(dtype)
+    raise ValueError(kind)
+
+
+def _reference_grads(q, k, v, mask, dout, *, causal, p, seed, scale, upcast):
+    """(out, lse, (dq, dk, dv, dmask|None)) by autograd through fastattn.reference."""
+    dt = F64 if upcast else q.dtype
+    leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+    out, lse = reference.scaled_dot_product_attention(*leaves, mask, p, causal, scale, True, upcast=upcast,
+                                                      dropout_seed=seed, return_lse=True)
+    m = mask
+    if mask is not None and mask.dtype != torch.bool:
+        # Autograd through softmax gives NaN for a row whose float mask is -inf at every visible key
+        # (exp(-inf - -inf)); the true gradient of such a row is 0 and it adds nothing to dk/dv. So the
+        # gradients come from a copy whose dead rows have mask 0 and dout 0 (then their dS is exactly 0).
+        L, S = mask.shape[-2], mask.shape[-1]
+        seen = mask != float("-inf")
+        if causal:
+            seen = seen & torch.ones(L, S, dtype=torch.bool).tril()
+        dead = ~seen.any(-1, keepdim=True)
+        m = mask.detach()
+        if dead.any():
+            m = m.masked_fill(dead, 0.0)
+            dout = dout.masked_fill(dead, 0.0)
+        m = m.to(dt if upcast else mask.dtype).requires_grad_()
+        leaves = [t.detach().requires_grad_() for t in leaves] + [m]
+        out_g = reference.scaled_dot_product_attention(*leaves[:3], m, p, causal, scale, True, upcast=upcast,
+                                                       dropout_seed=seed)
+    else:
+        out_g = out
+    grads = torch.autograd.grad(out_g, leaves, dout.to(out_g.dtype))
+    return out.detach(), lse, (*grads[:3], grads[3] if len(grads) > 3 else None)
+
+
+def _check(name, got, ref64, reflp, dtype):
+    """The tolerance policy of fastattn.testing; a float32 mask gradient of a low-precision call is judged
+    by the low-precision rule (its inputs carry that precision's rounding)."""
+    if got.dtype != dtype and dtype in (F16, BF16):
+        got = got.to(dtype)
+    testing.assert_close(name, got, ref64, reflp if dtype in (F16, BF16) else None, backward=True)
+
+
+def _case(B, H, Hk, L, S, E, Ev, *, dtype=F32, layout="bhsd", mask=None, causal=False, p=0.0, mask_dtype=None,
+          seed=1234, module=None, mode=0):
+    # crc32, not hash(): str hashes change from process to process.
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, H, Hk, L, S, E, Ev, mask, causal, p)).encode()))
+    q = _randn(B, H, L, E, dtype=dtype, gen=gen, layout=layout)
+    k = _randn(B, Hk, S, E, dtype=dtype, gen=gen, layout=layout)
+    v = _randn(B, Hk, S, Ev, dtype=dtype, gen=gen, layout=layout)
+    m = _mask(mask, B, H, L, S, mask_dtype or dtype, gen)
+    dout = _randn(B, H, L, Ev, dtype=dtype, gen=gen, layout=layout)
+    scale = 1.0 / math.sqrt(E)
+    out64, lse, g64 = _reference_grads(q, k, v, m, dout, causal=causal, p=p, seed=seed, scale=scale, upcast=True)
+    glp = (None,) * 4
+    if dtype in (F16, BF16):
+        _, _, glp = _reference_grads(q, k, v, m, dout, causal=causal, p=p, seed=seed, scale=scale, upcast=False)
+    mask_grad = m is not None and m.dtype != torch.bool
+    kwargs = dict(scale=scale, is_causal=causal, dropout_p=p, seed=seed, mask_needs_grad=mask_grad)
+    args = (dout, q, k, v, out64.to(dtype), lse, m)
+    if module is None and mode == 0:
+        got = _cpu.attention_bwd(*args, **kwargs)
+    else:
+        got = _cpu._attention_bwd(module or _cpu.module(), *args, mode=mode, **kwargs)
+    return got, g64, glp, args, kwargs
+
+
+def _assert_grads(got, g64, glp, dtype):
+    dq, dk, dv, dmask = got
+    for name, x, r, rl in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, glp):
+        assert x.dtype == dtype and x.shape == r.shape
+        assert torch.isfinite(x).all(), f"{name} has non-finite values"
+        _check(name, x, r, rl, dtype)
+    if g64[3] is None:
+        assert dmask is None
+    else:
+        assert dmask is not None and dmask.shape == g64[3].shape
+        assert torch.isfinite(dmask).all(), "dmask has non-finite values"
+        _check("dmask", dmask, g64[3], glp[3], dtype)
+
+
+# -------------------------------------------------------------------------------------- shape cases
+# (B, H, Hk, L, S, E, Ev): head dims not powers of two, L != S, lengths 1 / not block multiples, GQA.
+SHAPES = [
+    (1, 2, 2, 1, 7, 16, 16),
+    (2, 2, 1, 7, 1, 40, 40),
+    (1, 4, 2, 97, 130, 64, 64),
+    (2, 3, 3, 130, 97, 111, 111),
+    (1, 2, 2, 130, 130, 40, 24),
+    (2, 4, 1, 1, 97, 16, 111),
+    (1, 1, 1, 97, 7, 64, 16),
+]
+
+
+def _shape_id(s):
+    B, H, Hk, L, S, E, Ev = s
+    return f"B{B}-H{H}-Hk{Hk}-L{L}-S{S}-E{E}-Ev{Ev}"
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_shapes_f32(shape, layout):
+    got, g64, glp, _, _ = _case(*shape, layout=layout)
+    _assert_grads(got, g64, glp, F32)
+
+
+# ------------------------------------------------------------------------- masks, causal, dropout
+MASK_CASES = [
+    # (mask kind, causal, dropout_p)
+    ("bool_pad", False, 0.0),
+    ("bool_pad", True, 0.0),
+    ("bool_full", False, 0.2),
+    ("bool_rows", True, 0.0),
+    ("bool_dead", False, 0.0),
+    ("float_LS", False, 0.0),
+    ("float_LS", True, 0.2),
+    ("float_BS", False, 0.0),
+    ("float_full", True, 0.0),
+    ("float_full", False, 0.2),
+    ("float_BHL1", False, 0.0),
+    ("float_1H11", True, 0.0),
+    ("float_ninf", False, 0.0),
+    ("float_ninf", True, 0.2),
+    (None, True, 0.0),
+    (None, False, 0.3),
+]
+
+
+def _mask_id(c):
+    kind, causal, p = c
+    return f"{kind or 'nomask'}{'-causal' if causal else ''}{f'-p{p}' if p else ''}"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mc", MASK_CASES, ids=_mask_id)
+def test_masks(mc, dtype):
+    kind, causal, p = mc
+    got, g64, glp, _, _ = _case(2, 4, 2, 97, 130, 40, 24, dtype=dtype, layout="bshd", mask=kind, causal=causal, p=p)
+    _assert_grads(got, g64, glp, dtype)
+
+
+LOWP_CASES = [
+    ((2, 4, 2, 97, 130, 40, 24), "float_LS", True, 0.0),
+    ((1, 2, 2, 130, 97, 64, 64), "bool_rows", False, 0.2),
+    ((2, 2, 1, 7, 130, 111, 16), "float_full", True, 0.2),
+    ((1, 2, 2, 97, 97, 16, 16), None, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", LOWP_CASES, ids=lambda c: f"{_shape_id(c[0])}-{_mask_id(c[1:])}")
+def test_low_precision(case, dtype):
+    shape, kind, causal, p = case
+    got, g64, glp, _, _ = _case(*shape, dtype=dtype, layout="bshd", mask=kind, causal=causal, p=p)
+    _assert_grads(got, g64, glp, dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F64], ids=DTYPE_IDS.get)
+def test_float32_mask_of_other_dtype(dtype):
+    got, g64, glp, _, _ = _case(2, 2, 2, 33, 70, 32, 32, dtype=dtype, mask="float_BS", mask_dtype=F32, causal=True)
+    assert got[3].dtype == F32
+    _assert_grads(got, g64, glp, dtype)
+
+
+def test_fully_masked_rows_give_zero_gradients():
+    got, g64, _, args, _ = _case(2, 2, 2, 9, 20, 16, 16, mask="float_ninf")
+    dq, dk, dv, dmask = got
+    dead = torch.isneginf(args[5])  # lse = -inf rows
+    assert dead.any()
+    assert torch.equal(dq[dead], torch.zeros_like(dq[dead]))
+    assert torch.equal(dmask.expand(2, 2, 9, 20)[dead], torch.zeros_like(dmask.expand(2, 2, 9, 20)[dead]))
+    (dq0, dk0, dv0, _), *_ = _case(1, 2, 2, 9, 20, 16, 16, mask="bool_dead")
+    for g in (dq0, dk0, dv0):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_broadcast_dout():
+    """dout from out.sum(): an expanded tensor with zero strides, read in place."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, L, S, E = 2, 2, 11, 13, 8
+    q, k, v = (_randn(B, H, n, E, dtype=F32, gen=gen) for n in (L, S, S))
+    out, lse = reference.scaled_dot_product_attention(q, k, v, upcast=False, return_lse=True)
+    dout = torch.ones(1, 1, 1, 1).expand(B, H, L, E)
+    dq, dk, dv, _ = _cpu.attention_bwd(dout, q, k, v, out, lse, None, scale=E**-0.5, is_causal=False,
+                                       dropout_p=0.0, seed=0, mask_needs_grad=False)
+    _, _, g64 = _reference_grads(q, k, v, None, dout.contiguous(), causal=False, p=0.0, seed=0, scale=E**-0.5,
+                                 upcast=True)
+    for name, x, r in zip(("dq", "dk", "dv"), (dq, dk, dv), g64):
+        _check(name, x, r, None, F32)
+
+
+@pytest.mark.parametrize("L,S", [(0, 5), (5, 0), (0, 0)])
+def test_empty(L, S):
+    q, k, v = torch.randn(2, 2, L, 8), torch.randn(2, 2, S, 8), torch.randn(2, 2, S, 4)
+    out, lse = torch.zeros(2, 2, L, 4), torch.full((2, 2, L), float("-inf"))
+    mask = torch.zeros(1, 1, L, S)
+    dq, dk, dv, dm = _cpu.attention_bwd(torch.ones_like(out), q, k, v, out, lse, mask, scale=0.3, is_causal=True,
+                                        dropout_p=0.1, seed=1, mask_needs_grad=True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dm.shape == mask.shape
+    for g in (dq, dk, dv, dm):
+        assert not g.any()
+
+
+# ------------------------------------------------------------------------------------- determinism
+def _det_case(**kw):
+    return dict(B=2, H=4, Hk=2, L=130, S=97, E=40, Ev=24, mask="float_BS", causal=True, p=0.2) | kw
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
+def test_deterministic_runs_and_modes(dtype):
+    """Two runs, the fused and the split schedules, and 1 vs several threads: bit-identical."""
+    kw = _det_case(dtype=dtype)
+    shape = [kw.pop(n) for n in ("B", "H", "Hk", "L", "S", "E", "Ev")]
+    first, *_ = _case(*shape, **kw)
+    again, *_ = _case(*shape, **kw)
+    fused, *_ = _case(*shape, mode=1, **kw)
+    split, *_ = _case(*shape, mode=2, **kw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single, *_ = _case(*shape, **kw)
+        torch.set_num_threads(3)
+        three, *_ = _case(*shape, mode=2, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (again, fused, split, single, three):
+        for a, b in zip(first, other):
+            assert torch.equal(a, b)
+
+
+def test_split_matches_reference_with_unbroadcast_mask_grad():
+    got, g64, glp, _, _ = _case(1, 2, 1, 97, 130, 40, 40, mask="float_full", causal=True, p=0.2, mode=2)
+    _assert_grads(got, g64, glp, F32)
+
+
+# --------------------------------------------------------------------------------------------- ISAs
+def _isa_modules():
+    # _unusable_reason imports nothing wide before checking the CPU (and AVX512-BF16 for that build).
+    return [pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why)))
+            for isa, why in ((isa, _cpu._unusable_reason(isa)) for isa in _cpu.ISAS)]
+
+
+@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=DTYPE_IDS.get)
+def test_isa_modules(isa, dtype):
+    mod = importlib.import_module(f"fastattn._C_{isa}")
+    for mode in (1, 2):
+        got, g64, glp, _, _ = _case(2, 4, 2, 97, 70, 40, 24, dtype=dtype, layout="bshd", mask="float_LS",
+                                    causal=True, p=0.2, module=mod, mode=mode)
+        _assert_grads(got, g64, glp, dtype)
+
+
+# ------------------------------------------------------------------------------ through the public API
+def test_sdpa_backward_end_to_end():
+    gen = torch.Generator().manual_seed(7)
+    q = _randn(2, 4, 50, 24, dtype=F32, gen=gen, layout="bshd").requires_grad_()
+    k = _randn(2, 2, 70, 24, dtype=F32, gen=gen).requires_grad_()
+    v = _randn(2, 2, 70, 16, dtype=F32, gen=gen).requires_grad_()
+    bias = torch.randn(1, 4, 50, 70, generator=gen).requires_grad_()
+    out = fastattn.scaled_dot_product_attention(q, k, v, bias, is_causal=True, enable_gqa=True, backend="cpu")
+    dout = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (q, k, v, bias), dout)
+    ref = reference.scaled_dot_product_attention(q, k, v, bias, 0.0, True, None, True, upcast=True)
+    want = torch.autograd.grad(ref, (q, k, v, bias), dout.double())
+    for name, x, r in zip(("dq", "dk", "dv", "dmask"), got, want):
+        _check(name, x, r, None, F32)
+
+
+def test_gradcheck_f64():
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, 5, 6, generator=gen, dtype=F64, requires_grad=True)
+    k = torch.randn(1, 1, 7, 6, generator=gen, dtype=F64, requires_grad=True)
+    v = torch.randn(1, 1, 7, 3, generator=gen, dtype=F64, requires_grad=True)
+    bias = torch.randn(1, 1, 5, 7, generator=gen, dtype=F64, requires_grad=True)
+    f = lambda q, k, v, b: fastattn.scaled_dot_product_attention(q, k, v, b, is_causal=True, enable_gqa=True,  # noqa: E731
+                                                                 backend="cpu")
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))

@@ -1,0 +1,288 @@
+"""The C++ CPU forward kernel (fastattn._cpu.attention_fwd) against the float64 reference formulas.
+
+Runs the launcher directly on every instruction-set module that is built and that this CPU runs.
+Shape legend: B batch, H query heads, Hk key/value heads, L query length, S key length, E head dim,
+Ev value head dim.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+from fastattn import _cpu, _philox, reference, testing
+from conftest import DTYPE_IDS
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+ALL_DTYPES = [F32, BF16, F16, F64]
+
+
+def _isa_params():
+    out = []
+    for isa in ("portable", "avx2", "avx512"):
+        why = _cpu._unusable_reason(isa)
+        out.append(pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+def _module(isa: str | None):
+    return _cpu.module() if isa is None else importlib.import_module(f"fastattn._C_{isa}")
+
+
+def _randn(*shape, dtype, gen, layout="bhsd"):
+    """(B, H, S, D) tensor; layout "bshd" makes it a transposed view of a (B, S, H, D) buffer."""
+    if layout == "bshd":
+        B, H, S, D = shape
+        return torch.randn(B, S, H, D, generator=gen).to(dtype).transpose(1, 2)
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _mask(kind, B, H, L, S, dtype, gen):
+    if kind is None:
+        return None
+    if kind == "bool_pad":  # (B, 1, 1, S): a padding mask, batch element b keeps its first keys
+        lens = torch.randint(1, S + 1, (B,), generator=gen)
+        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+    if kind == "bool_full":
+        return torch.rand(B, H, L, S, generator=gen) > 0.4
+    if kind == "bool_rows_hidden":  # some query rows see no key at all
+        m = torch.rand(B, 1, L, S, generator=gen) > 0.3
+        m[:, :, ::3] = False
+        return m
+    if kind == "float_LS":  # (1, 1, L, S) additive bias, with some -inf
+        m = torch.randn(1, 1, L, S, generator=gen)
+        m[torch.rand(1, 1, L, S, generator=gen) < 0.2] = float("-inf")
+        return m.to(dtype)
+    if kind == "float32_B1LS":  # float32 mask with a low-precision q
+        return torch.randn(B, 1, L, S, generator=gen)
+    if kind == "bool_expanded":  # stride-0 dims that are NOT size 1
+        return (torch.rand(1, 1, 1, S, generator=gen) > 0.3).expand(B, H, L, S)
+    raise ValueError(kind)
+
+
+def _check(B, H, Hk, L, S, E, Ev, *, dtype=F32, layout="bhsd", mask=None, causal=False, p=0.0, isa=None,
+           scale=None, seed=1234):
+    gen = torch.Generator().manual_seed(hash((B, H, Hk, L, S, E, Ev, str(dtype), mask, causal, p)) % 2**31)
+    q = _randn(B, H, L, E, dtype=dtype, gen=gen, layout=layout)
+    k = _randn(B, Hk, S, E, dtype=dtype, gen=gen, layout=layout)
+    v = _randn(B, Hk, S, Ev, dtype=dtype, gen=gen, layout=layout)
+    m = _mask(mask, B, H, L, S, dtype, gen)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    out, lse = _cpu._attention_fwd(_module(isa), q, k, v, m, scale=scale, is_causal=causal, dropout_p=p, seed=seed)
+    assert out.shape == (B, H, L, Ev) and out.dtype == dtype
+    assert lse.shape == (B, H, L) and lse.dtype == F32
+    ref, ref_lse = reference.scaled_dot_product_attention(
+        q, k, v, m, p, causal, scale, enable_gqa=True, upcast=True, dropout_seed=seed, return_lse=True)
+    ref_lp = None
+    if dtype in (F16, BF16):
+        ref_lp = reference.scaled_dot_product_attention(q, k, v, m, p, causal, scale, enable_gqa=True, upcast=False,
+                                                        dropout_seed=seed)
+    testing.assert_close("out", out, ref, ref_lp)
+    # lse is float32 in every dtype: compare with a float32-level tolerance (inf pattern must match).
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse -inf pattern differs"
+    fin = torch.isfinite(ref_lse)
+    if fin.any():
+        err = (lse[fin].double() - ref_lse[fin].double()).abs().max().item()
+        assert err < (1e-4 if dtype in (F32, F64) else 2e-3), f"lse error {err:.3e}"
+    return out, lse
+
+
+def _id(**kw):
+    return "-".join(f"{k}{v}" for k, v in kw.items())
+
+
+# --------------------------------------------------------------------------------- head dims x dtypes
+_E_CASES = [(16, 1, 1), (40, 7, 97), (64, 97, 130), (80, 130, 7), (96, 257, 97), (111, 33, 257), (128, 130, 130),
+            (256, 7, 40)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("E,L,S", _E_CASES, ids=[_id(E=e, L=l, S=s) for e, l, s in _E_CASES])
+def test_head_dims(E, L, S, dtype):
+    _check(2, 2, 2, L, S, E, E, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("L,S", [(1, 257), (257, 1), (97, 130), (130, 97), (7, 7)])
+def test_lengths_causal(L, S, dtype):
+    _check(1, 2, 1, L, S, 40, 24, dtype=dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+def test_gqa_bshd_views_ev_differs(dtype):
+    _check(2, 6, 2, 97, 70, 64, 40, dtype=dtype, layout="bshd")
+
+
+# ------------------------------------------------------------------------------------------ masks
+_MASKS = ["bool_pad", "bool_full", "bool_rows_hidden", "float_LS", "float32_B1LS", "bool_expanded"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["nocausal", "causal"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", _MASKS)
+def test_masks(mask, dtype, causal):
+    _check(2, 4, 2, 97, 130, 40, 40, dtype=dtype, mask=mask, causal=causal, layout="bshd")
+
+
+def test_fully_masked_rows_give_zero_and_neg_inf():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 50, 32, generator=gen) for _ in range(3))
+    m = torch.ones(1, 1, 50, 50, dtype=torch.bool)
+    m[..., 5, :] = False
+    m[..., 20:40, :] = False
+    out, lse = _cpu.attention_fwd(q, k, v, m, scale=0.2, is_causal=False, dropout_p=0.0, seed=0)
+    hidden = torch.zeros(50, dtype=torch.bool)
+    hidden[5] = True
+    hidden[20:40] = True
+    assert torch.equal(out[:, :, hidden], torch.zeros_like(out[:, :, hidden]))
+    assert torch.isneginf(lse[:, :, hidden]).all() and torch.isfinite(lse[:, :, ~hidden]).all()
+    # L > S with is_causal: no key is hidden for i >= S; all -inf float mask rows too.
+    fm = torch.zeros(1, 1, 50, 50)
+    fm[..., 7, :] = float("-inf")
+    out, lse = _cpu.attention_fwd(q, k, v, fm, scale=0.2, is_causal=True, dropout_p=0.0, seed=0)
+    assert torch.equal(out[:, :, 7], torch.zeros_like(out[:, :, 7])) and torch.isneginf(lse[:, :, 7]).all()
+
+
+# ---------------------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_matches_rebuilt_mask(dtype, p):
+    _check(2, 3, 1, 97, 130, 40, 24, dtype=dtype, p=p, mask="bool_pad", causal=True, seed=2**62 + 12345)
+
+
+def test_dropout_is_deterministic_and_seeded():
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    kw = dict(scale=0.25, is_causal=False, dropout_p=0.3)
+    a, _ = _cpu.attention_fwd(q, k, v, None, seed=7, **kw)
+    b, _ = _cpu.attention_fwd(q, k, v, None, seed=7, **kw)
+    c, _ = _cpu.attention_fwd(q, k, v, None, seed=8, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_philox_words_match_spec():
+    mod = _cpu.module()
+    for seed, b, h, i, j0, n in [(0, 0, 0, 0, 0, 64), (2**63 - 1, 3, 7, 1000, 5, 37), (123456789, 1, 2, 3, 130, 1)]:
+        got = torch.frombuffer(bytearray(mod.philox_words_row(seed, b, h, i, j0, n)), dtype=torch.int32)
+        got = got.to(torch.int64) & 0xFFFFFFFF
+        want = _philox.dropout_words(seed, b + 1, h + 1, i + 1, j0 + n)[b, h, i, j0:]
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------- ISAs
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+def test_isa_modules(isa, dtype):
+    _check(2, 4, 2, 97, 130, 111, 40, dtype=dtype, layout="bshd", mask="float_LS", causal=True, p=0.2, isa=isa)
+    _check(1, 2, 2, 33, 17, 16, 80, dtype=dtype, mask="bool_pad", isa=isa)
+
+
+def test_isa_selection_env(monkeypatch):
+    name = _cpu.isa_name()
+    assert name in _cpu.ISAS
+    _cpu.module.cache_clear()
+    try:
+        monkeypatch.setenv("FASTATTN_ISA", "portable")
+        assert _cpu.isa_name() == "portable"
+        _cpu.module.cache_clear()
+        monkeypatch.setenv("FASTATTN_ISA", "sse9")
+        with pytest.raises(ValueError, match="FASTATTN_ISA"):
+            _cpu.module()
+    finally:
+        monkeypatch.delenv("FASTATTN_ISA")
+        _cpu.module.cache_clear()
+    assert _cpu.isa_name() == name
+
+
+# -------------------------------------------------------------------------------- edges and layout
+def test_empty_sizes():
+    kw = dict(scale=1.0, is_causal=False, dropout_p=0.0, seed=0)
+    out, lse = _cpu.attention_fwd(torch.randn(2, 2, 0, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 4), None, **kw)
+    assert out.shape == (2, 2, 0, 4) and lse.shape == (2, 2, 0)
+    out, lse = _cpu.attention_fwd(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 0, 8), torch.randn(2, 2, 0, 4), None, **kw)
+    assert torch.equal(out, torch.zeros(2, 2, 3, 4)) and torch.isneginf(lse).all()
+    out, lse = _cpu.attention_fwd(torch.randn(0, 2, 3, 8), torch.randn(0, 2, 4, 8), torch.randn(0, 2, 4, 4), None, **kw)
+    assert out.shape == (0, 2, 3, 4)
+
+
+def test_output_layout_is_blhe():
+    out, _ = _cpu.attention_fwd(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 4), None,
+                                scale=1.0, is_causal=False, dropout_p=0.0, seed=0)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_large_head_dim_and_odd_strides():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 20, 600, generator=gen)[..., ::2]  # E = 300, element stride 2
+    k = torch.randn(1, 2, 30, 300, generator=gen)
+    v = torch.randn(1, 2, 30, 70, generator=gen)
+    out, _ = _cpu.attention_fwd(q, k, v, None, scale=0.05, is_causal=False, dropout_p=0.0, seed=0)
+    ref = reference.scaled_dot_product_attention(q, k, v, scale=0.05)
+    testing.assert_close("out", out, ref)
+
+
+def test_threads_agree():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 200, 40, generator=gen) for _ in range(3))
+    kw = dict(scale=0.2, is_causal=True, dropout_p=0.1, seed=9)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a, la = _cpu.attention_fwd(q, k, v, None, **kw)
+        torch.set_num_threads(max(2, n))
+        b, lb = _cpu.attention_fwd(q, k, v, None, **kw)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_concurrent_python_threads():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 4, 130, 32, generator=gen) for _ in range(3))
+    kw = dict(scale=0.2, is_causal=False, dropout_p=0.0, seed=0)
+    want, _ = _cpu.attention_fwd(q, k, v, None, **kw)
+    results = []
+
+    def work():
+        for _ in range(5):
+            results.append(torch.equal(_cpu.attention_fwd(q, k, v, None, **kw)[0], want))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results and all(results)
+
+
+def _child(conn):
+    q, k, v = (torch.ones(1, 2, 64, 16) for _ in range(3))
+    out, _ = _cpu.attention_fwd(q, k, v, None, scale=0.25, is_causal=False, dropout_p=0.0, seed=0)
+    conn.send(bool(torch.allclose(out, torch.ones_like(out))))
+
+
+def test_works_after_fork():
+    # The parent's pool threads do not exist in a forked child: the kernel must re-create them.
+    q, k, v = (torch.ones(1, 2, 64, 16) for _ in range(3))
+    _cpu.attention_fwd(q, k, v, None, scale=0.25, is_causal=False, dropout_p=0.0, seed=0)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and parent.recv()
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=DTYPE_IDS.get)
+def test_nan_stays_in_its_row(isa, dtype):
+    q, k, v = (torch.randn(1, 2, 40, 16).to(dtype) for _ in range(3))
+    q[0, 1, 7, 3] = float("nan")
+    out, lse = _cpu._attention_fwd(_module(isa), q, k, v, None, scale=0.25, is_causal=False, dropout_p=0.0, seed=0)
+    bad = torch.isnan(out)
+    assert bad[0, 1, 7].all() and torch.isnan(lse[0, 1, 7])
+    bad[0, 1, 7] = False
+    assert not bad.any()

@@ -1,0 +1,358 @@
+"""The Triton attention kernels under TRITON_INTERPRET=1 on CPU tensors, against the float64 reference.
+
+Calls the launchers directly (``attention_fwd`` / ``attention_bwd``: the contract both devices
+implement). Tolerances follow fastattn.testing (fp32: small atol against float64; fp16/bf16: at most
+2x (fwd) / 3x (bwd) the error of the reference run in the same low precision). The interpreter runs
+each kernel with the small ``INTERPRETER_CONFIGS`` tiles, so lengths here cover several blocks, partial
+blocks and L != S. The last test compiles a subset of the kernels for sm_80 / sm_90 (no GPU needed).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+# Must precede the first import of triton: the kernels are decorated for the interpreter.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from fastattn import _philox  # noqa: E402
+from fastattn import reference as R  # noqa: E402
+from fastattn.testing import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+
+def _kernels_module():
+    try:
+        mod = importlib.import_module("fastattn.kernels.attention")
+    except ImportError:  # source checkout that is not installed: kernels/ is the package directory
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        mod = importlib.import_module("kernels.attention")
+    if not mod._interpreting():
+        # Imported earlier in this session without the interpreter: decorate the kernels again.
+        mod = importlib.reload(mod)
+    return mod
+
+
+A = _kernels_module()
+DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+def _make(B, H, Hk, L, S, E, Ev, dtype, layout="bhsd", gen=None):
+    """q, k, v (and a dout for q's output) in the (B, H, L, E) view; "bshd" gives transposed views of
+    (B, L, H, E) buffers, the layout a transformer's projections produce."""
+    def t(b, h, n, e):
+        if layout == "bshd":
+            return torch.randn(b, n, h, e, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(b, h, n, e, generator=gen).to(dtype)
+    return t(B, H, L, E), t(B, Hk, S, E), t(B, Hk, S, Ev), t(B, H, L, Ev)
+
+
+def _mask(kind: str, shape, B, H, L, S, dtype, gen):
+    """kind: none | bool | float | float32 | pad / pad0 (bool (B,1,1,S) padding; pad0: a batch element
+    without keys) | dead (float with -inf rows)."""
+    if kind == "none":
+        return None
+    full = tuple(n if n != 1 else 1 for n in shape)
+    if kind == "bool":
+        return torch.rand(full, generator=gen) > 0.35
+    if kind in ("pad", "pad0"):  # pad0: the first batch element has no key at all
+        lens = torch.tensor([0 if kind == "pad0" else S, max(1, S // 3), S - 5][:B])
+        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+    m = torch.randn(full, generator=gen).to(torch.float32 if kind == "float32" else dtype)
+    if kind == "dead":
+        m[..., 1::3, :] = float("-inf")  # hide every key of some query rows
+        m[..., 5:9] = float("-inf")
+    return m
+
+
+def _reference(q, k, v, mask, dout, *, scale, is_causal, dropout_p, seed, upcast, mask_grad):
+    """(out, lse, dq, dk, dv, dmask) of fastattn.reference in float64 (upcast) or the input precision."""
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True, upcast=upcast,
+              dropout_seed=seed)
+    with torch.no_grad():
+        out, lse = R.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True, **kw)
+    dead = torch.isneginf(lse)
+    m = mask
+    if mask is not None and mask.dtype != torch.bool:
+        m = mask.detach().expand(B, H, L, S).clone().to(torch.float64 if upcast else mask.dtype)
+    if dead.any():
+        # Rows with no visible key: the contract gives them zero gradients, but autograd through the
+        # reference's exp(-inf - -inf) makes them NaN. Their gradient is exactly what a zero dout gives,
+        # so drop their dout and unhide their keys (finite, and the rest of the graph is unchanged).
+        m = m.expand(B, H, L, S).clone()
+        m[dead] = True if m.dtype == torch.bool else 0.0
+        dout = dout.masked_fill(dead[..., None], 0.0)
+    dt = torch.float64 if upcast else q.dtype
+    qr, kr, vr = (x.detach().to(dt).requires_grad_() for x in (q, k, v))
+    if m is not None and m.dtype != torch.bool:
+        m.requires_grad_(mask_grad)
+    o = R.scaled_dot_product_attention(qr, kr, vr, attn_mask=m, **kw)
+    o.backward(dout.to(o.dtype))
+    dmask = None
+    if mask_grad:
+        dmask = m.grad
+        dims = [d for d in range(4) if mask.shape[d] == 1 and m.shape[d] > 1]
+        if dims:
+            dmask = dmask.sum(dim=dims, keepdim=True)
+    return out, lse, qr.grad, kr.grad, vr.grad, dmask
+
+
+def _check(B=2, H=4, Hk=2, L=37, S=45, E=40, Ev=24, dtype="f32", causal=False, mask="none",
+           mask_shape=None, dropout_p=0.0, layout="bhsd", mask_grad=False, seed=1234):
+    """Run the kernels' forward and backward and compare every output with the references."""
+    gen = torch.Generator().manual_seed(0)
+    dt = DT[dtype]
+    q, k, v, dout = _make(B, H, Hk, L, S, E, Ev, dt, layout, gen)
+    m = _mask(mask, mask_shape or (B, H, L, S), B, H, L, S, dt, gen)
+    scale = 1.0 / math.sqrt(E)
+    kw = dict(scale=scale, is_causal=causal, dropout_p=dropout_p, seed=seed)
+    out, lse = A.attention_fwd(q, k, v, m, **kw)
+    assert out.shape == (B, H, L, Ev) and out.dtype == dt
+    assert lse.shape == (B, H, L) and lse.dtype == torch.float32
+    dq, dk, dv, dm = A.attention_bwd(dout, q, k, v, out, lse, m, **kw, mask_needs_grad=mask_grad)
+    want_dm = mask_grad and m is not None and m.dtype != torch.bool
+    ref = _reference(q, k, v, m, dout, upcast=True, mask_grad=want_dm, **kw)
+    lp = _reference(q, k, v, m, dout, upcast=False, mask_grad=want_dm, **kw) if dt != torch.float32 else [None] * 6
+    assert_close("out", out, ref[0], lp[0])
+    assert_close("lse", lse, ref[1], None if lp[1] is None else lp[1])
+    for name, got, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:5], lp[2:5]):
+        assert got.shape == r64.shape and got.dtype == dt
+        assert_close(name, got, r64, rlp, backward=True)
+    if want_dm:
+        assert dm.shape == m.shape and dm.dtype == m.dtype
+        # A float32 mask on fp16/bf16 inputs: its gradient carries the inputs' precision, so the
+        # low-precision policy applies (the cast's rounding is within that reference's error).
+        assert_close("dmask", dm.to(dt) if lp[5] is not None else dm, ref[5], lp[5], backward=True)
+    else:
+        assert dm is None
+    return out, lse, (dq, dk, dv, dm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward + backward against the reference
+# ----------------------------------------------------------------------------------------------------
+CASES = [
+    # id, kwargs
+    ("B2-H4-Hk2-L37-S45-E40-Ev24-f32", dict()),
+    ("B2-H4-Hk2-L37-S45-E40-Ev24-bf16", dict(dtype="bf16")),
+    ("B1-H2-L50-S20-E72-f32-causal", dict(B=1, H=2, Hk=2, L=50, S=20, E=72, Ev=72, causal=True)),
+    ("B1-H2-L20-S50-E72-bf16-causal", dict(B=1, H=2, Hk=1, L=20, S=50, E=72, Ev=72, dtype="bf16", causal=True)),
+    ("B2-H3-L33-S33-E16-f16-causal-bshd", dict(H=3, Hk=3, L=33, S=33, E=16, Ev=16, dtype="f16", causal=True,
+                                               layout="bshd")),
+    ("B2-H4-Hk1-L29-S41-E8-Ev40-f32-gqa4", dict(Hk=1, L=29, S=41, E=8, Ev=40)),
+    ("B1-H2-L1-S1-E32-f32", dict(B=1, H=2, Hk=2, L=1, S=1, E=32, Ev=32)),
+    ("B1-H2-L3-S70-E200-Ev136-f32", dict(B=1, H=2, Hk=1, L=3, S=70, E=200, Ev=136)),
+    ("B2-H4-L37-S45-E40-f32-bool", dict(mask="bool")),
+    ("B2-H4-L37-S45-E40-bf16-bool-causal", dict(mask="bool", dtype="bf16", causal=True)),
+    ("B2-H4-L37-S45-E40-f16-bool-b1h1", dict(mask="bool", dtype="f16", mask_shape=(1, 1, 37, 45))),
+    ("B3-H2-L21-S64-E32-f32-pad", dict(B=3, H=2, Hk=2, L=21, S=64, E=32, Ev=32, mask="pad")),
+    ("B3-H2-L21-S64-E32-f16-pad-causal-bshd", dict(B=3, H=2, Hk=1, L=21, S=64, E=32, Ev=32, mask="pad",
+                                                   dtype="f16", causal=True, layout="bshd")),
+    ("B2-H2-L21-S50-E24-bf16-pad0", dict(H=2, Hk=1, L=21, S=50, E=24, Ev=24, mask="pad0", dtype="bf16")),
+    ("B2-H4-L37-S45-E40-f32-float", dict(mask="float")),
+    ("B2-H4-L37-S45-E40-f16-float32mask-causal", dict(mask="float32", dtype="f16", causal=True)),
+    ("B2-H4-L37-S45-E40-f32-dead-rows", dict(mask="dead")),
+    ("B2-H4-L37-S45-E40-bf16-dead-rows-causal", dict(mask="dead", dtype="bf16", causal=True)),
+]
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_forward_backward(kw):
+    _check(**kw)
+
+
+MASK_GRAD_CASES = [
+    ("full-f32-causal", dict(mask="float", causal=True)),
+    ("b1h1-f32", dict(mask="float", mask_shape=(1, 1, 37, 45))),
+    ("b1-bf16-causal", dict(mask="float", mask_shape=(1, 4, 37, 45), dtype="bf16", causal=True)),
+    ("keys-only-f32", dict(mask="float", mask_shape=(2, 1, 1, 45))),
+    ("queries-only-f32-gqa", dict(mask="float", mask_shape=(1, 4, 37, 1))),
+    ("h1-i1-j1-f32", dict(mask="float", mask_shape=(2, 1, 1, 1))),
+    ("dead-rows-f32", dict(mask="dead", mask_shape=(2, 1, 37, 45))),
+    ("float32mask-f16", dict(mask="float32", mask_shape=(1, 4, 37, 45), dtype="f16")),
+    ("full-f32-dropout", dict(mask="float", dropout_p=0.25, causal=True)),
+    ("b1h1-f32-dropout", dict(mask="float", mask_shape=(1, 1, 37, 45), dropout_p=0.25)),
+]
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in MASK_GRAD_CASES], ids=[c[0] for c in MASK_GRAD_CASES])
+def test_mask_gradient(kw):
+    _check(mask_grad=True, **kw)
+
+
+DROPOUT_CASES = [
+    ("f32", dict(dropout_p=0.3)),
+    ("f32-causal-gqa-bshd", dict(dropout_p=0.2, causal=True, layout="bshd")),
+    ("bf16-bool", dict(dropout_p=0.4, dtype="bf16", mask="bool")),
+    ("f16-pad-seed-hi", dict(B=3, H=2, Hk=2, L=21, S=64, E=32, Ev=32, mask="pad", dtype="f16", dropout_p=0.1,
+                             seed=(7 << 40) + 0xFFFFFFF3)),
+]
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in DROPOUT_CASES], ids=[c[0] for c in DROPOUT_CASES])
+def test_dropout_matches_rebuilt_mask(kw):
+    """Forward and backward with dropout match the reference that rebuilds the mask from the seed."""
+    _check(**kw)
+
+
+@pytest.mark.parametrize("seed,p", [(0, 0.5), (1234, 0.1), (2**32 + 5, 0.9), (2**63 - 1, 0.3)])
+def test_dropout_mask_bits(seed, p):
+    """The exact kept elements: q = 0 makes P uniform (1/S) and v = I reads P o Z back as the output."""
+    B, H, L, S = 2, 3, 19, 40
+    q = torch.zeros(B, H, L, 16)
+    k = torch.randn(B, H, S, 16)
+    v = torch.eye(S).expand(B, H, S, S)
+    out, _ = A.attention_fwd(q, k, v, None, scale=1.0, is_causal=False, dropout_p=p, seed=seed)
+    got = (out * S * (1 - p)).round()
+    keep = _philox.dropout_keep_mask(seed, B, H, L, S, p)
+    assert torch.equal(got, keep.float()), f"{(got != keep.float()).sum()} elements differ"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structure: skipped blocks, empty inputs, determinism
+# ----------------------------------------------------------------------------------------------------
+def test_padding_blocks_are_skipped():
+    """Key blocks past a padding mask's last visible key are never read: NaN there cannot leak."""
+    bn = min(A.INTERPRETER_CONFIGS[n].block_n for n in ("fwd", "bwd_dq"))
+    B, H, L, S, E = 2, 2, 24, 4 * bn, 16
+    valid = torch.tensor([bn + 3, 2 * bn])
+    mask = (torch.arange(S)[None] < valid[:, None]).view(B, 1, 1, S)
+    q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
+    k_nan, v_nan = k.clone(), v.clone()
+    for b in range(B):
+        first_dead_block = -(-int(valid[b]) // bn) * bn
+        k_nan[b, :, first_dead_block:] = float("nan")
+        v_nan[b, :, first_dead_block:] = float("nan")
+    kw = dict(scale=0.25, is_causal=False, dropout_p=0.0, seed=0)
+    out, lse = A.attention_fwd(q, k_nan, v_nan, mask, **kw)
+    ref, ref_lse = A.attention_fwd(q, k, v, mask, **kw)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    dout = torch.randn_like(out)
+    grads = A.attention_bwd(dout, q, k_nan, v_nan, out, lse, mask, **kw, mask_needs_grad=False)
+    ref_grads = A.attention_bwd(dout, q, k, v, ref, ref_lse, mask, **kw, mask_needs_grad=False)
+    assert torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:3], ref_grads[1:3]):  # hidden keys: zero gradient, not NaN
+        assert torch.equal(got, want)
+
+
+def test_causal_blocks_are_skipped():
+    """Top-left causal with L < S: keys j >= L are visible to no query and are never read."""
+    B, H, L, S, E = 1, 2, 20, 64, 16
+    q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
+    bn = max(A.INTERPRETER_CONFIGS[n].block_n for n in ("fwd", "bwd_dq"))
+    bm = A.INTERPRETER_CONFIGS["fwd"].block_m
+    first_hidden = max(-(-L // bn) * bn, -(-L // bm) * bm)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, first_hidden:] = float("nan")
+    v_nan[:, :, first_hidden:] = float("nan")
+    kw = dict(scale=0.25, is_causal=True, dropout_p=0.0, seed=0)
+    out, lse = A.attention_fwd(q, k_nan, v_nan, None, **kw)
+    ref, _ = A.attention_fwd(q, k, v, None, **kw)
+    assert torch.equal(out, ref)
+    dq, dk, dv, _ = A.attention_bwd(torch.randn_like(out), q, k_nan, v_nan, out, lse, None, **kw,
+                                    mask_needs_grad=False)
+    assert torch.isfinite(dq).all()
+    assert (dk[:, :, L:] == 0).all() and (dv[:, :, L:] == 0).all()
+
+
+def test_kv_range():
+    mask = torch.zeros(3, 2, 1, 10, dtype=torch.bool)
+    mask[0, 0, 0, 2:5] = True
+    mask[0, 1, 0, [0, 9]] = True
+    mask[2, :, 0, 7] = True
+    r = A._kv_range_of(mask, 10)
+    assert r.tolist() == [[[2, 5], [0, 10]], [[0, 0], [0, 0]], [[7, 8], [7, 8]]]
+    fm = torch.zeros(1, 1, 1, 10).masked_fill(~mask[:1, :1], float("-inf"))
+    assert A._kv_range_of(fm, 10).tolist() == [[[2, 5]]]
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 3), (2, 2, 0, 3), (2, 2, 5, 0)], ids=["B0", "L0", "S0"])
+def test_empty(shape):
+    B, H, L, S = shape
+    q, k, v = torch.randn(B, H, L, 8), torch.randn(B, H, S, 8), torch.randn(B, H, S, 4)
+    kw = dict(scale=0.3, is_causal=False, dropout_p=0.0, seed=0)
+    out, lse = A.attention_fwd(q, k, v, None, **kw)
+    assert out.shape == (B, H, L, 4) and lse.shape == (B, H, L)
+    if S == 0:
+        assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv, dm = A.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, **kw, mask_needs_grad=False)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dm is None
+    assert not dq.any() and not dk.any() and not dv.any()
+
+
+def test_output_layout_and_strided_mask():
+    """out is a (B, L, H, Ev) buffer viewed as (B, H, L, Ev); masks are read through any strides,
+    including stride-0 expanded dims, without copies."""
+    B, H, L, S, E = 2, 3, 17, 23, 16
+    q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
+    base = torch.randn(B, S, L).transpose(1, 2)  # (B, L, S) with transposed strides
+    mask = base.unsqueeze(1).expand(B, H, L, S)  # stride 0 over heads at full size
+    kw = dict(scale=0.25, is_causal=False, dropout_p=0.0, seed=0)
+    out, lse = A.attention_fwd(q, k, v, mask, **kw)
+    assert out.transpose(1, 2).is_contiguous()
+    ref = R.scaled_dot_product_attention(q, k, v, attn_mask=mask.contiguous())
+    assert_close("out", out, ref)
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, dout = _make(2, 4, 2, 37, 45, 32, 32, torch.float16, "bshd", gen)
+    mask = torch.randn(1, 4, 37, 45, generator=gen)
+    kw = dict(scale=0.2, is_causal=True, dropout_p=0.2, seed=99)
+    runs = []
+    for _ in range(2):
+        out, lse = A.attention_fwd(q, k, v, mask, **kw)
+        runs.append((out, lse, *A.attention_bwd(dout, q, k, v, out, lse, mask, **kw, mask_needs_grad=True)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_config_table_covers_every_bucket():
+    for name, table in A.CONFIGS.items():
+        assert name in A.KERNELS and name in A.INTERPRETER_CONFIGS
+        for bucket in A.HEAD_BUCKETS:
+            for dclass in ("16", "32"):
+                rows = table[(bucket, dclass)]
+                assert rows, (name, bucket, dclass)
+                for c in rows:
+                    assert c.block_n == 0 or c.block_n % 16 == 0
+    for name in A.CONFIGS:  # every call, whatever its features, has at least one config to run
+        for bucket in A.HEAD_BUCKETS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                assert A.candidate_configs(name, bucket, dtype, heavy=True)
+                assert len(A.candidate_configs(name, bucket, dtype, heavy=False)) >= len(
+                    A.candidate_configs(name, bucket, dtype, heavy=True))
+    assert A.head_bucket(40, 24) == 64 and A.head_bucket(72, 16) == 128 and A.head_bucket(8, 200) == 256
+    with pytest.raises(ValueError):
+        A.head_bucket(257, 64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for sm_80 / sm_90
+# ----------------------------------------------------------------------------------------------------
+def test_aot_compile_subset():
+    """Every kernel, first config of the 128 bucket, both feature variants, sm_80 and sm_90: compiles,
+    runs on tensor cores, does not spill, fits shared memory. (`fastattn kernels` does all configs.)"""
+    aot = importlib.import_module(A.__name__.rsplit(".", 1)[0] + ".aot")
+    rows = aot.compile_report(archs=(80, 90), dtypes=("bf16",), buckets=(128,), max_configs=1, workers=2)
+    assert rows
+    print("\n" + aot.format_table(rows))
+    for r in rows:
+        where = f"{r['kernel']} {r['config']} {r['variant']} sm_{r['arch']}"
+        assert r["error"] is None, f"{where}: {r['error']}"
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, f"{where}: spills {r['spill_bytes']} bytes"
+        assert r["shared"] <= r["shared_limit"], f"{where}: {r['shared']} bytes of shared memory"
+        if r["kernel"] != "bwd_preprocess":
+            assert r["tensor_cores"] in (("mma",) if r["arch"] == 80 else ("mma", "wgmma")), where
