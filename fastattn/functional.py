@@ -118,6 +118,14 @@ def _mask_to_4d(mask: Tensor, batch: tuple[int, ...], H: int) -> Tensor:
 
 
 def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    if torch.compiler.is_compiling():
+        # Availability was established when the model ran eagerly / at import; dynamo cannot trace
+        # the import probes, and the op itself raises a clear error if a kernel is missing.
+        if backend is not None:
+            return backend
+        if device.type == "cuda" and dtype == torch.float64:
+            return "reference"
+        return "cpu" if device.type == "cpu" else "triton"
     if backend is not None:
         if backend not in _launchers.BACKENDS:
             raise ValueError(f"backend must be one of {_launchers.BACKENDS} or None, got {backend!r}")

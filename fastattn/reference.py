@@ -62,9 +62,10 @@ def logsumexp(s: torch.Tensor) -> torch.Tensor:
 
 def softmax(s: torch.Tensor) -> torch.Tensor:
     """Row-wise softmax; rows whose keys are all hidden (all -inf) give zeros, not NaN."""
-    lse = logsumexp(s)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
+    dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+    # Dead rows are computed on zeros and then zeroed, so no exp(-inf - -inf) NaN reaches autograd.
+    p = torch.softmax(torch.where(dead, torch.zeros_like(s), s), dim=-1)
+    return torch.where(dead, torch.zeros_like(p), p)
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
