@@ -200,7 +200,9 @@ def test_cli_bench(tmp_path, capsys, monkeypatch):
 
 
 def test_import_is_lazy():
-    code = ("import sys, fastattn.bench, fastattn.cli; "
-            "assert 'matplotlib' not in sys.modules and 'tqdm' not in sys.modules; "
-            "import torch; assert not torch.cuda.is_initialized()")
+    # torch itself may import tqdm (torch.hub does when it is installed): only count what we add.
+    code = ("import sys, torch; before = set(sys.modules); import fastattn.bench, fastattn.cli; "
+            "new = set(sys.modules) - before; "
+            "assert not any(m.split('.')[0] in ('matplotlib', 'tqdm') for m in new), new; "
+            "assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

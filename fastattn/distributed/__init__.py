@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastattn.distributed._layout import block_plan, shard_sequence, unshard_sequence
+from fastattn.distributed._layout import shard_sequence, unshard_sequence
 from fastattn.distributed.ring import ring_attention
 from fastattn.distributed.ulysses import all_to_all_attention
 
@@ -25,7 +25,6 @@ __all__ = [
     "shard_sequence",
     "unshard_sequence",
     "gather_sequence",
-    "block_plan",
 ]
 
 
