@@ -64,7 +64,8 @@ def softmax(s: torch.Tensor) -> torch.Tensor:
     """Row-wise softmax; rows whose keys are all hidden (all -inf) give zeros, not NaN."""
     dead = torch.isneginf(s).all(dim=-1, keepdim=True)
     # Dead rows are computed on zeros and then zeroed, so no exp(-inf - -inf) NaN reaches autograd.
-    p = torch.softmax(torch.where(dead, torch.zeros_like(s), s), dim=-1)
+    s = torch.where(dead, torch.zeros_like(s), s)
+    p = torch.exp(s - logsumexp(s).unsqueeze(-1))
     return torch.where(dead, torch.zeros_like(p), p)
 
 
