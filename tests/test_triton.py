@@ -76,37 +76,18 @@ def _mask(kind: str, shape, B, H, L, S, dtype, gen):
 
 
 def _reference(q, k, v, mask, dout, *, scale, is_causal, dropout_p, seed, upcast, mask_grad):
-    """(out, lse, dq, dk, dv, dmask) of fastattn.reference in float64 (upcast) or the input precision."""
-    B, H, L, _ = q.shape
-    S = k.shape[2]
-    kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True, upcast=upcast,
-              dropout_seed=seed)
-    with torch.no_grad():
-        out, lse = R.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True, **kw)
-    dead = torch.isneginf(lse)
-    m = mask
-    if mask is not None and mask.dtype != torch.bool:
-        m = mask.detach().expand(B, H, L, S).clone().to(torch.float64 if upcast else mask.dtype)
-    if dead.any():
-        # Rows with no visible key: the contract gives them zero gradients, but autograd through the
-        # reference's exp(-inf - -inf) makes them NaN. Their gradient is exactly what a zero dout gives,
-        # so drop their dout and unhide their keys (finite, and the rest of the graph is unchanged).
-        m = m.expand(B, H, L, S).clone()
-        m[dead] = True if m.dtype == torch.bool else 0.0
-        dout = dout.masked_fill(dead[..., None], 0.0)
+    """(out, lse, dq, dk, dv, dmask) of fastattn.reference in float64 (upcast) or the input precision;
+    autograd sums the mask gradient over its broadcast dims."""
     dt = torch.float64 if upcast else q.dtype
     qr, kr, vr = (x.detach().to(dt).requires_grad_() for x in (q, k, v))
-    if m is not None and m.dtype != torch.bool:
-        m.requires_grad_(mask_grad)
-    o = R.scaled_dot_product_attention(qr, kr, vr, attn_mask=m, **kw)
-    o.backward(dout.to(o.dtype))
-    dmask = None
-    if mask_grad:
-        dmask = m.grad
-        dims = [d for d in range(4) if mask.shape[d] == 1 and m.shape[d] > 1]
-        if dims:
-            dmask = dmask.sum(dim=dims, keepdim=True)
-    return out, lse, qr.grad, kr.grad, vr.grad, dmask
+    m = mask
+    if mask is not None and mask.dtype != torch.bool:
+        m = mask.detach().to(torch.float64 if upcast else mask.dtype).requires_grad_(mask_grad)
+    out, lse = R.scaled_dot_product_attention(qr, kr, vr, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True, upcast=upcast, dropout_seed=seed,
+                                              return_lse=True)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), lse, qr.grad, kr.grad, vr.grad, m.grad if mask_grad else None
 
 
 def _check(B=2, H=4, Hk=2, L=37, S=45, E=40, Ev=24, dtype="f32", causal=False, mask="none",
