@@ -21,8 +21,11 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 CSRC = "csrc"
-KERNEL_SOURCES = [os.path.join(CSRC, f) for f in ("bindings.cpp", "forward.cpp", "backward.cpp")]
+KERNEL_SOURCES = [os.path.join(CSRC, f) for f in (
+    "bindings.cpp", "forward.cpp", "backward.cpp", "additive.cpp", "hard.cpp")]
 SANITIZE = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
+# Development only: FASTATTN_BUILD_ISAS=avx512 (comma list) builds just those kernel modules (faster rebuilds).
+BUILD_ISAS = [s.strip() for s in os.environ.get("FASTATTN_BUILD_ISAS", "").split(",") if s.strip()]
 
 
 def _compiler_accepts(flags: list[str]) -> bool:
@@ -72,6 +75,8 @@ def _extensions():
         )
     ]
     for name, isa_flags, defs in variants:
+        if BUILD_ISAS and name not in BUILD_ISAS:
+            continue
         exts.append(
             Pybind11Extension(
                 f"fastattn._C_{name}",

@@ -88,4 +88,6 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
         },
         "The kernels' Philox words of (b, h, i, j0..j0+n) as little-endian uint32 bytes (for tests).");
   register_backward(m);
+  register_additive(m);
+  register_hard(m);
 }

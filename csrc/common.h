@@ -98,6 +98,8 @@ struct Params {
 
 // The backward kernel's bindings (csrc/backward.cpp); bindings.cpp calls it from PYBIND11_MODULE.
 void register_backward(pybind11::module_& m);
+void register_additive(pybind11::module_& m);  // additive.cpp
+void register_hard(pybind11::module_& m);      // hard.cpp
 
 // ============================================================================================ threads
 

@@ -194,3 +194,8 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
         if type(m) is torch.nn.MultiheadAttention:
             m.__class__ = MultiheadAttention
     return module
+
+
+# Layers of issue 5, defined next to their operations and re-exported here.
+from fastattn.additive import *  # noqa: E402,F401,F403  (AdditiveAttention)
+from fastattn.layers import *  # noqa: E402,F401,F403  (Multiplicative/Hierarchical/CoAttention)

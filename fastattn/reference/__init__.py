@@ -149,3 +149,25 @@ def attention_weights(
     k, _ = _repeat_kv(q, k, k, enable_gqa)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dt)
     return softmax(apply_mask(scores(q, k, scale), mask, is_causal))
+
+
+# Naive references of the other operations (issue 5), one module each, re-exported here.
+from fastattn.reference.varlen import *  # noqa: E402,F401,F403
+from fastattn.reference.additive import *  # noqa: E402,F401,F403
+from fastattn.reference.hard import *  # noqa: E402,F401,F403
+
+
+def _dropout_rows(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, upcast, seed, b):
+    """SDPA reference on one (H, L, E) item whose dropout mask is batch row ``b`` of the Philox stream."""
+    if seed is None:
+        raise ValueError("dropout_seed is required to rebuild fastattn's dropout mask when dropout_p > 0")
+    dt = _compute_dtype(q, upcast)
+    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+    kd, vd = _repeat_kv(qd, kd, vd, enable_gqa)
+    m = mask if mask is None or mask.dtype == torch.bool else mask.to(dt)
+    s = apply_mask(scores(qd, kd, scale), m, is_causal)
+    p = softmax(s)
+    H, L, S = p.shape
+    keep = _philox.dropout_keep_mask(seed, b + 1, H, L, S, dropout_p, p.device)[b]
+    p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros_like(p))
+    return weighted_sum(p, vd), logsumexp(s).float()
