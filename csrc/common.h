@@ -21,6 +21,7 @@
 #include <new>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <sched.h>
@@ -305,6 +306,13 @@ class Scratch {
   size_t n_ = 0;
 };
 
+// This OS thread's scratch, kept across calls (pool workers and each Python thread own theirs), so
+// back-to-back calls pay no allocation and no fresh page faults. Never shrunk; freed at thread exit.
+inline Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
 // Carves 64-byte aligned sub-buffers out of one allocation: plan with take<T>(n) on a null base to size it.
 struct Arena {
   char* base = nullptr;
@@ -575,6 +583,9 @@ inline void dropout_words_quad_col(uint64_t seed, int64_t b, int64_t h, int64_t 
 namespace simd {
 
 // 2^f on f in [-0.5, 0.5]: minimax-fit polynomials (relative error 1.4e-7 for degree 5, 7.7e-5 for 3).
+// exp2 returns exactly 0 below this: 2^-125 is the smallest power whose polynomial-scaled result
+// (factor >= 0.7) stays a normal float, and probabilities < 2^-125 of the row maximum are below fp32 resolution.
+constexpr float kExp2Min = -125.0f;
 template <int DEG> struct Exp2Poly;
 template <> struct Exp2Poly<5> {
   static constexpr float c[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022121727466583f,
@@ -605,16 +616,19 @@ FASTATTN_INLINE vf fmsub(vf a, vf b, vf c) { return _mm512_fmsub_ps(a, b, c); } 
 FASTATTN_INLINE vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
 FASTATTN_INLINE float reduce_add(vf a) { return _mm512_reduce_add_ps(a); }
 FASTATTN_INLINE float reduce_max(vf a) { return _mm512_reduce_max_ps(a); }
-// 2^x: x = n + f, 2^f by polynomial, scaled by 2^n with vscalefps (x <= -200 gives exactly 0, -inf too;
-// NaN stays NaN: max returns its second operand when one is NaN).
+// 2^x: x = n + f, 2^f by polynomial, scaled by 2^n with vscalefps. x < kExp2Min (masked keys: -inf) gives
+// exactly 0 through the zeroing mask, never a denormal: an underflowing or denormal result costs a
+// microcode assist of ~100+ cycles per instruction, which made masked keys several times dearer than
+// visible ones. NaN stays NaN (max returns its second operand when one is NaN; NaN compares "not less").
 template <int DEG = 5>
 FASTATTN_INLINE vf exp2(vf x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExp2Min), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(kExp2Min), x);
   const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = _mm512_sub_ps(x, n);
   vf p = _mm512_set1_ps(Exp2Poly<DEG>::c[DEG]);
   for (int d = DEG - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(Exp2Poly<DEG>::c[d]));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(live, p, n);
 }
 // W elements of type T -> f32 lanes.
 FASTATTN_INLINE vf load_cvt(const float* p) { return _mm512_loadu_ps(p); }
@@ -689,8 +703,8 @@ FASTATTN_INLINE float reduce_max(vf a) {
 // NaN stays NaN (min/max return their second operand when one is NaN).
 template <int DEG = 5>
 FASTATTN_INLINE vf exp2(vf x) {
-  const vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);
-  x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);
+  const vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(kExp2Min), _CMP_NLT_UQ);  // x < kExp2Min -> 0 (no denormals)
+  x = _mm256_max_ps(_mm256_set1_ps(kExp2Min), x);
   x = _mm256_min_ps(_mm256_set1_ps(127.0f), x);
   const vf n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = _mm256_sub_ps(x, n);
@@ -771,7 +785,7 @@ FASTATTN_INLINE float reduce_max(vf a) { float s = a.v[0]; FASTATTN_VLOOP s = s 
 template <int DEG = 5>
 FASTATTN_INLINE vf exp2(vf x) {
   typedef int32_t v8i_t __attribute__((vector_size(32)));
-  const v8f_t lo = x.v < -126.f ? -126.f : x.v;  // NaN compares false: stays NaN
+  const v8f_t lo = x.v < kExp2Min ? kExp2Min : x.v;  // NaN compares false: stays NaN
   const v8f_t y = lo > 127.f ? 127.f : lo;
   const v8f_t n = (y + 12582912.f) - 12582912.f;  // round to nearest even (|y| < 2^22)
   const v8f_t f = y - n;
@@ -782,7 +796,7 @@ FASTATTN_INLINE vf exp2(vf x) {
   v8f_t s;
   std::memcpy(&s, &e, sizeof(s));
   vf r;
-  r.v = x.v < -126.f ? 0.f : p * s;
+  r.v = x.v < kExp2Min ? 0.f : p * s;
   return r;
 }
 #else
@@ -794,7 +808,11 @@ FASTATTN_INLINE vf exp2(vf x) {
       r.v[l] = x.v[l];
       continue;
     }
-    float y = x.v[l] < -126.f ? -126.f : (x.v[l] > 127.f ? 127.f : x.v[l]);
+    if (x.v[l] < kExp2Min) {
+      r.v[l] = 0.f;
+      continue;
+    }
+    float y = x.v[l] > 127.f ? 127.f : x.v[l];
     const float n = std::nearbyint(y);
     const float f = y - n;
     float p = Exp2Poly<DEG>::c[DEG];
@@ -802,7 +820,7 @@ FASTATTN_INLINE vf exp2(vf x) {
     const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
     float s;
     std::memcpy(&s, &e, 4);
-    r.v[l] = x.v[l] >= -126.f ? p * s : 0.f;
+    r.v[l] = p * s;
   }
   return r;
 }
@@ -903,6 +921,27 @@ MaskTileInfo load_mask_tile(const MaskView& m, int64_t i0, int64_t i1, int64_t j
   info.all_hidden = hidden && i1 > i0 && j1 > j0;
   info.all_zero = zero;
   return info;
+}
+
+// [lo, hi): the keys of [0, kend) that a query-broadcast mask row (sl == 0) leaves visible, trimmed at
+// both ends (interior hidden keys stay inside). Masks that vary per query give [0, kend). lo == hi: none.
+inline std::pair<int64_t, int64_t> visible_key_range(const MaskView& m, int64_t kend) {
+  if (m.dtype == kNone || m.sl != 0 || kend <= 0) return {0, kend};
+  auto visible = [&](int64_t j) {
+    if (m.dtype == kBool) return static_cast<const uint8_t*>(m.ptr)[j * m.ss] != 0;
+    return mask_value<double>(m, 0, j, 1.0) != -std::numeric_limits<double>::infinity();
+  };
+  if (m.ss == 0) return visible(0) ? std::make_pair(int64_t(0), kend) : std::make_pair(int64_t(0), int64_t(0));
+  int64_t lo = 0, hi = kend;
+  if (m.dtype == kBool && m.ss == 1) {
+    const uint8_t* row = static_cast<const uint8_t*>(m.ptr);
+    while (lo < hi && row[lo] == 0) ++lo;
+    while (hi > lo && row[hi - 1] == 0) --hi;
+    return {lo, hi};
+  }
+  while (lo < hi && !visible(lo)) ++lo;
+  while (hi > lo && !visible(hi - 1)) --hi;
+  return {lo, hi};
 }
 
 // True iff mask(i, j) hides every element of rows [i0,i1) x cols [j0,j1) (reads until one is visible).

@@ -606,8 +606,10 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
   sc.c = static_cast<float>(p.scale) * kLog2e;
   const T* kbase = p.k.at<T>(b, hk, 0);
   const T* vbase = p.v.at<T>(b, hk, 0);
-  for (int64_t j0 = 0; j0 < kend; j0 += c.BN) {
-    const int64_t nk = std::min(c.BN, kend - j0);
+  // A padding mask (same for every query) trims the key loop to its visible span.
+  const auto span = has_mask ? visible_key_range(mv, kend) : std::make_pair(int64_t(0), kend);
+  for (int64_t j0 = span.first; j0 < span.second; j0 += c.BN) {
+    const int64_t nk = std::min(c.BN, span.second - j0);
     MaskTileInfo mi;
     if (has_mask) {
       mi = load_mask_tile<float>(mv, i0, i0 + nq, j0, j0 + nk, bf.mt, 1, c.BM, kLog2e, true);
@@ -837,8 +839,10 @@ void item_bf16(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t 
   sc.c = static_cast<float>(p.scale) * kLog2e;
   const uint16_t* kbase = p.k.at<uint16_t>(b, hk, 0);
   const uint16_t* vbase = p.v.at<uint16_t>(b, hk, 0);
-  for (int64_t j0 = 0; j0 < kend; j0 += c.BN) {
-    const int64_t nk = std::min(c.BN, kend - j0);
+  // A padding mask (same for every query) trims the key loop to its visible span.
+  const auto span = has_mask ? visible_key_range(mv, kend) : std::make_pair(int64_t(0), kend);
+  for (int64_t j0 = span.first; j0 < span.second; j0 += c.BN) {
+    const int64_t nk = std::min(c.BN, span.second - j0);
     MaskTileInfo mi;
     if (has_mask) {
       mi = load_mask_tile<float>(mv, i0, i0 + nq, j0, j0 + nk, bf.mt, 1, c.BM, kLog2e, true);
@@ -933,14 +937,13 @@ void run_items(const Params& p, Item item) {
   Arena plan;
   Bufs dummy;
   const size_t bytes = plan_bufs(p, c, plan, dummy);
-  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, p.num_threads)));
-  std::vector<Bufs> bufs(scratch.size());
+  std::vector<Bufs> bufs(static_cast<size_t>(std::max(1, p.num_threads)));
   const int64_t n_items = p.B * p.H * c.nqb;
   parallel_for(n_items, p.num_threads, [&](int64_t t0, int64_t t1, int tid) {
     Bufs& bf = bufs[static_cast<size_t>(tid)];
     if (bf.o == nullptr) {
       Arena a;
-      a.base = static_cast<char*>(scratch[static_cast<size_t>(tid)].get(bytes));
+      a.base = static_cast<char*>(thread_scratch().get(bytes));
       plan_bufs(p, c, a, bf);
     }
     for (int64_t t = t0; t < t1; ++t) {
