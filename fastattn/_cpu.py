@@ -110,6 +110,9 @@ def make_params(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, sc
     return p
 
 
+_NO_TENSOR = (0, 0, 0, 0, 0)
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, L, E), got {q.dim()}, {k.dim()}, {v.dim()} dims")
@@ -144,9 +147,18 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed)
-    p.out, p.lse = _t4(mod, out), _t4(mod, lse)
-    mod.fwd(p)
+    if mask is None:
+        m5, mdt = _NO_TENSOR, 0
+    else:
+        m5 = (mask.data_ptr(), *(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride())))
+        mdt = DTYPE_CODES[mask.dtype]
+    drop = dropout_p > 0.0
+    mod.fwd_direct(
+        (q.data_ptr(), *q.stride()), (k.data_ptr(), *k.stride()), (v.data_ptr(), *v.stride()), m5,
+        (out.data_ptr(), *out.stride()), (lse.data_ptr(), *lse.stride(), 0),
+        (DTYPE_CODES[q.dtype], mdt, B, H, k.shape[1], L, S, q.shape[3], Ev, int(is_causal),
+         _philox.threshold(dropout_p) if drop else 0, torch.get_num_threads()),
+        float(scale), float(dropout_p), (int(seed) & (2**64 - 1)) if drop else 0)
     return out, lse
 
 
