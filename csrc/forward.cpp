@@ -377,6 +377,55 @@ FASTATTN_INLINE void transpose_block(Load load, int64_t nrows, int64_t ncols, fl
 }
 #endif
 
+// The mask tile of queries [i0, i0+nq) x keys [j0, j0+nk), transposed (mt[key][query], row stride ld) and
+// scaled by log2(e) (bool: 0 / -inf), with its all-hidden / all-zero flags. A per-query mask (bool or
+// float32, unit key stride) is loaded 16 x 16 at a time and transposed in registers: the scalar loop
+// cost about as much as the block's QK^T and PV for (B, 1, L, S) masks (HF-style 4-D masks).
+MaskTileInfo mask_tile(const MaskView& m, int64_t i0, int64_t nq, int64_t j0, int64_t nk, float* mt, int64_t ld) {
+#if defined(FASTATTN_HAVE_AVX512)
+  if (m.sl != 0 && m.ss == 1 && (m.dtype == kBool || m.dtype == kF32)) {
+    const __m512 ninf = _mm512_set1_ps(kNegInf), l2e = _mm512_set1_ps(kLog2e), zero = _mm512_setzero_ps();
+    bool hidden = true, allzero = true;
+    for (int64_t ib = 0; ib < nq; ib += 16) {
+      const int64_t nr = std::min<int64_t>(16, nq - ib);
+      for (int64_t jb = 0; jb < nk; jb += 16) {
+        const int64_t nc = std::min<int64_t>(16, nk - jb);
+        const __mmask16 cols = simd::lanes(nc);
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+          if (j >= nr) {
+            r[j] = zero;
+            continue;
+          }
+          const int64_t off = (i0 + ib + j) * m.sl + j0 + jb;
+          __mmask16 vis, nz;
+          if (m.dtype == kBool) {
+            const __m128i bytes = _mm_maskz_loadu_epi8(cols, static_cast<const uint8_t*>(m.ptr) + off);
+            vis = _mm_test_epi8_mask(bytes, bytes);
+            r[j] = _mm512_mask_mov_ps(ninf, vis, zero);
+            nz = static_cast<__mmask16>(~vis);
+          } else {
+            r[j] = _mm512_mul_ps(_mm512_maskz_loadu_ps(cols, static_cast<const float*>(m.ptr) + off), l2e);
+            vis = _mm512_cmp_ps_mask(r[j], ninf, _CMP_NEQ_UQ);
+            nz = _mm512_cmp_ps_mask(r[j], zero, _CMP_NEQ_UQ);
+          }
+          hidden &= (vis & cols) == 0;
+          allzero &= (nz & cols) == 0;
+        }
+        transpose16(r);
+        for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(mt + (jb + c) * ld + ib, r[c]);
+      }
+    }
+    MaskTileInfo info;
+    info.all_hidden = hidden && nq > 0 && nk > 0;
+    info.all_zero = allzero;
+    return info;
+  }
+#endif
+  return load_mask_tile<float>(m, i0, i0 + nq, j0, j0 + nk, mt, 1, ld, kLog2e, true);
+}
+
 // Q^T for query rows [i0, i0 + nq), groups of QG, zero-padded to BM rows: qt[g][e][lane].
 template <typename T>
 void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t BM, float* qt) {
@@ -636,7 +685,7 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
     const int64_t nk = std::min(c.BN, span.second - j0);
     MaskTileInfo mi;
     if (has_mask) {
-      mi = load_mask_tile<float>(mv, i0, i0 + nq, j0, j0 + nk, bf.mt, 1, c.BM, kLog2e, true);
+      mi = mask_tile(mv, i0, nq, j0, nk, bf.mt, c.BM);
       if (mi.all_hidden) continue;
     }
     const float* kt;
@@ -869,7 +918,7 @@ void item_bf16(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t 
     const int64_t nk = std::min(c.BN, span.second - j0);
     MaskTileInfo mi;
     if (has_mask) {
-      mi = load_mask_tile<float>(mv, i0, i0 + nq, j0, j0 + nk, bf.mt, 1, c.BM, kLog2e, true);
+      mi = mask_tile(mv, i0, nq, j0, nk, bf.mt, c.BM);
       if (mi.all_hidden) continue;
     }
     const uint16_t* kt;
