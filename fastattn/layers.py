@@ -180,7 +180,7 @@ def _check_cu(name: str, cu, device: torch.device) -> Tensor:
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 (cumulative lengths), got {cu.dtype}")
+        raise TypeError(f"{name} must be int32 (or int64) cumulative lengths, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name} must be 1-D with at least one entry (0), got shape {tuple(cu.shape)}")
     if cu.device != device:
@@ -235,7 +235,7 @@ class HierarchicalAttention(nn.Module):
     Packed layout: sentence i holds ``words[cu_seqlens_words[i]:cu_seqlens_words[i+1]]`` and document d
     holds sentences ``cu_seqlens_sentences[d]:cu_seqlens_sentences[d+1]`` (cumulative counts, int32,
     starting at 0). Empty sentences and documents are allowed: their vectors are zeros (an empty sentence
-    still counts as one sentence of its document). The ``max_seqlen_*`` (longest sentence in words,
+    still counts as one sentence of its document, and the optional projection maps its zeros to tanh(b_p)). The ``max_seqlen_*`` (longest sentence in words,
     longest document in sentences) are computed from the cumulative lengths when not given; pass them to
     save the host synchronisation (e.g. under ``torch.compile``).
 

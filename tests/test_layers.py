@@ -275,6 +275,85 @@ def test_coattention_affinity_and_length1():
     torch.testing.assert_close(b_att, a)
 
 
+# ------------------------------------------------------------------------------ views, gradcheck, empty
+def test_noncontiguous_inputs():
+    m = fastattn.nn.MultiplicativeAttention(5, 6, bias=True)
+    c = fastattn.nn.CoAttention(5, 6)
+    # sequence-first tensors viewed batch-first: strided, not contiguous
+    q, k = torch.randn(3, 2, 5).transpose(0, 1), torch.randn(4, 2, 6).transpose(0, 1)
+    v = torch.randn(4, 2, 7)[..., ::2].transpose(0, 1)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    contiguous = [x.contiguous() for x in (q, k, v)]
+    for got, exp in zip(m(q, k, v, need_weights=True), m(*contiguous, need_weights=True)):
+        torch.testing.assert_close(got, exp)
+    for got, exp in zip(c(q, k, need_weights=True), c(q.contiguous(), k.contiguous(), need_weights=True)):
+        torch.testing.assert_close(got, exp)
+    h = fastattn.nn.HierarchicalAttention(5)
+    w = torch.randn(5, 9).T  # (9, 5), strided
+    for got, exp in zip(h(w, _cu([3, 5, 1]), _cu([1, 2])), h(w.contiguous(), _cu([3, 5, 1]), _cu([1, 2]))):
+        torch.testing.assert_close(got, exp)
+
+
+def _gradcheck(layer, inputs):
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+    nin = len(inputs)
+
+    def f(*xs):
+        out = torch.func.functional_call(layer, dict(zip(names, xs[nin:])), xs[:nin])
+        return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
+
+    assert torch.autograd.gradcheck(f, (*inputs, *params), fast_mode=True)
+
+
+def test_gradcheck_float64():
+    d = torch.float64
+    m = fastattn.nn.MultiplicativeAttention(3, 4, bias=True, dtype=d)
+    q, k, v = (torch.randn(2, 3, 3, dtype=d, requires_grad=True), torch.randn(2, 3, 4, dtype=d, requires_grad=True),
+               torch.randn(2, 3, 2, dtype=d, requires_grad=True))
+
+    class M(torch.nn.Module):  # need_weights and a key padding mask, as a module for functional_call
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, q, k, v):
+            return self.m(q, k, v, key_padding_mask=torch.tensor([[True, True, False], [True, False, False]]),
+                          need_weights=True)
+
+    _gradcheck(M(), (q, k, v))
+    c = fastattn.nn.CoAttention(3, 4, dtype=d)
+
+    class C(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = c
+
+        def forward(self, a, b):
+            return tuple(self.c(a, b, mask_b=torch.tensor([[True, True, False], [True, True, True]]),
+                                need_weights=True))
+
+    _gradcheck(C(), (q, k))
+    h = fastattn.nn.HierarchicalAttention(3, 2, 2, sentence_dim=2, dtype=d)
+
+    class H(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = h
+
+        def forward(self, w):
+            return self.h(w, _cu([2, 1, 3]), _cu([1, 2]))
+
+    _gradcheck(H(), (torch.randn(6, 3, dtype=d, requires_grad=True),))
+
+
+def test_hierarchical_empty_batch():
+    h = fastattn.nn.HierarchicalAttention(6)
+    z = torch.zeros(1, dtype=torch.int32)
+    docs, ww, sw = h(torch.randn(0, 6), z, z)
+    assert docs.shape == (0, 6) and ww.shape == (0,) and sw.shape == (0,)
+
+
 # ------------------------------------------------------------------------------------- module plumbing
 def _layers():
     return {
