@@ -89,14 +89,8 @@ def _merge_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None, B: i
 
 
 def _weights(q4: Tensor, k4: Tensor, mask: Tensor | None) -> Tensor:
-    """:func:`fastattn.attention_weights` at scale 1, (B, 1, L, S) -> (B, L, S). For float16 / bfloat16 it
-    runs on float32 copies of q and k and rounds the probabilities once: these layers' scores are unscaled
-    (often |s| >> 1), and attention_weights' low-precision path rounds s to the input dtype before
-    subtracting the float32 log-sum-exp, an error of ~|s| * 2^-9 in bfloat16 (measured 3x the naive bf16
-    softmax's error at |s| ~ 16). The copies are (B, L, E) / (B, S, E); the (L, S) buffer is float32."""
-    if q4.dtype in (torch.float16, torch.bfloat16):
-        m = mask if mask is None or mask.dtype == torch.bool else mask.float()
-        return attention_weights(q4.float(), k4.float(), m, scale=1.0).squeeze(1).to(q4.dtype)
+    """:func:`fastattn.attention_weights` at scale 1, (B, 1, L, S) -> (B, L, S) (for float16 / bfloat16 it
+    forms the scores in float32 and rounds the probabilities once: these layers' scores are unscaled)."""
     return attention_weights(q4, k4, mask, scale=1.0).squeeze(1)
 
 
