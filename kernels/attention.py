@@ -383,10 +383,10 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
     h = pid_bh % H
     hk = h // GROUP
     # Varlen: this item's rows of the packed tensors and its own lengths (the grid covers the longest).
+    # Programs past a short item visit no key block and store nothing (an early return costs a stack
+    # frame in the compiled kernel).
     q0, L = _seq_bounds(CuQ, b, L, VARLEN)
     k0, S = _seq_bounds(CuK, b, S, VARLEN)
-    if start_m >= L:
-        return
     m64 = start_m.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -410,9 +410,13 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
     lo, hi = _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY)
     lo = (lo // BLOCK_N) * BLOCK_N
     if VARLEN:
-        hi = tl.minimum(hi, S)
+        hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
     if IS_CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
+    if VARLEN:
+        # Keys in [hi, S) are hidden anyway (causal / key-range), so hi bounds the keys: one register
+        # less in the loop than S (the varlen variant otherwise spills at 255 registers).
+        S = hi
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                                S, qk_scale, seed_lo, seed_hi, drop_threshold,
@@ -427,6 +431,8 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
     else:
         acc = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    if VARLEN:
+        q0 = tl.load(CuQ + b, volatile=True).to(tl.int64)  # reloaded: not kept live across the key loop
     tl.store(Lse + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=in_m)
     O_blk = Out + b * stride_ob + h * stride_oh + (q0 + m64) * stride_om
     tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, acc.to(Out.dtype.element_ty),
@@ -449,9 +455,7 @@ def _attn_bwd_preprocess(Out, DO, Delta, CuQ,
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    q0, L = _seq_bounds(CuQ, b, L, VARLEN)
-    if start_m >= L:
-        return
+    q0, L = _seq_bounds(CuQ, b, L, VARLEN)  # programs past a short item store nothing (masked)
     m64 = start_m.to(tl.int64) + q0
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -492,8 +496,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
     hk = pid_bhk % Hk
     q0, L = _seq_bounds(CuQ, b, L, VARLEN)
     k0, S = _seq_bounds(CuK, b, S, VARLEN)
-    if start_n >= S:
-        return
+    if VARLEN:
+        L = tl.where(start_n < S, L, 0)  # a program past a short item: no query block, nothing stored
     n64 = start_n.to(tl.int64) + k0
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -595,10 +599,8 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    q0, L = _seq_bounds(CuQ, b, L, VARLEN)
+    q0, L = _seq_bounds(CuQ, b, L, VARLEN)  # programs past a short item: no key block, nothing stored
     k0, S = _seq_bounds(CuK, b, S, VARLEN)
-    if start_m >= L:
-        return
     m64 = start_m.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -625,7 +627,7 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
     lo, hi = _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY)
     lo = (lo // BLOCK_N) * BLOCK_N
     if VARLEN:
-        hi = tl.minimum(hi, S)
+        hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
     if IS_CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
