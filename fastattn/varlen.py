@@ -167,6 +167,7 @@ def varlen_attention(
     if not torch.compiler.is_compiling():
         _check_cu_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_q, max_k)
     mask4 = _mask_4d(attn_mask, query, B, H, max_q, max_k)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # kernels index cu[b]
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     backend = _pick_backend(backend, query.device, query.dtype)

@@ -18,9 +18,11 @@ Each config is compiled in the feature variants it can run with, which bracket i
 every feature (``TileConfig.features == "all"``), ``full`` (causal, dropout and a float mask that needs
 a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for the dmask kernel).
 The first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
-mask: the key-range path that skips padded key blocks) and as ``varlen`` (a packed batch read through
-cu_seqlens, causal with a full bool mask; ``varlen-full`` adds dropout and a float mask that needs a
-gradient when the row allows every feature).
+mask: the key-range path that skips padded key blocks). On request (``VARLEN_VARIANTS``) the first config
+of each bucket is compiled as ``varlen`` (a packed batch read through cu_seqlens, causal with a full bool
+mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient). Known: with
+bf16/fp32 the varlen-full fwd at E=128 spills 12 B on sm_80 and the varlen dmask kernel spills
+36-236 B (sm_80/sm_90) at the 255-register limit; every other varlen cell compiles clean.
 
 Compilation runs in one worker process per core, spawned with TRITON_INTERPRET=0 so the report also
 works from an interpreted test session. On 2 cores a cold run (empty Triton cache) of fp16 + bf16
@@ -40,7 +42,10 @@ import time
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
-VARIANTS = ("plain", "causal-bool", "full", "pad", "varlen", "varlen-full")
+VARIANTS = ("plain", "causal-bool", "full", "pad")
+# Packed (varlen) batches, compiled on request (variants=VARIANTS + VARLEN_VARIANTS): not yet spill-free in
+# every cell (see the module doc), so they are kept out of the default report until they are.
+VARLEN_VARIANTS = ("varlen", "varlen-full")
 
 
 def _attention():
