@@ -20,9 +20,10 @@ a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for t
 The first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
 mask: the key-range path that skips padded key blocks). On request (``VARLEN_VARIANTS``) the first config
 of each bucket is compiled as ``varlen`` (a packed batch read through cu_seqlens, causal with a full bool
-mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient). Known: with
-bf16/fp32 the varlen-full fwd at E=128 spills 12 B on sm_80 and the varlen dmask kernel spills
-36-236 B (sm_80/sm_90) at the 255-register limit; every other varlen cell compiles clean.
+mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient). Known (fp16,
+bf16, fp32, sm_80 + sm_90: 72 of 90 cells clean): the varlen dmask kernel spills 24-304 B in 13 cells at
+the 255-register limit; the varlen-full fwd spills 12 B (E=128 fp16/bf16, sm_80) and 32 B (E=256 fp32,
+sm_90); the varlen preprocess spills 8 B (fp16, sm_80).
 
 Compilation runs in one worker process per core, spawned with TRITON_INTERPRET=0 so the report also
 works from an interpreted test session. On 2 cores a cold run (empty Triton cache) of fp16 + bf16
