@@ -333,10 +333,21 @@ struct Ctx {
   Acc drop_mul = 1;               // 1 / (1 - p)
   const Acc* delta = nullptr;     // (B, H, L) rowsum(dout o out)
   const Acc* lse_acc = nullptr;   // (B, H, L) lse recomputed in Acc (float64 only), else null
+  int64_t Lrow = 0;               // L of the delta / lse_acc rows: the call's L (varlen: max_seqlen_q)
   bool dmask_direct = false;      // mask gradient written straight from the dQ pass (unbroadcast mask)
   bool bf16dot = false;           // S and dP from bf16 copies with AVX512-BF16 dot products
   int64_t Ep2 = 0, Evp2 = 0;      // head dims rounded up to even (bf16 pairs)
 };
+
+// The context of batch item b alone: its Params (item_params: varlen rows and lengths) and block counts.
+template <typename Acc>
+Ctx<Acc> item_ctx(const Ctx<Acc>& cx, const Params& pb) {
+  Ctx<Acc> c = cx;
+  c.p = &pb;
+  c.nqb = ceil_div(pb.L, kBr);
+  c.nkb = ceil_div(pb.S, kBc);
+  return c;
+}
 
 // One tile's scratch (kBr x kBc matrices).
 template <typename Acc>
@@ -382,7 +393,7 @@ void load_qblock(const Ctx<Acc>& cx, int64_t b, int64_t h, int64_t ib, QBlock<Ac
     load_rows_bf16(p.q, b, h, qb.i0, qb.nr, p.E, qb.Qh, cx.Ep2, round_up(qb.nr, kMR));
     load_rows_bf16(p.dout, b, h, qb.i0, qb.nr, p.Ev, qb.dOh, cx.Evp2, round_up(qb.nr, kMR));
   }
-  const int64_t row = (b * p.H + h) * p.L + qb.i0;
+  const int64_t row = (b * p.H + h) * cx.Lrow + qb.i0;
   for (int64_t r = 0; r < kBr; ++r) {
     Acc l = std::numeric_limits<Acc>::infinity(), dl = 0;
     if (r < qb.nr) {
@@ -620,9 +631,10 @@ void compute_delta(const Params& p, Acc* delta) {
   parallel_for(p.B * p.H, p.num_threads, [&](int64_t begin, int64_t end, int) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
-      for (int64_t i = 0; i < p.L; ++i) {
-        const T* d = p.dout.at<const T>(b, h, i);
-        const T* o = p.out.at<const T>(b, h, i);
+      const Params pb = item_params(p, b);
+      for (int64_t i = 0; i < pb.L; ++i) {
+        const T* d = pb.dout.at<const T>(b, h, i);
+        const T* o = pb.out.at<const T>(b, h, i);
         Acc s = 0;
         if constexpr (std::is_same<Acc, float>::value) {
           if (p.dout.se == 1 && p.out.se == 1) {
@@ -644,13 +656,17 @@ void compute_delta(const Params& p, Acc* delta) {
 // float64: lse recomputed in double (the float32 lse of the forward would cap the gradients' accuracy
 // at ~1e-7 relative). lse[b, h, i] = log sum_j exp(s_ij) over visible j, -inf if none.
 template <typename T, typename Acc>
-void recompute_lse(const Ctx<Acc>& cx, ThreadScratch& ts, Acc* lse) {
-  const Params& p = *cx.p;
-  parallel_for(p.B * p.H * cx.nqb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
+  parallel_for(call.p->B * call.p->H * call.nqb, call.p->num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(call, ts.s[tid], kBc, false);
     Acc mx[kBr], sum[kBr];
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t ib = w % cx.nqb, bh = w / cx.nqb, b = bh / p.H, h = bh % p.H, hk = p.kv_head(h);
+      const int64_t ib = w % call.nqb, bh = w / call.nqb, b = bh / call.p->H, h = bh % call.p->H;
+      const Params pb = item_params(*call.p, b);
+      const Ctx<Acc> cx = item_ctx(call, pb);
+      const Params& p = pb;
+      const int64_t hk = p.kv_head(h);
+      if (ib >= cx.nqb) continue;
       const int64_t i0 = ib * kBr, nr = std::min(kBr, p.L - i0), nrp = round_up(nr, kMR);
       load_rows<T, Acc>(p.q, b, h, i0, nr, p.E, u.qb.Q, cx.Ep, nrp);
       for (int64_t r = 0; r < kBr; ++r) mx[r] = -std::numeric_limits<Acc>::infinity(), sum[r] = 0;
@@ -681,20 +697,22 @@ void recompute_lse(const Ctx<Acc>& cx, ThreadScratch& ts, Acc* lse) {
         }
       }
       for (int64_t r = 0; r < nr; ++r)
-        lse[bh * p.L + i0 + r] = sum[r] > 0 ? mx[r] + std::log(sum[r]) : -std::numeric_limits<Acc>::infinity();
+        lse[bh * cx.Lrow + i0 + r] = sum[r] > 0 ? mx[r] + std::log(sum[r]) : -std::numeric_limits<Acc>::infinity();
     }
   }, 1);
 }
 
 // Fused: task (b, hk) owns dK/dV of kv head hk and dQ of its G query heads.
 template <typename T, typename Acc>
-void pass_fused(const Ctx<Acc>& cx, ThreadScratch& ts) {
-  const Params& p = *cx.p;
-  const int64_t Sp = cx.nkb * kBc;
-  parallel_for(p.B * p.Hk, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], Sp, true);
+void pass_fused(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
+  const Params& call = *call_cx.p;
+  const int64_t Sp = call_cx.nkb * kBc;
+  parallel_for(call.B * call.Hk, call.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(call_cx, ts.s[tid], Sp, true);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / p.Hk, hk = w % p.Hk;
+      const int64_t b = w / call.Hk, hk = w % call.Hk;
+      const Params p = item_params(call, b);
+      const Ctx<Acc> cx = item_ctx(call_cx, p);
       std::vector<KBlock<Acc>> kbs(static_cast<size_t>(cx.nkb));
       for (int64_t jb = 0; jb < cx.nkb; ++jb) {
         KBlock<Acc>& kb = kbs[jb];
@@ -708,8 +726,8 @@ void pass_fused(const Ctx<Acc>& cx, ThreadScratch& ts) {
         }
         load_kblock<T, Acc>(cx, b, hk, jb, kb, true);
       }
-      std::memset(static_cast<void*>(u.dK), 0, Sp * cx.Ep * sizeof(Acc));
-      std::memset(static_cast<void*>(u.dV), 0, Sp * cx.Evp * sizeof(Acc));
+      std::memset(static_cast<void*>(u.dK), 0, cx.nkb * kBc * cx.Ep * sizeof(Acc));
+      std::memset(static_cast<void*>(u.dV), 0, cx.nkb * kBc * cx.Evp * sizeof(Acc));
       for (int64_t h = hk * cx.G; h < (hk + 1) * cx.G; ++h) {
         for (int64_t ib = 0; ib < cx.nqb; ++ib) {
           load_qblock<T, Acc>(cx, b, h, ib, u.qb);
@@ -733,12 +751,15 @@ void pass_fused(const Ctx<Acc>& cx, ThreadScratch& ts) {
 
 // Split, dK/dV: task (b, hk, key block) loops its query heads > query blocks.
 template <typename T, typename Acc>
-void pass_dkdv(const Ctx<Acc>& cx, ThreadScratch& ts) {
-  const Params& p = *cx.p;
-  parallel_for(p.B * p.Hk * cx.nkb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+void pass_dkdv(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
+  const Params& call = *call_cx.p;
+  parallel_for(call.B * call.Hk * call_cx.nkb, call.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(call_cx, ts.s[tid], kBc, false);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t jb = w % cx.nkb, bhk = w / cx.nkb, b = bhk / p.Hk, hk = bhk % p.Hk;
+      const int64_t jb = w % call_cx.nkb, bhk = w / call_cx.nkb, b = bhk / call.Hk, hk = bhk % call.Hk;
+      const Params p = item_params(call, b);
+      const Ctx<Acc> cx = item_ctx(call_cx, p);
+      if (jb >= cx.nkb) continue;
       load_kblock<T, Acc>(cx, b, hk, jb, u.kb, false);
       std::memset(static_cast<void*>(u.dK), 0, kBc * cx.Ep * sizeof(Acc));
       std::memset(static_cast<void*>(u.dV), 0, kBc * cx.Evp * sizeof(Acc));
@@ -759,12 +780,16 @@ void pass_dkdv(const Ctx<Acc>& cx, ThreadScratch& ts) {
 
 // Split, dQ (and an unbroadcast mask's gradient): task (b, h, query block) loops the key blocks.
 template <typename T, typename Acc>
-void pass_dq(const Ctx<Acc>& cx, ThreadScratch& ts) {
-  const Params& p = *cx.p;
-  parallel_for(p.B * p.H * cx.nqb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+void pass_dq(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
+  const Params& call = *call_cx.p;
+  parallel_for(call.B * call.H * call_cx.nqb, call.num_threads, [&](int64_t begin, int64_t end, int tid) {
+    Bufs<Acc> u = thread_bufs(call_cx, ts.s[tid], kBc, false);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t ib = w % cx.nqb, bh = w / cx.nqb, b = bh / p.H, h = bh % p.H, hk = p.kv_head(h);
+      const int64_t ib = w % call_cx.nqb, bh = w / call_cx.nqb, b = bh / call.H, h = bh % call.H;
+      const Params p = item_params(call, b);
+      const Ctx<Acc> cx = item_ctx(call_cx, p);
+      const int64_t hk = p.kv_head(h);
+      if (ib >= cx.nqb) continue;
       load_qblock<T, Acc>(cx, b, h, ib, u.qb);
       std::memset(static_cast<void*>(u.dQ), 0, kBr * cx.Ep * sizeof(Acc));
       for (int64_t jb = 0; jb < cx.nkb; ++jb) {
@@ -799,15 +824,17 @@ void pass_dmask_reduce(const Ctx<Acc>& cx, ThreadScratch& ts) {
       const int64_t hm = x % Hm, bm = x / Hm;
       std::memset(static_cast<void*>(u.red), 0, kBr * kBc * sizeof(Acc));
       for (int64_t b = rb ? 0 : bm; b < (rb ? p.B : bm + 1); ++b) {
+        const Params pb = item_params(p, b);  // varlen: item b's rows and lengths
+        const Ctx<Acc> cb = item_ctx(cx, pb);
         for (int64_t h = rh ? 0 : hm; h < (rh ? p.H : hm + 1); ++h) {
           const int64_t hk = p.kv_head(h);
-          for (int64_t ib = rl ? 0 : ibm; ib < (rl ? cx.nqb : ibm + 1); ++ib) {
-            load_qblock<T, Acc>(cx, b, h, ib, u.qb);
-            for (int64_t jb = rs ? 0 : jbm; jb < (rs ? cx.nkb : jbm + 1); ++jb) {
-              if (causal_hidden(p, u.qb.i0, u.qb.nr, jb * kBc)) break;
-              load_kblock<T, Acc>(cx, b, hk, jb, u.kb, false);
+          for (int64_t ib = rl ? 0 : ibm; ib < (rl ? cb.nqb : std::min(ibm + 1, cb.nqb)); ++ib) {
+            load_qblock<T, Acc>(cb, b, h, ib, u.qb);
+            for (int64_t jb = rs ? 0 : jbm; jb < (rs ? cb.nkb : std::min(jbm + 1, cb.nkb)); ++jb) {
+              if (causal_hidden(pb, u.qb.i0, u.qb.nr, jb * kBc)) break;
+              load_kblock<T, Acc>(cb, b, hk, jb, u.kb, false);
               int64_t kc, r0;
-              if (!tile_grads(cx, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
+              if (!tile_grads(cb, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
               for (int64_t r = 0; r < u.qb.nr; ++r) {
                 const Acc* ds = u.t.dP + r * kBc;
                 Acc* o = u.red + (rl ? 0 : r * kBc);
@@ -846,6 +873,7 @@ void backward_impl(const Params& p, int mode) {
   cx.nqb = ceil_div(p.L, kBr);
   cx.nkb = ceil_div(p.S, kBc);
   cx.G = p.H / p.Hk;
+  cx.Lrow = p.L;
   cx.scale = static_cast<Acc>(p.scale);
   cx.bf16dot = kHaveBf16Dot && std::is_same<T, bf16_t>::value;
   cx.Ep2 = round_up(p.E, 2);

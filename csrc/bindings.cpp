@@ -58,7 +58,9 @@ void bind_params(py::module_& m) {
       .def_readwrite("dropout_p", &Params::dropout_p)
       .def_readwrite("thr", &Params::thr)
       .def_readwrite("seed", &Params::seed)
-      .def_readwrite("num_threads", &Params::num_threads);
+      .def_readwrite("num_threads", &Params::num_threads)
+      .def_readwrite("cu_q", &Params::cu_q)
+      .def_readwrite("cu_k", &Params::cu_k);
 }
 
 bool has_bf16_dot() {

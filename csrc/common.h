@@ -91,11 +91,38 @@ struct Params {
   uint32_t thr = 0;                       // keep iff philox word >= thr (brief)
   uint64_t seed = 0;
   int num_threads = 1;
+  // Varlen (packed) batch: addresses of int32 cumulative lengths (B + 1 entries), 0 for a regular batch.
+  // Item b is then query rows cu_q[b]..cu_q[b+1] of q/out/dout/dq/lse and key rows cu_k[b]..cu_k[b+1]
+  // of k/v/dk/dv (their sb is unused); L and S are the maxima. See item_params().
+  uintptr_t cu_q = 0, cu_k = 0;
   // key/value head used by query head h (GQA).
   int64_t kv_head(int64_t h) const { return h / (H / Hk); }
   // multiplier of kept probabilities: 1 / (1 - p).
   double dropout_scale() const { return dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0; }
 };
+
+// Batch item b as a call of its own: for a varlen batch, the pointers moved to the item's first query /
+// key row and L, S its lengths; b still indexes the mask (top-left corner) and the dropout counters, and
+// i, j stay local to the item. A regular batch's Params are returned unchanged.
+inline Params item_params(const Params& p, int64_t b) {
+  if (p.cu_q == 0) return p;
+  Params s = p;
+  const int32_t* cq = reinterpret_cast<const int32_t*>(p.cu_q);
+  const int32_t* ck = reinterpret_cast<const int32_t*>(p.cu_k);
+  const int64_t q0 = cq[b], k0 = ck[b];
+  s.L = cq[b + 1] - q0;
+  s.S = ck[b + 1] - k0;
+  const int64_t es = p.dtype == kF32 ? 4 : p.dtype == kF64 ? 8 : 2;
+  auto shift = [](Tensor4& t, int64_t row, int64_t bytes) {
+    if (t.ptr == 0) return;
+    t.ptr = static_cast<uintptr_t>(static_cast<int64_t>(t.ptr) + row * t.sl * bytes);
+    t.sb = 0;
+  };
+  for (Tensor4* t : {&s.q, &s.out, &s.dout, &s.dq}) shift(*t, q0, es);
+  for (Tensor4* t : {&s.k, &s.v, &s.dk, &s.dv}) shift(*t, k0, es);
+  shift(s.lse, q0, 4);
+  return s;
+}
 
 // The backward kernel's bindings (csrc/backward.cpp); bindings.cpp calls it from PYBIND11_MODULE.
 void register_backward(pybind11::module_& m);

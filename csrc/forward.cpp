@@ -962,8 +962,12 @@ void forward_f64(const Params& p) {
         static_cast<size_t>(p.S + p.Ev) * sizeof(double)));
     double* s = buf;
     double* acc = buf + p.S;
+    const Params& call = p;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (p.H * p.L), h = (r / p.L) % p.H, i = r % p.L;
+      const int64_t b = r / (call.H * call.L), h = (r / call.L) % call.H, i = r % call.L;
+      const Params pb = item_params(call, b);  // varlen: item b's rows and lengths
+      const Params& p = pb;
+      if (i >= p.L) continue;
       const int64_t hk = p.kv_head(h);
       const MaskView mv = mask_view(p, b, h);
       const double* q = p.q.at<double>(b, h, i);
@@ -1023,8 +1027,13 @@ void run_items(const Params& p, Item item) {
       // Items ordered (b, h, query block); a causal mask makes later blocks heavier, so hand out
       // the heavy ones first for a better dynamic balance.
       const int64_t qb = p.is_causal ? c.nqb - 1 - t % c.nqb : t % c.nqb;
-      const int64_t bh = t / c.nqb;
-      item(p, c, bf, bh / p.H, bh % p.H, qb);
+      const int64_t bh = t / c.nqb, b = bh / p.H;
+      if (p.cu_q == 0) {
+        item(p, c, bf, b, bh % p.H, qb);
+        continue;
+      }
+      const Params pb = item_params(p, b);  // varlen: item b's rows and lengths (c from the maxima)
+      if (qb * c.BM < pb.L) item(pb, c, bf, b, bh % p.H, qb);
     }
   }, 1);
 }

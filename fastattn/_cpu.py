@@ -210,3 +210,108 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         p.dmask_dtype = DTYPE_CODES[dmask.dtype]
     mod.bwd(p, mode)
     return dq, dk, dv, dmask
+
+
+# ============================================================================================ varlen
+# Packed (variable-length) batches: the same kernels, with Params.cu_q / cu_k set (csrc/common.h,
+# item_params): q (total_q, H, E), k (total_k, Hk, E), v (total_k, Hk, Ev), int32 CPU cu_seqlens (B + 1),
+# mask None or 4-D broadcastable to (B, H, max_seqlen_q, max_seqlen_k); lse (H, total_q) float32.
+
+def _packed(mod, t: Tensor):
+    """Tensor4 of a packed (total, H, D) tensor: row i of head h at i*stride(0) + h*stride(1) (sb unused)."""
+    return mod.Tensor4(t.data_ptr(), 0, t.stride(1), t.stride(0), t.stride(2))
+
+
+def _lse4(mod, lse: Tensor):
+    """Tensor4 of an (H, total) float32 lse."""
+    return mod.Tensor4(lse.data_ptr(), 0, lse.stride(0), lse.stride(1), 0)
+
+
+def _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p, seed):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"packed q, k, v must be 3-D (total, heads, dim), got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    _check(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask)
+    for name, cu in (("cu_q", cu_q), ("cu_k", cu_k)):
+        if cu.dtype != torch.int32 or cu.device.type != "cpu" or not cu.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32 CPU tensor, got {cu.dtype} on {cu.device}")
+    p = mod.Params()
+    p.q, p.k, p.v = _packed(mod, q), _packed(mod, k), _packed(mod, v)
+    p.dtype = DTYPE_CODES[q.dtype]
+    if mask is not None:
+        p.mask = _t4(mod, mask, broadcast=True)
+        p.mask_dtype = DTYPE_CODES[mask.dtype]
+    p.B, p.H, p.Hk, p.L, p.S = cu_q.numel() - 1, q.shape[1], k.shape[1], int(max_q), int(max_k)
+    p.E, p.Ev = q.shape[2], v.shape[2]
+    p.scale = float(scale)
+    p.is_causal = bool(is_causal)
+    p.dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        p.thr = _philox.threshold(dropout_p)
+        p.seed = int(seed) & (2**64 - 1)
+    p.num_threads = torch.get_num_threads()
+    p.cu_q, p.cu_k = cu_q.data_ptr(), cu_k.data_ptr()
+    return p
+
+
+def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+               mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float,
+               seed: int) -> tuple[Tensor, Tensor]:
+    """Packed forward: (out (total_q, H, Ev) in q's dtype, lse (H, total_q) float32)."""
+    return _varlen_fwd(module(), q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
+                       dropout_p=dropout_p, seed=seed)
+
+
+def _varlen_fwd(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p, seed):
+    total_q, H, _ = q.shape
+    out = q.new_empty(total_q, H, v.shape[2])
+    lse = q.new_empty(H, total_q, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if k.shape[0] == 0 or max_k == 0 or v.shape[2] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
+                       dropout_p=dropout_p, seed=seed)
+    p.out, p.lse = _packed(mod, out), _lse4(mod, lse)
+    mod.fwd(p)
+    return out, lse
+
+
+def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+               cu_k: Tensor, max_q: int, max_k: int, mask: Tensor | None, *, scale: float, is_causal: bool,
+               dropout_p: float, seed: int, mask_needs_grad: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`varlen_fwd`: (dq, dk, dv, dmask or None), contiguous, deterministic."""
+    return _varlen_bwd(module(), dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale=scale,
+                       is_causal=is_causal, dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad)
+
+
+def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p,
+                seed, mask_needs_grad, mode: int = 0):
+    if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
+        raise ValueError(f"dout and out must be (total_q, H, Ev) = {tuple(out.shape)} in {q.dtype}, got dout "
+                         f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        raise ValueError(f"lse must be float32 {(q.shape[1], q.shape[0])}, got {lse.dtype} {tuple(lse.shape)}")
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    dmask = None
+    if mask_needs_grad:
+        if mask is None or mask.dtype == torch.bool:
+            raise ValueError("mask_needs_grad needs a float mask")
+        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
+    if min(q.shape[0], k.shape[0], max_q, max_k, v.shape[2]) == 0:
+        for g in (dq, dk, dv):
+            g.zero_()
+        return dq, dk, dv, dmask
+    p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
+                       dropout_p=dropout_p, seed=seed)
+    p.out, p.dout, p.lse = _packed(mod, out), _packed(mod, dout), _lse4(mod, lse)
+    p.dq, p.dk, p.dv = _packed(mod, dq), _packed(mod, dk), _packed(mod, dv)
+    if dmask is not None:
+        p.dmask = _t4(mod, dmask, broadcast=True)
+        p.dmask_dtype = DTYPE_CODES[dmask.dtype]
+    mod.bwd(p, mode)
+    return dq, dk, dv, dmask

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_fwd", "attention_bwd", "CONFIGS", "INTERPRETER_CONFIGS", "TileConfig", "KERNELS",
+__all__ = ["attention_fwd", "attention_bwd", "varlen_fwd", "varlen_bwd", "CONFIGS", "INTERPRETER_CONFIGS", "TileConfig", "KERNELS",
            "HEAD_BUCKETS", "head_bucket", "len_bucket", "candidate_configs"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -286,6 +286,19 @@ def _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY: tl.constexpr):
 
 
 @triton.jit
+def _seq_bounds(Cu, b, n, VARLEN: tl.constexpr):
+    """(first row, length) of batch item b: rows Cu[b]..Cu[b+1] of a packed (varlen) batch, else (0, n)."""
+    if VARLEN:
+        start = tl.load(Cu + b)
+        length = tl.load(Cu + b + 1) - start
+        start = start.to(tl.int64)
+    else:
+        start = 0
+        length = n
+    return start, length
+
+
+@triton.jit
 def _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m):
     """(lse in log2 units, delta) of query rows offs_m. Rows with no visible key (lse = -inf) and rows
     past L get lse = +inf, so their probabilities exp2(s - lse) are exactly 0."""
@@ -347,19 +360,21 @@ def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse,
+def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
               stride_qb, stride_qh, stride_qm, stride_qe,
               stride_kb, stride_kh, stride_kn, stride_ke,
               stride_vb, stride_vh, stride_vn, stride_ve,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_rb, stride_rh,
               stride_ob, stride_oh, stride_om, stride_oe,
+              stride_lb, stride_lh,
               H, GROUP, L, S, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
               TUNE_HEAD, TUNE_LEN,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
               IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              VARLEN: tl.constexpr = False):
     tl.static_assert(BLOCK_E >= HEAD_DIM)
     tl.static_assert(BLOCK_EV >= HEAD_DIM_V)
     start_m = tl.program_id(0) * BLOCK_M
@@ -367,6 +382,11 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
+    # Varlen: this item's rows of the packed tensors and its own lengths (the grid covers the longest).
+    # Programs past a short item visit no key block and store nothing (an early return costs a stack
+    # frame in the compiled kernel).
+    q0, L = _seq_bounds(CuQ, b, L, VARLEN)
+    k0, S = _seq_bounds(CuK, b, S, VARLEN)
     m64 = start_m.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -374,11 +394,11 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse,
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
 
-    Q_blk = Q + b * stride_qb + h * stride_qh + m64 * stride_qm
+    Q_blk = Q + b * stride_qb + h * stride_qh + (q0 + m64) * stride_qm
     q = tl.load(Q_blk + rows[:, None] * stride_qm + offs_e[None, :] * stride_qe,
                 mask=in_m[:, None] & (offs_e[None, :] < HEAD_DIM), other=0.0)
-    K_bh = K + b * stride_kb + hk * stride_kh
-    V_bh = V + b * stride_vb + hk * stride_vh
+    K_bh = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
+    V_bh = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
     M_row = Mask + b * stride_mb + h * stride_mh + m64 * stride_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -389,8 +409,14 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse,
     # Visible key blocks: the key-only mask's [lo, hi) range, cut by causality at the block's last row.
     lo, hi = _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY)
     lo = (lo // BLOCK_N) * BLOCK_N
+    if VARLEN:
+        hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
     if IS_CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
+    if VARLEN:
+        # Keys in [hi, S) are hidden anyway (causal / key-range), so hi bounds the keys: one register
+        # less in the loop than S (the varlen variant otherwise spills at 255 registers).
+        S = hi
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                                S, qk_scale, seed_lo, seed_hi, drop_threshold,
@@ -405,8 +431,10 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse,
     else:
         acc = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    tl.store(Lse + pid_bh * L + offs_m, lse, mask=in_m)
-    O_blk = Out + b * stride_ob + h * stride_oh + m64 * stride_om
+    if VARLEN:
+        q0 = tl.load(CuQ + b, volatile=True).to(tl.int64)  # reloaded: not kept live across the key loop
+    tl.store(Lse + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=in_m)
+    O_blk = Out + b * stride_ob + h * stride_oh + (q0 + m64) * stride_om
     tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, acc.to(Out.dtype.element_ty),
              mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V))
 
@@ -415,17 +443,20 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse,
 # Backward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_bwd_preprocess(Out, DO, Delta,
+def _attn_bwd_preprocess(Out, DO, Delta, CuQ,
                          stride_ob, stride_oh, stride_om, stride_oe,
                          stride_db, stride_dh, stride_dm, stride_de,
+                         stride_lb, stride_lh,
                          H, L, TUNE_HEAD, TUNE_LEN,
-                         HEAD_DIM_V: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_i = sum_e dO_ie * O_ie (fp32)."""
+                         HEAD_DIM_V: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         VARLEN: tl.constexpr = False):
+    """delta_i = sum_e dO_ie * O_ie (fp32), stored in the layout of lse."""
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    m64 = start_m.to(tl.int64)
+    q0, L = _seq_bounds(CuQ, b, L, VARLEN)  # programs past a short item store nothing (masked)
+    m64 = start_m.to(tl.int64) + q0
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_ev = tl.arange(0, BLOCK_EV)
@@ -435,11 +466,11 @@ def _attn_bwd_preprocess(Out, DO, Delta,
     do = tl.load(DO + b * stride_db + h * stride_dh + m64 * stride_dm
                  + rows[:, None] * stride_dm + offs_ev[None, :] * stride_de, mask=msk, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh * L + offs_m, delta, mask=offs_m < L)
+    tl.store(Delta + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < L)
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
                    stride_qb, stride_qh, stride_qm, stride_qe,
                    stride_kb, stride_kh, stride_kn, stride_ke,
                    stride_vb, stride_vh, stride_vn, stride_ve,
@@ -448,12 +479,14 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV,
                    stride_dob, stride_doh, stride_dom, stride_doe,
                    stride_dkb, stride_dkh, stride_dkn, stride_dke,
                    stride_dvb, stride_dvh, stride_dvn, stride_dve,
+                   stride_lb, stride_lh,
                    H, GROUP, L, S, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
                    TUNE_HEAD, TUNE_LEN,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   VARLEN: tl.constexpr = False):
     """dV = sum_h (P o Z)^T dO, dK = scale * sum_h dS^T Q for one key block, summed over the GQA group's
     query heads in order (deterministic, no atomics). Tiles are (key, query): no transposes of P/dS."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -461,7 +494,11 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV,
     Hk = H // GROUP
     b = pid_bhk // Hk
     hk = pid_bhk % Hk
-    n64 = start_n.to(tl.int64)
+    q0, L = _seq_bounds(CuQ, b, L, VARLEN)
+    k0, S = _seq_bounds(CuK, b, S, VARLEN)
+    if VARLEN:
+        L = tl.where(start_n < S, L, 0)  # a program past a short item: no query block, nothing stored
+    n64 = start_n.to(tl.int64) + k0
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
@@ -482,10 +519,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV,
 
     for g in range(GROUP):
         h = hk * GROUP + g
-        Q_bh = Q + b * stride_qb + h * stride_qh
-        DO_bh = DO + b * stride_dob + h * stride_doh
-        M_col = Mask + b * stride_mb + h * stride_mh + n64 * stride_mn
-        off_bhl = (b * H + h) * L
+        Q_bh = Q + b * stride_qb + h * stride_qh + q0 * stride_qm
+        DO_bh = DO + b * stride_dob + h * stride_doh + q0 * stride_dom
+        M_col = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
+        off_bhl = b * stride_lb + h * stride_lh + q0
         # Query blocks that see this key block: causal skips those above the diagonal; a key-only
         # mask that hides the whole block skips them all.
         lo = 0
@@ -538,7 +575,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV,
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask,
+def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
                  stride_qb, stride_qh, stride_qm, stride_qe,
                  stride_kb, stride_kh, stride_kn, stride_ke,
                  stride_vb, stride_vh, stride_vn, stride_ve,
@@ -547,13 +584,14 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask,
                  stride_dob, stride_doh, stride_dom, stride_doe,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqe,
                  stride_dmb, stride_dmh, stride_dmm, stride_dmn,
+                 stride_lb, stride_lh,
                  H, GROUP, L, S, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
                  TUNE_HEAD, TUNE_LEN,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                  BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False):
     """dQ = scale * dS K for one query block, dS = P o (dP - delta); with STORE_DS also writes dS as
     the gradient of a (non-broadcast) float mask."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -561,6 +599,8 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
+    q0, L = _seq_bounds(CuQ, b, L, VARLEN)  # programs past a short item: no key block, nothing stored
+    k0, S = _seq_bounds(CuK, b, S, VARLEN)
     m64 = start_m.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -568,15 +608,15 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask,
     in_m = offs_m < L
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qm
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q0 + m64) * stride_qm
                 + rows[:, None] * stride_qm + offs_e[None, :] * stride_qe,
                 mask=in_m[:, None] & (offs_e[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dom
+    do = tl.load(DO + b * stride_dob + h * stride_doh + (q0 + m64) * stride_dom
                  + rows[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
                  mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V), other=0.0)
-    lse2, delta = _load_row_stats(Lse, Delta, pid_bh * L, offs_m, in_m)
-    K_bh = K + b * stride_kb + hk * stride_kh
-    V_bh = V + b * stride_vb + hk * stride_vh
+    lse2, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh + q0, offs_m, in_m)
+    K_bh = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
+    V_bh = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
     M_row = Mask + b * stride_mb + h * stride_mh + m64 * stride_mm
     DM_row = DMask + b * stride_dmb + h * stride_dmh + m64 * stride_dmm
     kt_off = cols[None, :] * stride_kn + offs_e[:, None] * stride_ke
@@ -586,6 +626,8 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask,
 
     lo, hi = _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY)
     lo = (lo // BLOCK_N) * BLOCK_N
+    if VARLEN:
+        hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
     if IS_CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
@@ -617,26 +659,27 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask,
                      ds.to(DMask.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST_DOT, DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q0 + m64) * stride_dqm
              + rows[:, None] * stride_dqm + offs_e[None, :] * stride_dqe,
              dq.to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_e[None, :] < HEAD_DIM))
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask,
+def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
                     stride_qb, stride_qh, stride_qm, stride_qe,
                     stride_kb, stride_kh, stride_kn, stride_ke,
                     stride_vb, stride_vh, stride_vn, stride_ve,
                     stride_mb, stride_mh, stride_mm, stride_mn,
                     stride_dob, stride_doh, stride_dom, stride_doe,
                     stride_dmb, stride_dmh, stride_dmm, stride_dmn,
+                    stride_lb, stride_lh,
                     B, H, GROUP, L, S, Hm, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
                     TUNE_HEAD, TUNE_LEN,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_EV: tl.constexpr, BCAST_B: tl.constexpr, BCAST_H: tl.constexpr,
                     BCAST_M: tl.constexpr, BCAST_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False):
     """Gradient of a broadcast float mask: one program per dmask tile (row / column / element when the
     query / key dim is broadcast) sums dS = P o (dP - delta) over the broadcast b, h, i, j in a fixed
     order, recomputing P and dP (no atomics: deterministic)."""
@@ -661,30 +704,35 @@ def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask,
     n_hi = S if BCAST_N else pid_n * BLOCK_N + 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(b_lo, b_hi):
+        b64 = tl.cast(b, tl.int64)
+        # Varlen: item b's rows and lengths (the mask and dmask keep the local (i, j) of the item).
+        q0, Lb = _seq_bounds(CuQ, b64, L, VARLEN)
+        k0, Sb = _seq_bounds(CuK, b64, S, VARLEN)
+        m_end = Lb if BCAST_M else tl.minimum(m_hi, Lb)
+        n_stop = Sb if BCAST_N else tl.minimum(n_hi, Sb)
         for h in range(h_lo, h_hi):
-            b64 = tl.cast(b, tl.int64)
             h64 = tl.cast(h, tl.int64)
             hk = h64 // GROUP
-            Q_bh = Q + b64 * stride_qb + h64 * stride_qh
-            DO_bh = DO + b64 * stride_dob + h64 * stride_doh
-            K_bh = K + b64 * stride_kb + hk * stride_kh
-            V_bh = V + b64 * stride_vb + hk * stride_vh
+            Q_bh = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
+            DO_bh = DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
+            K_bh = K + b64 * stride_kb + hk * stride_kh + k0 * stride_kn
+            V_bh = V + b64 * stride_vb + hk * stride_vh + k0 * stride_vn
             M_bh = Mask + b64 * stride_mb + h64 * stride_mh
-            off_bhl = (b64 * H + h64) * L
-            for start_m in range(m_lo, m_hi, BLOCK_M):
+            off_bhl = b64 * stride_lb + h64 * stride_lh + q0
+            for start_m in range(m_lo, m_end, BLOCK_M):
                 m64 = tl.cast(start_m, tl.int64)
                 offs_m = start_m + rows
-                in_m = offs_m < L
+                in_m = offs_m < Lb
                 q = tl.load(Q_bh + m64 * stride_qm + rows[:, None] * stride_qm + offs_e[None, :] * stride_qe,
                             mask=in_m[:, None] & (offs_e[None, :] < HEAD_DIM), other=0.0)
                 do = tl.load(DO_bh + m64 * stride_dom + rows[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
                              mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V), other=0.0)
                 lse2, delta = _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m)
-                n_end = tl.minimum(n_hi, start_m + BLOCK_M) if IS_CAUSAL else n_hi
+                n_end = tl.minimum(n_stop, start_m + BLOCK_M) if IS_CAUSAL else n_stop
                 for start_n in range(n_lo, n_end, BLOCK_N):
                     n64 = tl.cast(start_n, tl.int64)
                     offs_n = start_n + cols
-                    in_n = offs_n < S
+                    in_n = offs_n < Sb
                     kt = tl.load(K_bh + n64 * stride_kn + cols[None, :] * stride_kn + offs_e[:, None] * stride_ke,
                                  mask=in_n[None, :] & (offs_e[:, None] < HEAD_DIM), other=0.0)
                     vt = tl.load(V_bh + n64 * stride_vn + cols[None, :] * stride_vn + offs_ev[:, None] * stride_ve,
@@ -762,7 +810,7 @@ def _make_tuned(name: str):
         dtype = args["Q"].dtype if "Q" in args else args["Out"].dtype
         return [by_tile[c] for c in candidate_configs(name, args["TUNE_HEAD"], dtype, _heavy(name, args))]
 
-    key = [k for k in ("TUNE_HEAD", "TUNE_LEN", "IS_CAUSAL", "MASK_KIND", "DROPOUT") if k in fn.arg_names]
+    key = [k for k in ("TUNE_HEAD", "TUNE_LEN", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN") if k in fn.arg_names]
     return triton.autotune(list(by_tile.values()), key=key, prune_configs_by={"early_config_prune": prune})(fn)
 
 
@@ -849,9 +897,39 @@ def _kv_range_of(mask: torch.Tensor, S: int) -> torch.Tensor:
     return torch.stack([lo, hi], -1).to(torch.int32).contiguous()
 
 
-def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int) -> _Problem:
-    B, H, L, E = q.shape
-    Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+@dataclass
+class _Varlen:
+    """A packed (variable-length) batch: q (total_q, H, E), k (total_k, Hk, E), v (total_k, Hk, Ev); item b
+    is rows cu_q[b]..cu_q[b+1] / cu_k[b]..cu_k[b+1] (int32, on the device); L, S are the longest lengths."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    B: int
+    max_q: int
+    max_k: int
+
+
+def _dims(q, k, v, vl: _Varlen | None) -> tuple[int, int, int, int, int, int, int]:
+    """(B, H, Hk, L, S, E, Ev) of 4-D inputs, or of packed ones (L, S: the longest lengths)."""
+    if vl is None:
+        return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    return vl.B, q.shape[1], k.shape[1], vl.max_q, vl.max_k, q.shape[2], v.shape[2]
+
+
+def _strides4(t: torch.Tensor, vl: _Varlen | None) -> tuple[int, int, int, int]:
+    """(b, h, row, e) strides; a packed (total, H, D) tensor has batch stride 0 (rows come from cu_seqlens)."""
+    return tuple(t.stride()) if vl is None else (0, t.stride(1), t.stride(0), t.stride(2))
+
+
+def _seq_args(lse: torch.Tensor, vl: _Varlen | None, dummy: torch.Tensor) -> dict:
+    """Row-statistics layout (lse and delta: (B, H, L), or (H, total_q) for a packed batch) and the
+    varlen arguments of the kernels."""
+    if vl is None:
+        return dict(stride_lb=lse.stride(0), stride_lh=lse.stride(1), CuQ=dummy, CuK=dummy, VARLEN=False)
+    return dict(stride_lb=0, stride_lh=lse.stride(0), CuQ=vl.cu_q, CuK=vl.cu_k, VARLEN=True)
+
+
+def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _Varlen | None = None) -> _Problem:
+    B, H, Hk, L, S, E, Ev = _dims(q, k, v, vl)
     if E > 256 or Ev > 256:
         raise ValueError(f"the Triton kernels support head dims up to 256, got E={E}, Ev={Ev}")
     if H % Hk:
@@ -897,43 +975,52 @@ class _Launch:
     args: dict
 
 
-def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed) -> list[_Launch]:
-    B, H, L, _ = q.shape
-    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed)
+def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
+              vl: _Varlen | None = None) -> list[_Launch]:
+    """Launches of the forward; ``vl``: q/k/v/out are packed (see _Varlen), lse is (H, total_q)."""
+    B, H, _, L, _, _, _ = _dims(q, k, v, vl)
+    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl)
     return [_Launch("fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
         Q=q, K=k, V=v, Mask=pb.mask, KVRange=pb.kv_range, Out=out, Lse=lse,
-        **_named_strides("q", q), **_named_strides("k", k), **_named_strides("v", v),
+        **_named_strides("q", _strides4(q, vl)), **_named_strides("k", _strides4(k, vl)),
+        **_named_strides("v", _strides4(v, vl)),
         **_named_strides("m", pb.mask_strides), stride_rb=pb.kv_range_strides[0],
-        stride_rh=pb.kv_range_strides[1], **_named_strides("o", out),
+        stride_rh=pb.kv_range_strides[1], **_named_strides("o", _strides4(out, vl)),
+        **_seq_args(lse, vl, pb.kv_range),
         **pb.common(scale), **pb.constexprs, MASK_KIND=pb.mask_kind, KEYS_ONLY=pb.keys_only))]
 
 
 def _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, *, scale, is_causal, dropout_p,
-              seed) -> list[_Launch]:
-    B, H, L, _ = q.shape
-    Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed)
+              seed, vl: _Varlen | None = None) -> list[_Launch]:
+    """Launches of the backward; ``vl``: packed tensors, lse and delta (H, total_q)."""
+    B, H, Hk, L, S, _, Ev = _dims(q, k, v, vl)
+    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl)
     common = pb.common(scale)
+    seq = _seq_args(lse, vl, pb.kv_range)
+    do_st = _strides4(dout, vl)
     plan = [_Launch("bwd_preprocess", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
-        Out=out, DO=dout, Delta=delta, **_named_strides("o", out),
-        stride_db=dout.stride(0), stride_dh=dout.stride(1), stride_dm=dout.stride(2), stride_de=dout.stride(3),
+        Out=out, DO=dout, Delta=delta, **_named_strides("o", _strides4(out, vl)),
+        stride_db=do_st[0], stride_dh=do_st[1], stride_dm=do_st[2], stride_de=do_st[3],
         H=H, L=L, TUNE_HEAD=common["TUNE_HEAD"], TUNE_LEN=common["TUNE_LEN"],
-        HEAD_DIM_V=Ev, BLOCK_EV=pb.constexprs["BLOCK_EV"]))]
+        HEAD_DIM_V=Ev, BLOCK_EV=pb.constexprs["BLOCK_EV"], CuQ=seq["CuQ"], stride_lb=seq["stride_lb"],
+        stride_lh=seq["stride_lh"], VARLEN=seq["VARLEN"]))]
     # Arguments shared by the dK/dV, dQ and dmask kernels.
     shared = dict(Q=q, K=k, V=v, Mask=pb.mask, DO=dout, Lse=lse, Delta=delta,
-                  **_named_strides("q", q), **_named_strides("k", k), **_named_strides("v", v),
-                  **_named_strides("m", pb.mask_strides), **_named_strides("do", dout),
-                  **common, **pb.constexprs)
+                  **_named_strides("q", _strides4(q, vl)), **_named_strides("k", _strides4(k, vl)),
+                  **_named_strides("v", _strides4(v, vl)),
+                  **_named_strides("m", pb.mask_strides), **_named_strides("do", do_st),
+                  **common, **pb.constexprs, **seq)
     masked = dict(KVRange=pb.kv_range, stride_rb=pb.kv_range_strides[0], stride_rh=pb.kv_range_strides[1],
                   MASK_KIND=pb.mask_kind, KEYS_ONLY=pb.keys_only)
     plan.append(_Launch("bwd_dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hk), dict(
-        **shared, **masked, DK=dk, DV=dv, **_named_strides("dk", dk), **_named_strides("dv", dv))))
+        **shared, **masked, DK=dk, DV=dv, **_named_strides("dk", _strides4(dk, vl)),
+        **_named_strides("dv", _strides4(dv, vl)))))
     # dS comes straight from the dQ kernel when every (b, h, i, j) owns its mask element; a broadcast
     # mask's gradient is a reduction, done by the dmask kernel.
     bcast = [n == 1 and full > 1 for n, full in zip(mask.shape, (B, H, L, S))] if dmask is not None else []
     store_ds = dmask is not None and not any(bcast)
     plan.append(_Launch("bwd_dq", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
-        **shared, **masked, DQ=dq, DMask=dmask if store_ds else dq, **_named_strides("dq", dq),
+        **shared, **masked, DQ=dq, DMask=dmask if store_ds else dq, **_named_strides("dq", _strides4(dq, vl)),
         **_named_strides("dm", _mask_strides(dmask) if store_ds else (0, 0, 0, 0)), STORE_DS=store_ds)))
     if dmask is not None and not store_ds:
         Bm, Hm, Lm, Sm = mask.shape
@@ -996,5 +1083,52 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     for launch in _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, scale=scale,
                             is_causal=is_causal, dropout_p=dropout_p, seed=seed):
+        _launch(launch.name, launch.grid, **launch.args)
+    return dq, dk, dv, dmask
+
+
+def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+               max_q: int, max_k: int, mask: torch.Tensor | None, *, scale: float, is_causal: bool,
+               dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (variable-length) forward: q (total_q, H, E), k (total_k, Hk, E), v (total_k, Hk, Ev), int32
+    cu_q / cu_k (B + 1) on the device, mask None or 4-D broadcastable to (B, H, max_q, max_k) (item b reads
+    its top-left corner). Returns (out (total_q, H, Ev), lse (H, total_q) float32). The grid covers the
+    longest item; programs past their item's length exit at once."""
+    total_q, H, _ = q.shape
+    out = q.new_empty(total_q, H, v.shape[2])
+    lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    if total_q * H == 0:
+        return out, lse
+    if k.shape[0] == 0 or max_k == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    vl = _Varlen(cu_q, cu_k, cu_q.numel() - 1, int(max_q), int(max_k))
+    for launch in _fwd_plan(q, k, v, mask, out, lse, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                            seed=seed, vl=vl):
+        _launch(launch.name, launch.grid, **launch.args)
+    return out, lse
+
+
+def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+               mask: torch.Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
+               mask_needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`varlen_fwd`: (dq, dk, dv, dmask or None), contiguous, deterministic."""
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dmask = None
+    if mask_needs_grad and mask is not None and mask.dtype != torch.bool:
+        dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device)
+    if q.shape[0] * q.shape[1] == 0 or k.shape[0] == 0 or max_q == 0 or max_k == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv, dmask
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    vl = _Varlen(cu_q, cu_k, cu_q.numel() - 1, int(max_q), int(max_k))
+    for launch in _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, scale=scale,
+                            is_causal=is_causal, dropout_p=dropout_p, seed=seed, vl=vl):
         _launch(launch.name, launch.grid, **launch.args)
     return dq, dk, dv, dmask
