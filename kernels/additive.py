@@ -329,19 +329,23 @@ def _strides(t):
     return tuple(t.stride())
 
 
+def _store_dtype(dtype):
+    # The interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest even), so
+    # interpreted bf16 kernels write float32 outputs and torch rounds them.
+    return torch.float32 if _interpreting() and dtype == torch.bfloat16 else dtype
+
+
 def additive_fwd(q, k, v, weight, mask, is_causal: bool):
     """(out, lse): out (B, H, L, Ev) in q's dtype (memory (B, L, H, Ev)), lse (B, H, L) float32."""
     _check(q, k, v, weight, mask)
     B, H, L, D = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    out = q.new_empty(B, L, H, Ev).transpose(1, 2)
+    out = q.new_empty(B, L, H, Ev, dtype=_store_dtype(q.dtype)).transpose(1, 2)
     lse = q.new_empty(B, H, L, dtype=torch.float32)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    if S == 0 or Ev == 0:
+    if out.numel() == 0 and lse.numel() == 0 or S == 0 or Ev == 0:
         out.zero_()
         lse.fill_(float("-inf"))
-        return out, lse
+        return _as(out, q.dtype), lse
     w = weight.detach().to(torch.float32).contiguous()
     m, mstr, kind = _mask_args(mask, q)
     bm, bn, nw, ns = _config("fwd")
@@ -351,7 +355,15 @@ def additive_fwd(q, k, v, weight, mask, is_causal: bool):
                         BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
                         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
                         BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
-    return out, lse
+    return _as(out, q.dtype), lse
+
+
+def _as(t, dtype):
+    if t.dtype == dtype:
+        return t
+    r = torch.empty_like(t, dtype=dtype)  # same strides
+    r.copy_(t)
+    return r
 
 
 def additive_bwd(dout, q, k, v, weight, out, lse, mask, is_causal: bool):
@@ -360,11 +372,12 @@ def additive_bwd(dout, q, k, v, weight, out, lse, mask, is_causal: bool):
     _check(q, k, v, weight, mask)
     B, H, L, D = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    sd = _store_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=sd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=sd, device=k.device)
+    dv = torch.zeros(v.shape, dtype=sd, device=v.device)
     if min(B, H, L, S, Ev) == 0:
-        return dq, dk, dv, torch.zeros_like(weight)
+        return _as(dq, q.dtype), _as(dk, q.dtype), _as(dv, q.dtype), torch.zeros_like(weight)
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
     lse = lse.contiguous()
     w = weight.detach().to(torch.float32).contiguous()
@@ -384,4 +397,4 @@ def additive_bwd(dout, q, k, v, weight, out, lse, mask, is_causal: bool):
                                                     *_strides(dout), H, L, S, D, Ev, **common,
                                                     BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
     dw = dwp.sum(dim=(0, 2)).to(weight.dtype)
-    return dq, dk, dv, dw
+    return _as(dq, q.dtype), _as(dk, q.dtype), _as(dv, q.dtype), dw

@@ -342,6 +342,8 @@ TRITON_CASES = {  # B, H, L, S, D, Ev, dtype, mask, causal
     "B2-H1-L17-S9-D3-Ev16-f32-float": (2, 1, 17, 9, 3, 16, F32, "float", False),
     "B1-H1-L21-S18-D6-Ev5-bf16-pad-causal": (1, 1, 21, 18, 6, 5, BF16, "pad", True),
     "B1-H1-L1-S1-D1-Ev1-f32": (1, 1, 1, 1, 1, 1, F32, "none", False),
+    "B1-H2-L18-S33-D13-Ev20-bf16-bool": (1, 2, 18, 33, 13, 20, BF16, "bool", False),
+    "B1-H1-L35-S20-D4-Ev8-f32-float-causal": (1, 1, 35, 20, 4, 8, F32, "float", True),
 }
 
 
