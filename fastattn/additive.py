@@ -256,7 +256,10 @@ class AdditiveAttention(torch.nn.Module):
     forward(query (B, L, Eq), key (B, S, Ek), value (B, S, Ev), attn_mask=None, is_causal=False,
     need_weights=False) -> (B, L, Ev), or ((B, L, Ev), weights (B, H, L, S)) with ``need_weights``.
     ``attn_mask``: a bool (B, S) key-padding mask (True = attend), or any mask broadcastable to
-    (B, H, L, S) in :func:`additive_attention`'s convention (bool True = attend, float added).
+    (B, H, L, S) in :func:`additive_attention`'s convention (bool True = attend, float added). A 2-D bool
+    mask of shape (B, S) is always read as key padding: pass an (L, S) mask with L == B as (1, 1, L, S).
+    The weights (``need_weights``) are per head, computed by the reference formula over blocks of query
+    rows (bounded memory, differentiable); they need a second pass over D, the output does not.
     Unbatched inputs (L, Eq) / (S, Ek) / (S, Ev) are accepted too.
     """
 

@@ -40,11 +40,17 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
 
-# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: the one place they live.
+# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype class ("16": fp16 /
+# bf16, tensor-core dots; "32": fp32 with ieee dots, which run on the FMA units and hold their operands in
+# registers, hence smaller tiles: 64x64 fp32 tiles spill even with 8 warps): the one place they live.
+# compile_check() verifies registers / spills for sm_80 and sm_90 (D 8, Ev 64).
 CONFIGS = {
-    "fwd": (64, 64, 4, 2),
-    "bwd_dq": (64, 32, 4, 1),
-    "bwd_dkdv": (32, 64, 4, 1),
+    ("fwd", "16"): (64, 64, 4, 2),
+    ("bwd_dq", "16"): (64, 32, 4, 1),
+    ("bwd_dkdv", "16"): (32, 64, 4, 1),
+    ("fwd", "32"): (64, 32, 4, 2),
+    ("bwd_dq", "32"): (16, 32, 4, 1),
+    ("bwd_dkdv", "32"): (32, 32, 4, 1),
 }
 INTERPRETER_CONFIGS = {"fwd": (16, 16, 1, 1), "bwd_dq": (16, 16, 1, 1), "bwd_dkdv": (16, 16, 1, 1)}
 
@@ -303,8 +309,10 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _config(name: str):
-    return (INTERPRETER_CONFIGS if _interpreting() else CONFIGS)[name]
+def _config(name: str, dtype: torch.dtype):
+    if _interpreting():
+        return INTERPRETER_CONFIGS[name]
+    return CONFIGS[(name, "32" if dtype == torch.float32 else "16")]
 
 
 def _check(q, k, v, weight, mask):
@@ -335,6 +343,29 @@ def _store_dtype(dtype):
     return torch.float32 if _interpreting() and dtype == torch.bfloat16 else dtype
 
 
+def _fwd_args(q, k, v, w, mask, out, lse, is_causal):
+    """(positional args, constexprs) of _additive_fwd (shared by the launcher and compile_check)."""
+    B, H, L, D = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    m, mstr, kind = _mask_args(mask, q)
+    return ((q, k, v, w, m, out, lse, *_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(out),
+             H, L, S, D, Ev),
+            dict(BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
+                 UPCAST=_interpreting() and q.dtype == torch.bfloat16))
+
+
+def _bwd_args(q, k, v, w, mask, dout, lse, delta, out1, out2, is_causal):
+    """(positional args, constexprs) of _additive_bwd_dq (out1, out2 = dq, dw partials) and
+    _additive_bwd_dkdv (out1, out2 = dk, dv)."""
+    B, H, L, D = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    m, mstr, kind = _mask_args(mask, q)
+    return ((q, k, v, w, m, dout, lse, delta, out1, out2, *_strides(q), *_strides(k), *_strides(v), *mstr,
+             *_strides(dout), H, L, S, D, Ev),
+            dict(BLOCK_D=_pow2(D, 1), BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
+                 UPCAST=_interpreting() and q.dtype == torch.bfloat16))
+
+
 def additive_fwd(q, k, v, weight, mask, is_causal: bool):
     """(out, lse): out (B, H, L, Ev) in q's dtype (memory (B, L, H, Ev)), lse (B, H, L) float32."""
     _check(q, k, v, weight, mask)
@@ -347,14 +378,10 @@ def additive_fwd(q, k, v, weight, mask, is_causal: bool):
         lse.fill_(float("-inf"))
         return _as(out, q.dtype), lse
     w = weight.detach().to(torch.float32).contiguous()
-    m, mstr, kind = _mask_args(mask, q)
-    bm, bn, nw, ns = _config("fwd")
-    grid = (triton.cdiv(L, bm), B * H)
-    _additive_fwd[grid](q, k, v, w, m, out, lse, *_strides(q), *_strides(k), *_strides(v), *mstr,
-                        *_strides(out), H, L, S, D, Ev,
-                        BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
-                        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
-                        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    bm, bn, nw, ns = _config("fwd", q.dtype)
+    args, const = _fwd_args(q, k, v, w, mask, out, lse, is_causal)
+    _additive_fwd[(triton.cdiv(L, bm), B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                               num_stages=ns)
     return _as(out, q.dtype), lse
 
 
@@ -381,20 +408,72 @@ def additive_bwd(dout, q, k, v, weight, out, lse, mask, is_causal: bool):
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
     lse = lse.contiguous()
     w = weight.detach().to(torch.float32).contiguous()
-    m, mstr, kind = _mask_args(mask, q)
-    common = dict(BLOCK_D=_pow2(D, 1), BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
-                  UPCAST=_interpreting() and q.dtype == torch.bfloat16)
-    bm, bn, nw, ns = _config("bwd_dq")
+    bm, bn, nw, ns = _config("bwd_dq", q.dtype)
     n_mb = triton.cdiv(L, bm)
     dwp = torch.zeros(B, H, n_mb, D, dtype=torch.float32, device=q.device)
-    _additive_bwd_dq[(n_mb, B * H)](q, k, v, w, m, dout, lse, delta, dq, dwp,
-                                    *_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(dout),
-                                    H, L, S, D, Ev, **common, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-                                    num_stages=ns)
-    bm, bn, nw, ns = _config("bwd_dkdv")
-    _additive_bwd_dkdv[(triton.cdiv(S, bn), B * H)](q, k, v, w, m, dout, lse, delta, dk, dv,
-                                                    *_strides(q), *_strides(k), *_strides(v), *mstr,
-                                                    *_strides(dout), H, L, S, D, Ev, **common,
-                                                    BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    args, const = _bwd_args(q, k, v, w, mask, dout, lse, delta, dq, dwp, is_causal)
+    _additive_bwd_dq[(n_mb, B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    bm, bn, nw, ns = _config("bwd_dkdv", q.dtype)
+    args, const = _bwd_args(q, k, v, w, mask, dout, lse, delta, dk, dv, is_causal)
+    _additive_bwd_dkdv[(triton.cdiv(S, bn), B * H)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                                    num_stages=ns)
     dw = dwp.sum(dim=(0, 2)).to(weight.dtype)
     return _as(dq, q.dtype), _as(dk, q.dtype), _as(dv, q.dtype), dw
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed; run with TRITON_INTERPRET unset)
+# ----------------------------------------------------------------------------------------------------
+def compile_check(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), D: int = 8, Ev: int = 64,
+                  variants=("plain", "causal-bool", "float")) -> list[dict]:
+    """Compile every kernel in its CONFIGS tile for each arch / dtype / variant and report registers,
+    spill bytes and shared memory (kernels/aot.py's tools: cuobjdump -res-usage, ptxas -v)."""
+    from triton.backends.compiler import GPUTarget
+
+    from . import aot
+
+    if _interpreting():
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels are decorated for the "
+                           "interpreter)")
+    dts = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    rows = []
+    for dname in dtypes:
+        dt = dts[dname]
+        B, H, L, S = 2, 2, 256, 256
+        q, k = torch.empty(B, H, L, D, dtype=dt), torch.empty(B, H, S, D, dtype=dt)
+        v, dout = torch.empty(B, H, S, Ev, dtype=dt), torch.empty(B, L, H, Ev, dtype=dt).transpose(1, 2)
+        w, lse, delta = torch.empty(H, D), torch.empty(B, H, L), torch.empty(B, H, L)
+        out = torch.empty(B, L, H, Ev, dtype=dt).transpose(1, 2)
+        for variant in variants:
+            mask = {"plain": None, "causal-bool": torch.empty(B, H, L, S, dtype=torch.bool),
+                    "float": torch.empty(1, 1, L, S, dtype=torch.float32)}[variant]
+            causal = variant == "causal-bool"
+            plans = {"fwd": _fwd_args(q, k, v, w, mask, out, lse, causal),
+                     "bwd_dq": _bwd_args(q, k, v, w, mask, dout, lse, delta, q, torch.empty(B, H, 4, D), causal),
+                     "bwd_dkdv": _bwd_args(q, k, v, w, mask, dout, lse, delta, k, v, causal)}
+            for name, (pos, const) in plans.items():
+                fn = KERNELS[name]
+                cfg = CONFIGS[(name, "32" if dt == torch.float32 else "16")]
+                bm, bn, nw, ns = cfg
+                args = dict(zip([p.name for p in fn.params], pos))
+                args.update(const, BLOCK_M=bm, BLOCK_N=bn)
+                for arch in archs:
+                    row = dict(kernel=name, dtype=dname, variant=variant, arch=arch, D=D, Ev=Ev,
+                               config=cfg, error=None)
+                    try:
+                        signature, constexprs, attrs = aot._signature(fn, args)
+                        ck = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs, attrs),
+                                            target=GPUTarget("cuda", arch, 32),
+                                            options=dict(num_warps=nw, num_stages=ns))
+                        regs, local, stack = aot._resource_usage(ck.asm["cubin"])
+                        row.update(registers=regs, shared=int(ck.metadata.shared),
+                                   spill_bytes=aot._ptxas_spills(ck.asm["ptx"], arch) if local + stack else 0)
+                    except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
+                        row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                    rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":  # python -m fastattn.kernels.additive: the compile report
+    for r in compile_check():
+        print(r)
