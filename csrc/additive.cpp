@@ -175,6 +175,59 @@ FASTATTN_INLINE void scores_vec(const typename O::Sc* x, const typename O::Sc* y
   }
 }
 
+// sum_e x[e] * cols[e * cs + (0, W)]: W dot products against one vector x, four independent FMA chains.
+template <typename O>
+FASTATTN_INLINE typename O::V dot_cols(const typename O::Sc* x, const typename O::Sc* cols, int64_t cs, int64_t n) {
+  using V = typename O::V;
+  V a0 = O::zero(), a1 = O::zero(), a2 = O::zero(), a3 = O::zero();
+  int64_t e = 0;
+  for (; e + 3 < n; e += 4) {
+    a0 = O::fmadd(O::set1(x[e]), O::load(cols + e * cs), a0);
+    a1 = O::fmadd(O::set1(x[e + 1]), O::load(cols + (e + 1) * cs), a1);
+    a2 = O::fmadd(O::set1(x[e + 2]), O::load(cols + (e + 2) * cs), a2);
+    a3 = O::fmadd(O::set1(x[e + 3]), O::load(cols + (e + 3) * cs), a3);
+  }
+  for (; e < n; ++e) a0 = O::fmadd(O::set1(x[e]), O::load(cols + e * cs), a0);
+  return O::add(O::add(a0, a1), O::add(a2, a3));
+}
+
+// acc[0, Evp) += sum_{u < n} p[u] * rows[u * Evp + (0, Evp)]  (Evp a multiple of W). Register accumulators,
+// two rows per step (independent FMA chains), Ev in chunks of up to four vectors.
+template <typename O, int NV>
+FASTATTN_INLINE void pv_chunk(const typename O::Sc* p, const typename O::Sc* rows, int64_t n, int64_t Evp,
+                              typename O::Sc* acc) {
+  using V = typename O::V;
+  V a0[NV], a1[NV];
+  for (int c = 0; c < NV; ++c) a0[c] = a1[c] = O::zero();
+  int64_t u = 0;
+  for (; u + 1 < n; u += 2) {
+    const V p0 = O::set1(p[u]), p1 = O::set1(p[u + 1]);
+    const typename O::Sc* r0 = rows + u * Evp;
+    for (int c = 0; c < NV; ++c) {
+      a0[c] = O::fmadd(p0, O::load(r0 + c * O::W), a0[c]);
+      a1[c] = O::fmadd(p1, O::load(r0 + Evp + c * O::W), a1[c]);
+    }
+  }
+  if (u < n) {
+    const V p0 = O::set1(p[u]);
+    for (int c = 0; c < NV; ++c) a0[c] = O::fmadd(p0, O::load(rows + u * Evp + c * O::W), a0[c]);
+  }
+  for (int c = 0; c < NV; ++c) O::store(acc + c * O::W, O::add(O::load(acc + c * O::W), O::add(a0[c], a1[c])));
+}
+
+template <typename O>
+void pv_accumulate(const typename O::Sc* p, const typename O::Sc* rows, int64_t n, int64_t Evp,
+                   typename O::Sc* acc) {
+  for (int64_t e0 = 0; e0 < Evp; e0 += 4 * O::W) {
+    switch (std::min<int64_t>(4, (Evp - e0) / O::W)) {
+      case 4: pv_chunk<O, 4>(p, rows + e0, n, Evp, acc + e0); break;
+      case 3: pv_chunk<O, 3>(p, rows + e0, n, Evp, acc + e0); break;
+      case 2: pv_chunk<O, 2>(p, rows + e0, n, Evp, acc + e0); break;
+      default: pv_chunk<O, 1>(p, rows + e0, n, Evp, acc + e0); break;
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ forward
 template <typename T, typename O>
 void forward_impl(const Params& p, const typename O::Sc* w) {
@@ -239,12 +292,7 @@ void forward_impl(const Params& p, const typename O::Sc* w) {
       }
       const Sc l = O::reduce_add(vl);
       for (int64_t e = 0; e < Evp; e += W) O::store(acc + e, O::zero());
-      for (int64_t j = 0; j < jend; ++j) {
-        if (s[j] == Sc(0)) continue;
-        const V pj = O::set1(s[j]);
-        const Sc* vr = vv + j * Evp;
-        for (int64_t e = 0; e < Evp; e += W) O::store(acc + e, O::fmadd(pj, O::load(vr + e), O::load(acc + e)));
-      }
+      pv_accumulate<O>(s, vv, jend, Evp, acc);
       const Sc inv = Sc(1) / l;
       for (int64_t e = 0; e < Ev; ++e) out[e * p.out.se] = store_elem<T>(acc[e] * inv);
       *lse = static_cast<float>(m + std::log(l));
@@ -347,8 +395,7 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
       const V vli = O::set1(li), vdl = O::set1(delta[static_cast<size_t>(bh * Lp + i)]);
       for (int64_t j = 0; j < jv; j += W) {
         const V pj = O::exp(O::sub(O::load(s + j), vli));
-        V dp = O::zero();
-        for (int64_t e = 0; e < Ev; ++e) dp = O::fmadd(O::set1(g[e]), O::load(vt + e * Sp + j), dp);
+        const V dp = dot_cols<O>(g, vt + j, Sp, Ev);
         O::store(s + j, O::mul(pj, O::sub(dp, vdl)));  // dS
       }
       for (int64_t d = 0; d < D; ++d) {
@@ -401,8 +448,7 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
       for (int64_t u = n; u < nv; ++u) s[u] = -inf;
       for (int64_t u = 0; u < nv; u += W) {
         const V pj = O::exp(O::sub(O::load(s + u), O::load(ls + i0 + u)));
-        V dp = O::zero();
-        for (int64_t e = 0; e < Ev; ++e) dp = O::fmadd(O::set1(vr[e]), O::load(dt + e * Lp + i0 + u), dp);
+        const V dp = dot_cols<O>(vr, dt + i0 + u, Lp, Ev);
         O::store(pb + u, pj);
         O::store(s + u, O::mul(pj, O::sub(dp, O::load(dl + i0 + u))));  // dS
       }
@@ -416,12 +462,7 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
         dk[d * p.dk.se] = store_elem<T>(wh[d] * O::reduce_add(a));
       }
       for (int64_t e = 0; e < Evp; e += W) O::store(acc + e, O::zero());
-      for (int64_t u = 0; u < n; ++u) {
-        if (pb[u] == Sc(0)) continue;
-        const V pv = O::set1(pb[u]);
-        const Sc* gr = dd + (i0 + u) * Evp;
-        for (int64_t e = 0; e < Evp; e += W) O::store(acc + e, O::fmadd(pv, O::load(gr + e), O::load(acc + e)));
-      }
+      pv_accumulate<O>(pb, dd + i0 * Evp, n, Evp, acc);
       for (int64_t e = 0; e < Ev; ++e) dv[e * p.dv.se] = store_elem<T>(acc[e]);
     }
   });
