@@ -244,7 +244,7 @@ def _bad_cases():
         "mask-dtype": ((q, k, v, w), {"attn_mask": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "attn_mask"),
         "causal-type": ((q, k, v, w), {"is_causal": 1}, TypeError, "is_causal"),
         "backend": ((q, k, v, w), {"backend": "gpu"}, ValueError, "backend"),
-        "cpu-backend-no-triton-tensors": ((q, k, v, w), {"backend": "cpu"}, None, None),
+        "valid-call": ((q, k, v, w), {"backend": "cpu"}, None, None),
     }
 
 
