@@ -197,5 +197,7 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
 
 
 # Layers of issue 5, defined next to their operations and re-exported here.
-from fastattn.additive import *  # noqa: E402,F401,F403  (AdditiveAttention)
+from fastattn.additive import AdditiveAttention  # noqa: E402,F401
 from fastattn.layers import *  # noqa: E402,F401,F403  (Multiplicative/Hierarchical/CoAttention)
+
+__all__ += ["AdditiveAttention"]
