@@ -69,21 +69,23 @@ def softmax(s: torch.Tensor) -> torch.Tensor:
     return torch.where(dead, torch.zeros_like(p), p)
 
 
-def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device=None) -> torch.Tensor:
+def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float, device=None, batch_offset: int = 0) -> torch.Tensor:
     """The exact keep-mask fastattn's kernels draw for ``seed``: bool tensor of ``shape`` (..., H, L, S).
-    Leading dims before H are flattened into the kernels' batch index b."""
+    Leading dims before H are flattened into the kernels' batch index b, counted from ``batch_offset``
+    (varlen: sequence b of a packed batch is batch index b)."""
     *batch, H, L, S = shape
     B = math.prod(batch) if batch else 1
-    return _philox.dropout_keep_mask(seed, B, H, L, S, p, device).reshape(shape)
+    keep = _philox.dropout_keep_mask(seed, batch_offset + B, H, L, S, p, device)[batch_offset:]
+    return keep.reshape(shape)
 
 
-def dropout(p_attn: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
+def dropout(p_attn: torch.Tensor, dropout_p: float, seed: int | None, batch_offset: int = 0) -> torch.Tensor:
     """Zero the probabilities fastattn's Philox stream drops for ``seed``, scale the rest by 1/(1-p)."""
     if dropout_p == 0.0:
         return p_attn
     if seed is None:
         raise ValueError("dropout_seed is required to rebuild fastattn's dropout mask when dropout_p > 0")
-    keep = dropout_keep_mask(seed, tuple(p_attn.shape), dropout_p, p_attn.device)
+    keep = dropout_keep_mask(seed, tuple(p_attn.shape), dropout_p, p_attn.device, batch_offset)
     return torch.where(keep, p_attn / (1.0 - dropout_p), torch.zeros_like(p_attn))
 
 
@@ -113,11 +115,13 @@ def scaled_dot_product_attention(
     upcast: bool = True,
     dropout_seed: int | None = None,
     return_lse: bool = False,
+    dropout_batch_offset: int = 0,
 ):
     """Textbook attention with torch SDPA semantics (see ``fastattn.scaled_dot_product_attention``).
 
     Returns the output in float64 when ``upcast`` else in the input dtype; with ``return_lse`` also the
-    float32 log-sum-exp (..., L). ``dropout_seed``: the seed fastattn's kernels used (rebuilds their mask).
+    float32 log-sum-exp (..., L). ``dropout_seed``: the seed fastattn's kernels used (rebuilds their mask);
+    ``dropout_batch_offset``: the kernels' batch index of the first item (varlen sequences).
     Differentiable (autograd through the formulas), which gives the reference gradients."""
     dt = _compute_dtype(query, upcast)
     q, k, v = query.to(dt), key.to(dt), value.to(dt)
@@ -127,7 +131,7 @@ def scaled_dot_product_attention(
         mask = mask.to(dt)
     s = apply_mask(scores(q, k, scale), mask, is_causal)
     p = softmax(s)
-    out = weighted_sum(dropout(p, dropout_p, dropout_seed), v)
+    out = weighted_sum(dropout(p, dropout_p, dropout_seed, dropout_batch_offset), v)
     if return_lse:
         return out, logsumexp(s).float()
     return out
@@ -155,19 +159,5 @@ def attention_weights(
 from fastattn.reference.varlen import *  # noqa: E402,F401,F403
 from fastattn.reference.additive import *  # noqa: E402,F401,F403
 from fastattn.reference.hard import *  # noqa: E402,F401,F403
+from fastattn.reference.layers import *  # noqa: E402,F401,F403
 
-
-def _dropout_rows(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, upcast, seed, b):
-    """SDPA reference on one (H, L, E) item whose dropout mask is batch row ``b`` of the Philox stream."""
-    if seed is None:
-        raise ValueError("dropout_seed is required to rebuild fastattn's dropout mask when dropout_p > 0")
-    dt = _compute_dtype(q, upcast)
-    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
-    kd, vd = _repeat_kv(qd, kd, vd, enable_gqa)
-    m = mask if mask is None or mask.dtype == torch.bool else mask.to(dt)
-    s = apply_mask(scores(qd, kd, scale), m, is_causal)
-    p = softmax(s)
-    H, L, S = p.shape
-    keep = _philox.dropout_keep_mask(seed, b + 1, H, L, S, dropout_p, p.device)[b]
-    p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros_like(p))
-    return weighted_sum(p, vd), logsumexp(s).float()

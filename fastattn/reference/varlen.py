@@ -33,7 +33,7 @@ def varlen_attention(
 ):
     """Packed attention, one sequence at a time. Returns (total_q, H, Ev) (float64 if ``upcast``) and with
     ``return_lse`` also the float32 log-sum-exp (H, total_q) (natural log, -inf for rows with no key)."""
-    from fastattn.reference import _dropout_rows, scaled_dot_product_attention
+    from fastattn.reference import scaled_dot_product_attention
 
     B = cu_seqlens_q.numel() - 1
     cq = [int(x) for x in cu_seqlens_q.tolist()]
@@ -55,7 +55,7 @@ def varlen_attention(
             outs.append(query.new_zeros(0, H, Ev, dtype=dt))
             lses.append(query.new_zeros(H, 0, dtype=torch.float32))
             continue
-        o, lse = _sdpa_one(scaled_dot_product_attention, _dropout_rows, q, k, v, mask, dropout_p, is_causal,
+        o, lse = _sdpa_one(scaled_dot_product_attention, q, k, v, mask, dropout_p, is_causal,
                            scale, enable_gqa, upcast, dropout_seed, b, Sb)
         outs.append(o.transpose(0, 1))
         lses.append(lse)
@@ -65,13 +65,12 @@ def varlen_attention(
     return out
 
 
-def _sdpa_one(sdpa, dropout_rows, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, upcast, seed, b, Sb):
+def _sdpa_one(sdpa, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, upcast, seed, b, Sb):
     if Sb == 0:
         H, Lb, Ev = q.shape[0], q.shape[1], v.shape[-1]
         dt = torch.float64 if upcast else q.dtype
         return q.new_zeros(H, Lb, Ev, dtype=dt) + 0 * (q.sum() + v.sum()), q.new_full((H, Lb), float("-inf"),
                                                                                      dtype=torch.float32)
-    if dropout_p == 0.0:
-        return sdpa(q, k, v, mask, 0.0, is_causal, scale, enable_gqa, upcast=upcast, return_lse=True)
     # Dropout keyed by the sequence index b: the kernels' (b, h, i, j) coordinates.
-    return dropout_rows(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, upcast, seed, b)
+    return sdpa(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, upcast=upcast, return_lse=True,
+                dropout_seed=seed, dropout_batch_offset=b)
