@@ -212,23 +212,6 @@ FASTATTN_INLINE void qk_tile_f32(const float* FASTATTN_RESTRICT qt, const float*
   for (int r = 0; r < NR; ++r) score_store(sc, n0 + r, acc[r], st, mx);
 }
 
-template <int NR>
-void qk_rest_f32(const float* qt, const float* k, int64_t ldk, int64_t E, int64_t n0, int64_t nr,
-                 const ScoreCtx& sc, float* st, vf* mx) {
-  if constexpr (NR > 1) {
-    if (nr < NR) return qk_rest_f32<NR - 1>(qt, k, ldk, E, n0, nr, sc, st, mx);
-  }
-  qk_tile_f32<NR>(qt, k, ldk, E, n0, sc, st, mx);
-}
-
-// All nk keys of a block for one group.
-void qk_group_f32(const float* qt, const float* k, int64_t ldk, int64_t E, int64_t nk, const ScoreCtx& sc,
-                  float* st, vf* mx) {
-  int64_t n = 0;
-  for (; n + kNR <= nk; n += kNR) qk_tile_f32<kNR>(qt, k, ldk, E, n, sc, st, mx);
-  if (n < nk) qk_rest_f32<kNR - 1>(qt, k, ldk, E, n, nk - n, sc, st, mx);
-}
-
 // O[q0 + r][ev0 + v*W + lane] = alpha[q0 + r] * O[...] + sum_n P^T[n][q0 + r] * V[n][ev0 + v*W + lane].
 template <int QR, int EVV>
 FASTATTN_INLINE void pv_tile_f32(const float* FASTATTN_RESTRICT st, int64_t nk, const float* FASTATTN_RESTRICT v,
@@ -257,31 +240,69 @@ FASTATTN_INLINE void pv_tile_f32(const float* FASTATTN_RESTRICT st, int64_t nk, 
     for (int x = 0; x < EVV; ++x) simd::store(o + r * ldo + x * W, acc[r][x]);
 }
 
+// ------------------------------------------------------------------------------------ blocking shells
+
+// The row / column blocking around a micro-tile, shared by the fp32 and the bf16 (vdpbf16ps) kernels.
+// Tile::qk<NR>(qt, k, ldk, depth, n0, sc, st, mx): scores of NR keys; Tile::pv<QR, EVV>(p, n, v, ldv, o,
+// ldo, alpha): QR output rows x EVV vectors of Ev.
+
+// All nk keys of a block for one group: kNR-key tiles, then one narrower tile for the rest.
+template <typename Tile, int NR, typename QT, typename KT>
+void qk_rest(const QT* qt, const KT* k, int64_t ldk, int64_t depth, int64_t n0, int64_t nr, const ScoreCtx& sc,
+             float* st, vf* mx) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return qk_rest<Tile, NR - 1>(qt, k, ldk, depth, n0, nr, sc, st, mx);
+  }
+  Tile::template qk<NR>(qt, k, ldk, depth, n0, sc, st, mx);
+}
+
+template <typename Tile, typename QT, typename KT>
+void qk_group(const QT* qt, const KT* k, int64_t ldk, int64_t depth, int64_t nk, const ScoreCtx& sc, float* st,
+              vf* mx) {
+  int64_t n = 0;
+  for (; n + kNR <= nk; n += kNR) Tile::template qk<kNR>(qt, k, ldk, depth, n, sc, st, mx);
+  if (n < nk) qk_rest<Tile, kNR - 1>(qt, k, ldk, depth, n, nk - n, sc, st, mx);
+}
+
 // Query rows of a PV micro-tile with evv vectors of Ev: as many as the accumulator budget allows.
 constexpr int qr_for(int evv) { return std::min(QG, std::max(1, kAccBudget / evv)); }
 
-template <int EVV>
-void pv_cols_f32(const float* st, int64_t nk, const float* v, int64_t ldv, float* o, int64_t ldo,
-                 const float* alpha, int64_t nrows) {
+template <typename Tile, int EVV, typename PT, typename VT>
+void pv_cols(const PT* pt, int64_t n, const VT* v, int64_t ldv, float* o, int64_t ldo, const float* alpha,
+             int64_t nrows) {
   constexpr int QR = qr_for(EVV);
   int64_t r = 0;
-  for (; r + QR <= nrows; r += QR) pv_tile_f32<QR, EVV>(st + r, nk, v, ldv, o + r * ldo, ldo, alpha + r);
-  for (; r < nrows; ++r) pv_tile_f32<1, EVV>(st + r, nk, v, ldv, o + r * ldo, ldo, alpha + r);
+  for (; r + QR <= nrows; r += QR) Tile::template pv<QR, EVV>(pt + r, n, v, ldv, o + r * ldo, ldo, alpha + r);
+  for (; r < nrows; ++r) Tile::template pv<1, EVV>(pt + r, n, v, ldv, o + r * ldo, ldo, alpha + r);
 }
 
 // The whole group (rows [0, nrows) of the group, all Evp columns).
-void pv_group_f32(const float* st, int64_t nk, const float* v, int64_t ldv, float* o, int64_t ldo,
-                  const float* alpha, int64_t nrows, int64_t Evp) {
+template <typename Tile, typename PT, typename VT>
+void pv_group(const PT* pt, int64_t n, const VT* v, int64_t ldv, float* o, int64_t ldo, const float* alpha,
+              int64_t nrows, int64_t Evp) {
   const int64_t nvec = Evp / W;
   int64_t x = 0;
-  for (; x + 4 <= nvec; x += 4) pv_cols_f32<4>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows);
+  for (; x + 4 <= nvec; x += 4) pv_cols<Tile, 4>(pt, n, v + x * W, ldv, o + x * W, ldo, alpha, nrows);
   switch (nvec - x) {
-    case 3: pv_cols_f32<3>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
-    case 2: pv_cols_f32<2>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
-    case 1: pv_cols_f32<1>(st, nk, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 3: pv_cols<Tile, 3>(pt, n, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 2: pv_cols<Tile, 2>(pt, n, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
+    case 1: pv_cols<Tile, 1>(pt, n, v + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
     default: break;
   }
 }
+
+struct TileF32 {
+  template <int NR>
+  static FASTATTN_INLINE void qk(const float* qt, const float* k, int64_t ldk, int64_t E, int64_t n0,
+                                 const ScoreCtx& sc, float* st, vf* mx) {
+    qk_tile_f32<NR>(qt, k, ldk, E, n0, sc, st, mx);
+  }
+  template <int QR, int EVV>
+  static FASTATTN_INLINE void pv(const float* st, int64_t nk, const float* v, int64_t ldv, float* o, int64_t ldo,
+                                 const float* alpha) {
+    pv_tile_f32<QR, EVV>(st, nk, v, ldv, o, ldo, alpha);
+  }
+};
 
 // ------------------------------------------------------------------------------------ softmax pass
 
@@ -712,10 +733,10 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
       if (!group_ctx(p, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
       vf mx[QV];
       for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
-      qk_group_f32(bf.qt + g * p.E * QG, kt, ldk, p.E, nk, sc, bf.st, mx);
+      qk_group<TileF32>(bf.qt + g * p.E * QG, kt, ldk, p.E, nk, sc, bf.st, mx);
       if (!softmax_update<false>(p, bf, b, h, i0 + g * QG, g * QG, j0, nk, mx)) continue;
       const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
-      pv_group_f32(bf.st, nk, vt, ldv, bf.o + g * QG * c.Evp, c.Evp, bf.alpha + g * QG, nrows, c.Evp);
+      pv_group<TileF32>(bf.st, nk, vt, ldv, bf.o + g * QG * c.Evp, c.Evp, bf.alpha + g * QG, nrows, c.Evp);
     }
   }
   write_output<T>(p, c, bf, b, h, i0, nq);
@@ -795,21 +816,7 @@ FASTATTN_INLINE void qk_tile_bf16(const uint32_t* FASTATTN_RESTRICT qt, const ui
   for (int r = 0; r < NR; ++r) score_store(sc, n0 + r, acc[r], st, mx);
 }
 
-template <int NR>
-void qk_rest_bf16(const uint32_t* qt, const uint16_t* k, int64_t ldk, int64_t E2, int64_t n0, int64_t nr,
-                  const ScoreCtx& sc, float* st, vf* mx) {
-  if constexpr (NR > 1) {
-    if (nr < NR) return qk_rest_bf16<NR - 1>(qt, k, ldk, E2, n0, nr, sc, st, mx);
-  }
-  qk_tile_bf16<NR>(qt, k, ldk, E2, n0, sc, st, mx);
-}
 
-void qk_group_bf16(const uint32_t* qt, const uint16_t* k, int64_t ldk, int64_t E2, int64_t nk,
-                   const ScoreCtx& sc, float* st, vf* mx) {
-  int64_t n = 0;
-  for (; n + kNR <= nk; n += kNR) qk_tile_bf16<kNR>(qt, k, ldk, E2, n, sc, st, mx);
-  if (n < nk) qk_rest_bf16<kNR - 1>(qt, k, ldk, E2, n, nk - n, sc, st, mx);
-}
 
 // V pairs for a key block: vp[n2][ev] = (v[2 n2][ev], v[2 n2 + 1][ev]), zero-padded to Evp columns and
 // to an even number of keys.
@@ -866,27 +873,18 @@ FASTATTN_INLINE void pv_tile_bf16(const uint32_t* FASTATTN_RESTRICT pp, int64_t 
     for (int x = 0; x < EVV; ++x) _mm512_storeu_ps(o + r * ldo + x * W, acc[r][x]);
 }
 
-template <int EVV>
-void pv_cols_bf16(const uint32_t* pp, int64_t nk2, const uint32_t* vp, int64_t ldv, float* o, int64_t ldo,
-                  const float* alpha, int64_t nrows) {
-  constexpr int QR = qr_for(EVV);
-  int64_t r = 0;
-  for (; r + QR <= nrows; r += QR) pv_tile_bf16<QR, EVV>(pp + r, nk2, vp, ldv, o + r * ldo, ldo, alpha + r);
-  for (; r < nrows; ++r) pv_tile_bf16<1, EVV>(pp + r, nk2, vp, ldv, o + r * ldo, ldo, alpha + r);
-}
-
-void pv_group_bf16(const uint32_t* pp, int64_t nk2, const uint32_t* vp, int64_t ldv, float* o, int64_t ldo,
-                   const float* alpha, int64_t nrows, int64_t Evp) {
-  const int64_t nvec = Evp / W;
-  int64_t x = 0;
-  for (; x + 4 <= nvec; x += 4) pv_cols_bf16<4>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows);
-  switch (nvec - x) {
-    case 3: pv_cols_bf16<3>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
-    case 2: pv_cols_bf16<2>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
-    case 1: pv_cols_bf16<1>(pp, nk2, vp + x * W, ldv, o + x * W, ldo, alpha, nrows); break;
-    default: break;
+struct TileBF16 {  // depth = E2 (bf16 pairs); pv's n = key pairs
+  template <int NR>
+  static FASTATTN_INLINE void qk(const uint32_t* qt, const uint16_t* k, int64_t ldk, int64_t E2, int64_t n0,
+                                 const ScoreCtx& sc, float* st, vf* mx) {
+    qk_tile_bf16<NR>(qt, k, ldk, E2, n0, sc, st, mx);
   }
-}
+  template <int QR, int EVV>
+  static FASTATTN_INLINE void pv(const uint32_t* pp, int64_t nk2, const uint32_t* vp, int64_t ldv, float* o,
+                                 int64_t ldo, const float* alpha) {
+    pv_tile_bf16<QR, EVV>(pp, nk2, vp, ldv, o, ldo, alpha);
+  }
+};
 
 void item_bf16(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h, int64_t qb) {
   const int64_t i0 = qb * c.BM, nq = std::min(c.BM, p.L - i0);
@@ -940,10 +938,10 @@ void item_bf16(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t 
       if (!group_ctx(p, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
       vf mx[QV];
       for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
-      qk_group_bf16(qt + g * E2 * QG, kt, ldk, E2, nk, sc, bf.st, mx);
+      qk_group<TileBF16>(qt + g * E2 * QG, kt, ldk, E2, nk, sc, bf.st, mx);
       if (!softmax_update<true>(p, bf, b, h, i0 + g * QG, g * QG, j0, nk, mx)) continue;
       const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
-      pv_group_bf16(bf.pp, nk2, vp, c.Evp, bf.o + g * QG * c.Evp, c.Evp, bf.alpha + g * QG, nrows, c.Evp);
+      pv_group<TileBF16>(bf.pp, nk2, vp, c.Evp, bf.o + g * QG * c.Evp, c.Evp, bf.alpha + g * QG, nrows, c.Evp);
     }
   }
   write_output<bf16_t>(p, c, bf, b, h, i0, nq);
