@@ -7,7 +7,7 @@ kernel through ``fastattn._C_<isa>.hard_fwd/hard_bwd``, or ``fastattn.kernels.ha
 Launcher contract (CPU and Triton):
 
     hard_fwd(q, k, v, mask, *, scale, is_causal, top_k) -> (out, idx, prob)
-    hard_bwd(dout, q, k, v, idx, prob, *, scale, top_k) -> (dq, dk, dv, ds)
+    hard_bwd(dout, q, k, v, idx, prob, *, scale, top_k, is_causal) -> (dq, dk, dv, ds)
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) any strides; mask None or 4-D with size-1 dims
 broadcast. out (B, H, L, Ev) in q's dtype; idx (B, H, L, K) int32 (-1 unused), prob and ds (B, H, L, K)
@@ -63,7 +63,8 @@ def _cpu_hard_fwd(q, k, v, mask, *, scale: float, is_causal: bool, top_k: int, m
     return out, idx, prob
 
 
-def _cpu_hard_bwd(dout, q, k, v, idx, prob, *, scale: float, top_k: int, mod=None):
+def _cpu_hard_bwd(dout, q, k, v, idx, prob, *, scale: float, top_k: int, is_causal: bool = False, mod=None):
+    """C++ backward (``is_causal`` is not needed: the saved selection already respects it)."""
     from fastattn import _cpu
 
     mod = _cpu.module() if mod is None else mod
@@ -116,16 +117,16 @@ def _(q, k, v, mask, scale, is_causal, top_k, backend):
 
 @torch.library.custom_op("fastattn::hard_bwd", mutates_args=())
 def hard_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, prob: Tensor, scale: float, top_k: int,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             is_causal: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, ds): gradients (contiguous, the inputs' dtypes) and ds (B, H, L, K) float32, the
     gradient of the selected scores (0 for top_k = 1 and for unused slots)."""
     _, bwd = _launcher(backend, q.device)
-    dq, dk, dv, ds = bwd(dout, q, k, v, idx, prob, scale=scale, top_k=top_k)
+    dq, dk, dv, ds = bwd(dout, q, k, v, idx, prob, scale=scale, top_k=top_k, is_causal=is_causal)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), ds
 
 
 @hard_bwd.register_fake
-def _(dout, q, k, v, idx, prob, scale, top_k, backend):
+def _(dout, q, k, v, idx, prob, scale, top_k, is_causal, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
@@ -136,7 +137,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale, is_causal, top_k, backend = inputs
     _, idx, prob = output
     ctx.save_for_backward(q, k, v, idx, prob, mask)
-    ctx.params = (scale, top_k, backend)
+    ctx.params = (scale, top_k, is_causal, backend)
     ctx.mark_non_differentiable(idx, prob)
 
 
@@ -155,8 +156,8 @@ def _dmask_from_ds(ds: Tensor, idx: Tensor, mask: Tensor, S: int) -> Tensor:
 
 def _backward(ctx, dout, _didx, _dprob):
     q, k, v, idx, prob, mask = ctx.saved_tensors
-    scale, top_k, backend = ctx.params
-    dq, dk, dv, ds = hard_bwd(dout, q, k, v, idx, prob, scale, top_k, backend)
+    scale, top_k, is_causal, backend = ctx.params
+    dq, dk, dv, ds = hard_bwd(dout, q, k, v, idx, prob, scale, top_k, is_causal, backend)
     dmask = None
     if mask is not None and ctx.needs_input_grad[3] and mask.dtype != torch.bool:
         dmask = _dmask_from_ds(ds, idx, mask, k.shape[2])
