@@ -4,7 +4,8 @@
 // the K best visible keys are kept in a sorted per-row list while key tiles stream by (no (L, S)
 // scores in memory); ties go to the lowest key index because keys arrive in ascending order and a
 // later key must beat a kept one strictly. p = softmax over the kept scores, out_i = sum_t p_t v_{j_t}.
-// Writes idx (B, H, L, K) int32 (-1 for unused slots) and prob (B, H, L, K) float32 (0 for unused).
+// Writes idx (B, H, L, K) int32 (-1 for unused slots) and prob (B, H, L, K) float32 (float64 for float64
+// inputs; 0 for unused slots).
 //
 // Backward (selection fixed by idx):  dp_t = <dO_i, v_{j_t}>,  ds_t = p_t (dp_t - sum_u p_u dp_u),
 // dq_i = scale sum_t ds_t k_{j_t};  dv_j = sum_{(i,t): j_t = j} p_t dO_i,  dk_j = sum scale ds_t q_i.
@@ -32,8 +33,8 @@ constexpr int64_t kBN = 64;       // keys per score tile (a multiple of 2 * simd
 struct HardParams {
   Params base;      // q, k, v, out, mask, dout, dq, dk, dv, sizes, scale, is_causal, num_threads
   Tensor4 idx;      // int32 (B, H, L, K), contiguous
-  Tensor4 prob;     // float32 (B, H, L, K), contiguous
-  Tensor4 ds;       // float32 (B, H, L, K), contiguous (backward output)
+  Tensor4 prob;     // (B, H, L, K) contiguous, float32 (float64 for float64 inputs)
+  Tensor4 ds;       // (B, H, L, K) contiguous, prob's dtype (backward output)
   int64_t top_k = 1;
 };
 
@@ -129,6 +130,7 @@ void hard_forward_t(const HardParams& hp) {
   const int nt = std::max(1, p.num_threads);
   std::vector<Scratch> scratch(static_cast<size_t>(nt));
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  const Acc scale = static_cast<Acc>(p.scale);
 
   parallel_for(p.B * p.H * nmb, nt, [&](int64_t begin, int64_t end, int tid) {
     Arena plan;
@@ -150,7 +152,7 @@ void hard_forward_t(const HardParams& hp) {
       const int64_t b = bh / p.H, h = bh % p.H, hk = p.kv_head(h);
       const int64_t i0 = mb * kBM, i1 = std::min(L, i0 + kBM), nr = i1 - i0;
       for (int64_t r = 0; r < nr; ++r)
-        load_row(p.q.at<const T>(b, h, i0 + r), p.q.se, E, static_cast<Acc>(p.scale), qf + r * E);
+        load_row(p.q.at<const T>(b, h, i0 + r), p.q.se, E, Acc(1), qf + r * E);
       for (int64_t r = 0; r < nr; ++r) cnt[r] = 0;
       const MaskView mv = mask_view(p, b, h);
       const int64_t jend = p.is_causal ? std::min(S, i1) : S;
@@ -180,7 +182,8 @@ void hard_forward_t(const HardParams& hp) {
           if (p.is_causal) c_end = std::min(nb, i - j0 + 1);  // keys j <= i
           Acc thr = cnt[r] == K ? rs[K - 1] : ninf;
           for (int64_t c = 0; c < c_end; ++c) {
-            const Acc x = mv.dtype != kNone ? s[c] + m[c] : s[c];
+            // scale after the dot, as (q @ k^T) * scale: integer-valued dots stay exact, so exact ties stay ties.
+            const Acc x = mv.dtype != kNone ? s[c] * scale + m[c] : s[c] * scale;
             if (x > thr) {  // also drops -inf (hidden) and NaN
               offer(x, static_cast<int32_t>(j0 + c), rs, ri, cnt[r], K);
               thr = cnt[r] == K ? rs[K - 1] : ninf;
@@ -194,7 +197,7 @@ void hard_forward_t(const HardParams& hp) {
         const Acc* rs = bs + r * K;
         const int32_t* ri = bi + r * K;
         int32_t* oidx = hp.idx.at<int32_t>(b, h, i);
-        float* oprob = hp.prob.at<float>(b, h, i);
+        Acc* oprob = hp.prob.at<Acc>(b, h, i);
         Acc sum = 0;
         Acc w[kMaxTopK];
         for (int64_t t = 0; t < cnt[r]; ++t) {
@@ -206,12 +209,12 @@ void hard_forward_t(const HardParams& hp) {
           if (t < cnt[r]) {
             const Acc pt = w[t] / sum;
             oidx[t] = ri[t];
-            oprob[t] = static_cast<float>(pt);
+            oprob[t] = pt;
             load_row(p.v.at<const T>(b, hk, ri[t]), p.v.se, Ev, Acc(1), vrow);
             for (int64_t e = 0; e < Ev; ++e) acc[e] += pt * vrow[e];
           } else {
             oidx[t] = -1;
-            oprob[t] = 0.f;
+            oprob[t] = Acc(0);
           }
         }
         store_row(p.out.at<T>(b, h, i), p.out.se, Ev, acc);
@@ -228,8 +231,8 @@ void hard_backward_t(const HardParams& hp) {
   const int nt = std::max(1, p.num_threads);
   const Acc scale = static_cast<Acc>(p.scale);
   const int32_t* idx = reinterpret_cast<const int32_t*>(hp.idx.ptr);
-  const float* prob = reinterpret_cast<const float*>(hp.prob.ptr);
-  float* ds = reinterpret_cast<float*>(hp.ds.ptr);
+  const Acc* prob = reinterpret_cast<const Acc*>(hp.prob.ptr);
+  Acc* ds = reinterpret_cast<Acc*>(hp.ds.ptr);
   std::vector<Scratch> scratch(static_cast<size_t>(nt));
 
   // Phase A (per query row): ds and dq.
@@ -245,8 +248,8 @@ void hard_backward_t(const HardParams& hp) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (H * L), h = (row / L) % H, i = row % L, hk = p.kv_head(h);
       const int32_t* ri = idx + row * K;
-      const float* rp = prob + row * K;
-      float* rds = ds + row * K;
+      const Acc* rp = prob + row * K;
+      Acc* rds = ds + row * K;
       for (int64_t e = 0; e < E; ++e) dq[e] = 0;
       if (K > 1) {
         load_row(p.dout.at<const T>(b, h, i), p.dout.se, Ev, Acc(1), dor);
@@ -262,17 +265,17 @@ void hard_backward_t(const HardParams& hp) {
         }
         for (int64_t t = 0; t < K; ++t) {
           if (ri[t] < 0) {
-            rds[t] = 0.f;
+            rds[t] = Acc(0);
             continue;
           }
           const Acc g = static_cast<Acc>(rp[t]) * (dp[t] - delta);
-          rds[t] = static_cast<float>(g);
+          rds[t] = g;
           load_row(p.k.at<const T>(b, hk, ri[t]), p.k.se, E, Acc(1), kr);
           for (int64_t e = 0; e < E; ++e) dq[e] += g * kr[e];
         }
         for (int64_t e = 0; e < E; ++e) dq[e] *= scale;
       } else {
-        for (int64_t t = 0; t < K; ++t) rds[t] = 0.f;
+        for (int64_t t = 0; t < K; ++t) rds[t] = Acc(0);
       }
       store_row(p.dq.at<T>(b, h, i), p.dq.se, E, dq);
     }

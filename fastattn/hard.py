@@ -11,7 +11,7 @@ Launcher contract (CPU and Triton):
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) any strides; mask None or 4-D with size-1 dims
 broadcast. out (B, H, L, Ev) in q's dtype; idx (B, H, L, K) int32 (-1 unused), prob and ds (B, H, L, K)
-float32, contiguous. The float mask gradient is built here from ds (see :func:`_dmask_from_ds`).
+float32 (the C++ kernel: float64 for float64 inputs), contiguous. The float mask gradient is built here from ds (see :func:`_dmask_from_ds`).
 """
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def _check_top_k(top_k) -> int:
 
 
 # ============================================================================================ launchers
+def _prob_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Saved probabilities / ds of the C++ kernel: its accumulator type (float64 only for float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _cpu_hard_fwd(q, k, v, mask, *, scale: float, is_causal: bool, top_k: int, mod=None):
     """C++ forward (``mod``: an explicit ISA module, for tests; default the dispatcher's pick)."""
     from fastattn import _cpu
@@ -50,7 +55,7 @@ def _cpu_hard_fwd(q, k, v, mask, *, scale: float, is_causal: bool, top_k: int, m
     Ev = v.shape[3]
     out = q.new_empty(B, L, H, Ev).transpose(1, 2)
     idx = torch.empty(B, H, L, top_k, dtype=torch.int32)
-    prob = torch.empty(B, H, L, top_k, dtype=torch.float32)
+    prob = torch.empty(B, H, L, top_k, dtype=_prob_dtype(q.dtype))
     if B * H * L == 0:
         return out, idx, prob
     hp = mod.HardParams()
@@ -71,7 +76,7 @@ def _cpu_hard_bwd(dout, q, k, v, idx, prob, *, scale: float, top_k: int, is_caus
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.empty(k.shape, dtype=k.dtype)
     dv = torch.empty(v.shape, dtype=v.dtype)
-    ds = torch.empty(idx.shape, dtype=torch.float32)
+    ds = torch.empty(idx.shape, dtype=prob.dtype)
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         for g in (dq, dk, dv, ds):
             g.zero_()
@@ -112,7 +117,8 @@ def hard_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
 def _(q, k, v, mask, scale, is_causal, top_k, backend):
     B, H, L, _ = q.shape
     out = q.new_empty(B, L, H, v.shape[-1]).transpose(1, 2)
-    return (out, q.new_empty(B, H, L, top_k, dtype=torch.int32), q.new_empty(B, H, L, top_k, dtype=torch.float32))
+    prob_dtype = _prob_dtype(q.dtype) if q.device.type == "cpu" and backend == "cpu" else torch.float32
+    return (out, q.new_empty(B, H, L, top_k, dtype=torch.int32), q.new_empty(B, H, L, top_k, dtype=prob_dtype))
 
 
 @torch.library.custom_op("fastattn::hard_bwd", mutates_args=())
@@ -143,11 +149,12 @@ def _setup_context(ctx, inputs, output):
 
 def _dmask_from_ds(ds: Tensor, idx: Tensor, mask: Tensor, S: int) -> Tensor:
     """d loss / d mask: ds scattered to the selected (b, h, i, j), summed over the mask's broadcast dims.
-    Goes through a dense (B, H, L, S) float32 tensor: O(L * S) memory, only when a float mask needs a
+    Goes through a dense (B, H, L, S) tensor: O(L * S) memory, only when a float mask needs a
     gradient. Each (row, key) is selected at most once, so the scatter has no collisions (deterministic)."""
-    dense = torch.zeros(*idx.shape[:-1], S, dtype=torch.float32, device=ds.device)
-    valid = idx >= 0
-    dense.scatter_(-1, torch.where(valid, idx, 0).long(), torch.where(valid, ds, 0.0))
+    # Unused slots (-1) go to an extra column S that is dropped, so no two writes hit one element.
+    dense = torch.zeros(*idx.shape[:-1], S + 1, dtype=ds.dtype, device=ds.device)
+    dense.scatter_(-1, torch.where(idx >= 0, idx, S).long(), ds)
+    dense = dense[..., :S]
     dims = [d for d in range(4) if mask.shape[d] == 1 and dense.shape[d] != 1]
     if dims:
         dense = dense.sum(dim=dims, keepdim=True)

@@ -46,20 +46,26 @@ _BIG = tl.constexpr(1 << 30)  # index of unused candidate slots (> any key index
 # score tile in registers, so wide top-k uses shorter query tiles. Backward dk/dv: two fp32
 # (BLOCK_N x E) accumulators plus the W tiles.
 # ----------------------------------------------------------------------------------------------------
-def fwd_config(k_pad: int, head: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward."""
+def fwd_config(k_pad: int, head: int, fp32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (``head``: padded max(E, Ev)).
+    Checked for sm_80 / sm_90 without spills by hand (see the report of issue 5)."""
     if _interpreting():
         return 16, 16, 1, 1
+    if fp32:  # fp32 tiles are twice the registers (and ieee dots run on the FMA units)
+        return (32, 32, 4, 2) if head <= 64 else (16, 32, 4, 2)
+    if head > 128:
+        return 32, 32, 4, 2
     if k_pad <= 8:
-        return (64, 64, 4, 2) if head <= 128 else (32, 64, 4, 2)
+        return 64, 64, 4, 2
     return (32, 64, 4, 2) if k_pad <= 32 else (16, 64, 4, 2)
 
 
-def bwd_config(head: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels."""
+def bwd_config(head: int, fp32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels (fp32 W tiles and dots)."""
     if _interpreting():
         return 16, 16, 1, 1
-    return (32, 64, 4, 2) if head <= 128 else (32, 32, 4, 1)
+    # 8 warps: the dk/dv kernel holds two fp32 (BLOCK_N x E) accumulators and two fp32 W tiles.
+    return (32, 64, 8, 1) if head <= 64 else (16, 32, 8, 1)
 
 
 def _interpreting() -> bool:
@@ -347,8 +353,49 @@ _INTERPRETED = _is_interpreted(_hard_fwd)
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _strides(t) -> tuple[int, ...]:
-    return tuple(int(x) for x in t.stride())
+def _fwd_args(q, k, v, mask_t, mask_kind, mstr, out, idx, prob, scale, is_causal, top_k):
+    """(grid, keyword arguments) of the forward launch (also what an AOT compile check needs)."""
+    B, H, L, E = q.shape
+    Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    k_pad = triton.next_power_of_2(top_k)
+    bm, bn, nw, ns = fwd_config(k_pad, max(_pad_dim(E), _pad_dim(Ev)), q.dtype == torch.float32)
+    precision = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee") if q.dtype == torch.float32 else "ieee"
+    args = dict(Q=q, K=k, V=v, Mask=mask_t, Out=out, Idx=idx, Prob=prob,
+                **_named("q", q), **_named("k", k), **_named("v", v), **_named("m", mstr), **_named("o", out),
+                H=H, GROUP=H // Hk, L=L, S=S, sm_scale=float(scale),
+                HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), MASK_KIND=mask_kind,
+                IS_CAUSAL=bool(is_causal), TOP_K=top_k, K_PAD=k_pad,
+                UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=precision,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    return (triton.cdiv(L, bm), B * H), args
+
+
+def _bwd_args(dout, q, k, v, idx, prob, dq, dk, dv, ds, scale, top_k, is_causal):
+    """[(kernel, grid, keyword arguments)] of the backward launches."""
+    B, H, L, E = q.shape
+    Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    bm, bn, nw, ns = bwd_config(max(_pad_dim(E), _pad_dim(Ev)), q.dtype == torch.float32)
+    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), TOP_K=top_k,
+                  num_warps=nw, num_stages=ns)
+    out = []
+    if top_k > 1:
+        out.append((_hard_bwd_dq, (triton.cdiv(L, bm), B * H), dict(
+            K=k, V=v, DO=dout, Idx=idx, Prob=prob, DS=ds, DQ=dq, **_named("k", k), **_named("v", v),
+            **_named("do", dout), **_named("dq", dq), H=H, GROUP=H // Hk, L=L, sm_scale=float(scale), **common,
+            K_PAD=triton.next_power_of_2(top_k), BLOCK_M=bm)))
+    out.append((_hard_bwd_dkdv, (triton.cdiv(S, bn), B * Hk), dict(
+        Q=q, DO=dout, Idx=idx, Prob=prob, DS=ds, DK=dk, DV=dv, **_named("q", q), **_named("do", dout),
+        **_named("dk", dk), **_named("dv", dv), H=H, GROUP=H // Hk, L=L, S=S, sm_scale=float(scale), **common,
+        IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn)))
+    return out
+
+
+def _named(prefix: str, t) -> dict[str, int]:
+    names = {"q": "qb qh qm qe", "k": "kb kh kn ke", "v": "vb vh vn ve", "o": "ob oh om oe", "m": "mb mh mm mn",
+             "do": "dob doh dom doe", "dq": "dqb dqh dqm dqe", "dk": "dkb dkh dkn dke",
+             "dv": "dvb dvh dvn dve"}[prefix].split()
+    st = t.stride() if isinstance(t, torch.Tensor) else t
+    return {f"stride_{n}": int(x) for n, x in zip(names, st)}
 
 
 def _check(q, k, v, top_k: int) -> None:
@@ -383,17 +430,8 @@ def hard_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_t = mask
         mstr = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
-    k_pad = triton.next_power_of_2(top_k)
-    head = max(_pad_dim(E), _pad_dim(Ev))
-    bm, bn, nw, ns = fwd_config(k_pad, head)
-    precision = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee") if q.dtype == torch.float32 else "ieee"
-    grid = (triton.cdiv(L, bm), B * H)
-    _hard_fwd[grid](q, k, v, mask_t, out, idx, prob, *_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(out),
-                    H, H // Hk, L, S, float(scale),
-                    HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), MASK_KIND=mask_kind,
-                    IS_CAUSAL=bool(is_causal), TOP_K=top_k, K_PAD=k_pad,
-                    UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=precision,
-                    BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+    grid, args = _fwd_args(q, k, v, mask_t, mask_kind, mstr, out, idx, prob, scale, is_causal, top_k)
+    _hard_fwd[grid](**args)
     return out, idx, prob
 
 
@@ -414,16 +452,6 @@ def hard_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dv.zero_()
         return dq, dk, dv, ds
     idx, prob = idx.contiguous(), prob.contiguous()
-    head = max(_pad_dim(E), _pad_dim(Ev))
-    bm, bn, nw, ns = bwd_config(head)
-    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), TOP_K=top_k)
-    if top_k > 1:
-        _hard_bwd_dq[(triton.cdiv(L, bm), B * H)](
-            k, v, dout, idx, prob, ds, dq, *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            H, H // Hk, L, float(scale), **common, K_PAD=triton.next_power_of_2(top_k), BLOCK_M=bm,
-            num_warps=nw, num_stages=ns)
-    _hard_bwd_dkdv[(triton.cdiv(S, bn), B * Hk)](
-        q, dout, idx, prob, ds, dk, dv, *_strides(q), *_strides(dout), *_strides(dk), *_strides(dv),
-        H, H // Hk, L, S, float(scale), **common, IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=nw, num_stages=ns)
+    for kernel, grid, args in _bwd_args(dout, q, k, v, idx, prob, dq, dk, dv, ds, scale, top_k, is_causal):
+        kernel[grid](**args)
     return dq, dk, dv, ds
