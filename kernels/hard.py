@@ -86,6 +86,17 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _cast(x, ty, RTNE: tl.constexpr):
+    """x (fp32) -> ty. RTNE: round to nearest even by hand before a bf16 cast (Triton 3.9's interpreter
+    truncates fp32 -> bf16 casts; compiled kernels round to nearest even and never set this)."""
+    if RTNE:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(ty)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
@@ -108,7 +119,7 @@ def _hard_fwd(Q, K, V, Mask, Out, Idx, Prob,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
               TOP_K: tl.constexpr, K_PAD: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(K_PAD >= TOP_K)
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -217,7 +228,7 @@ def _hard_fwd(Q, K, V, Mask, Out, Idx, Prob,
             vrow = tl.load(V_bh + jt.to(tl.int64)[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
                            mask=(vt & in_m)[:, None] & ev_ok, other=0.0)
             acc += pt[:, None] * vrow.to(tl.float32)
-        tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, acc.to(Out.dtype.element_ty),
+        tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, _cast(acc, Out.dtype.element_ty, RTNE),
                  mask=in_m[:, None] & ev_ok)
 
 
@@ -232,7 +243,8 @@ def _hard_bwd_dq(K, V, DO, Idx, Prob, DS, DQ,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqe,
                  H, GROUP, L, sm_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_EV: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+                 BLOCK_EV: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RTNE: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -276,7 +288,7 @@ def _hard_bwd_dq(K, V, DO, Idx, Prob, DS, DQ,
         dq += dst[:, None] * krow
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + m64[:, None] * stride_dqm + offs_e[None, :] * stride_dqe,
-             dq.to(DQ.dtype.element_ty), mask=in_m[:, None] & e_ok)
+             _cast(dq, DQ.dtype.element_ty, RTNE), mask=in_m[:, None] & e_ok)
 
 
 @triton.jit
@@ -287,7 +299,7 @@ def _hard_bwd_dkdv(Q, DO, Idx, Prob, DS, DK, DV,
                    stride_dvb, stride_dvh, stride_dvn, stride_dve,
                    H, GROUP, L, S, sm_scale,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_EV: tl.constexpr, TOP_K: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   BLOCK_EV: tl.constexpr, TOP_K: tl.constexpr, IS_CAUSAL: tl.constexpr, RTNE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bk = tl.program_id(1).to(tl.int64)
@@ -334,9 +346,9 @@ def _hard_bwd_dkdv(Q, DO, Idx, Prob, DS, DK, DV,
     in_n = offs_n < S
     n64 = offs_n.to(tl.int64)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + n64[:, None] * stride_dvn + offs_ev[None, :] * stride_dve,
-             dv.to(DV.dtype.element_ty), mask=in_n[:, None] & ev_ok)
+             _cast(dv, DV.dtype.element_ty, RTNE), mask=in_n[:, None] & ev_ok)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + n64[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=in_n[:, None] & e_ok)
+             _cast(dk * sm_scale, DK.dtype.element_ty, RTNE), mask=in_n[:, None] & e_ok)
 
 
 def _is_interpreted(fn) -> bool:
@@ -366,7 +378,7 @@ def _fwd_args(q, k, v, mask_t, mask_kind, mstr, out, idx, prob, scale, is_causal
                 HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), MASK_KIND=mask_kind,
                 IS_CAUSAL=bool(is_causal), TOP_K=top_k, K_PAD=k_pad,
                 UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=precision,
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+                RTNE=_interpreting() and q.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
     return (triton.cdiv(L, bm), B * H), args
 
 
@@ -376,7 +388,7 @@ def _bwd_args(dout, q, k, v, idx, prob, dq, dk, dv, ds, scale, top_k, is_causal)
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     bm, bn, nw, ns = bwd_config(max(_pad_dim(E), _pad_dim(Ev)), q.dtype == torch.float32)
     common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), TOP_K=top_k,
-                  num_warps=nw, num_stages=ns)
+                  RTNE=_interpreting() and q.dtype == torch.bfloat16, num_warps=nw, num_stages=ns)
     out = []
     if top_k > 1:
         out.append((_hard_bwd_dq, (triton.cdiv(L, bm), B * H), dict(

@@ -85,7 +85,8 @@ def _mask(kind, B, H, L, S, dtype, seed=1):
 
 def _ref(q, k, v, mask, causal, scale, K, dout, upcast, mask_grad=False):
     """Reference (out, idx, prob, dq, dk, dv[, dmask]) via autograd."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    # float64 leaves for the ground truth: autograd returns gradients in the leaf dtype.
+    q, k, v = (t.detach().to(F64 if upcast else t.dtype).requires_grad_() for t in (q, k, v))
     m = mask
     if mask_grad:
         m = mask.detach().to(F64 if upcast else mask.dtype).requires_grad_()
