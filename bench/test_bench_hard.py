@@ -12,6 +12,8 @@ largest shape. Nothing runs at import or collection time.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -48,17 +50,18 @@ def test_hard(benchmark, L, top_k, provider):
         pytest.skip("SDPA has no top_k: timed once per length")
     q, k, v = _inputs(L)
     fn = _call(provider, q, k, v, top_k)
-    rounds = 5 if L <= 512 else (1 if provider == "naive" else 3)
+    slow = L > 512 and provider == "naive"  # ~a minute per call on 2 cores: one cold call
+    rounds = 5 if L <= 512 else (1 if slow else 3)
     benchmark.group = f"B{B}-H{H}-L{L}-S{L}-E{E}-f32-K{top_k}"
     benchmark.extra_info.update(B=B, H=H, L=L, S=L, E=E, top_k=top_k, dtype="f32", provider=provider,
                                 torch_threads=torch.get_num_threads())
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if slow else 1)
     if benchmark.stats is not None:
         print(f"\n{benchmark.group} {provider}: median {benchmark.stats.stats.median * 1e3:.1f} ms")
 
 
 @pytest.mark.parametrize("provider", ["fastattn-cpu", "naive"])
-@pytest.mark.parametrize("top_k", TOP_KS, ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("top_k", [max(TOP_KS)], ids=lambda k: f"K{k}")
 def test_hard_memory(top_k, provider, record_property):
     """Peak RSS growth of one forward call at the largest shape (fused: the output and the saved
     indices/probabilities; naive: the (B, H, L, S) scores and their sort)."""
@@ -66,7 +69,9 @@ def test_hard_memory(top_k, provider, record_property):
         pytest.skip(why)
     L = max(LENGTHS)
     q, k, v = _inputs(L)
+    t0 = time.perf_counter()
     peak, kept = fb.peak_memory(_call(provider, q, k, v, top_k), "cpu")
+    dt = time.perf_counter() - t0
     print(f"\nB{B}-H{H}-L{L}-S{L}-E{E}-f32-K{top_k} {provider}: peak {peak / fb.MIB:.1f} MiB, "
-          f"returned {kept / fb.MIB:.1f} MiB")
+          f"returned {kept / fb.MIB:.1f} MiB, one cold call {dt:.2f} s")
     record_property("peak_mib", peak / fb.MIB)
