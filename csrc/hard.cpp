@@ -27,7 +27,7 @@ namespace FASTATTN_NS {
 namespace {
 
 constexpr int64_t kMaxTopK = 64;  // fastattn/hard.py MAX_TOP_K
-constexpr int64_t kBM = 16;       // query rows per forward task
+constexpr int64_t kBM = 64;       // query rows per forward task (amortises the K tile transpose)
 constexpr int64_t kBN = 64;       // keys per score tile (a multiple of 2 * simd::W)
 
 struct HardParams {
