@@ -11,7 +11,8 @@ Launcher contract (CPU and Triton):
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) any strides; mask None or 4-D with size-1 dims
 broadcast. out (B, H, L, Ev) in q's dtype; idx (B, H, L, K) int32 (-1 unused), prob and ds (B, H, L, K)
-float32 (the C++ kernel: float64 for float64 inputs), contiguous. The float mask gradient is built here from ds (see :func:`_dmask_from_ds`).
+float32 (the C++ kernel: float64 for float64 inputs), contiguous. The float mask gradient is built here
+from ds (see :func:`_dmask_from_ds`).
 """
 from __future__ import annotations
 

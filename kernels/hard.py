@@ -228,8 +228,8 @@ def _hard_fwd(Q, K, V, Mask, Out, Idx, Prob,
             vrow = tl.load(V_bh + jt.to(tl.int64)[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
                            mask=(vt & in_m)[:, None] & ev_ok, other=0.0)
             acc += pt[:, None] * vrow.to(tl.float32)
-        tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, _cast(acc, Out.dtype.element_ty, RTNE),
-                 mask=in_m[:, None] & ev_ok)
+        tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe,
+                 _cast(acc, Out.dtype.element_ty, RTNE), mask=in_m[:, None] & ev_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
