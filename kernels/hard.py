@@ -467,3 +467,56 @@ def hard_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     for kernel, grid, args in _bwd_args(dout, q, k, v, idx, prob, dq, dk, dv, ds, scale, top_k, is_causal):
         kernel[grid](**args)
     return dq, dk, dv, ds
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed): registers / spills / shared memory of every kernel at the
+# tile configs above, for sm_80 and sm_90. Run with TRITON_INTERPRET unset:
+#     python -c "from fastattn.kernels import hard; hard.print_aot_report()"
+# ----------------------------------------------------------------------------------------------------
+def aot_report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), heads=(64, 128, 256), top_ks=(1, 8, 64)):
+    """Rows (dtype, E, top_k, arch, kernel, registers, spill bytes, shared bytes) from compiling each
+    kernel as the launchers would call it (causal, full bool mask, BSHD views, GQA 4 -> 2)."""
+    import itertools
+
+    from triton.backends.compiler import GPUTarget
+
+    from . import aot
+
+    if _interpreting():
+        raise RuntimeError("aot_report needs the compiled (not interpreted) kernels: unset TRITON_INTERPRET")
+
+    def compile_one(fn, args, arch):
+        args = dict(args)
+        nw, ns = args.pop("num_warps"), args.pop("num_stages")
+        sig, cx, attrs = aot._signature(fn, args)
+        ck = triton.compile(triton.compiler.ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=nw, num_stages=ns))
+        regs, local, stack = aot._resource_usage(ck.asm["cubin"])
+        spills = aot._ptxas_spills(ck.asm["ptx"], arch) if local + stack else 0
+        return regs, spills, int(ck.metadata.shared)
+
+    B, H, Hk, L, S = 2, 4, 2, 256, 256
+    rows = []
+    for dt, E, K, arch in itertools.product(dtypes, heads, top_ks, archs):
+        q = torch.empty(B, L, H, E, dtype=dt).transpose(1, 2)
+        k = torch.empty(B, S, Hk, E, dtype=dt).transpose(1, 2)
+        v = torch.empty(B, S, Hk, E, dtype=dt).transpose(1, 2)
+        out = torch.empty(B, L, H, E, dtype=dt).transpose(1, 2)
+        idx = torch.empty(B, H, L, K, dtype=torch.int32)
+        prob = torch.empty(B, H, L, K)
+        mask = torch.ones(B, H, L, S, dtype=torch.bool)
+        _, a = _fwd_args(q, k, v, mask, 1, mask.stride(), out, idx, prob, 0.1, True, K)
+        launches = [(_hard_fwd, a)]
+        dq, dk = torch.empty(B, H, L, E, dtype=dt), torch.empty(B, Hk, S, E, dtype=dt)
+        dv = torch.empty_like(dk)
+        launches += [(kern, a) for kern, _, a in _bwd_args(out, q, k, v, idx, prob, dq, dk, dv, prob, 0.1, K, True)]
+        for fn, a in launches:
+            name = fn.fn.__name__ if hasattr(fn, "fn") else str(fn)
+            rows.append((str(dt).replace("torch.", ""), E, K, arch, name, *compile_one(fn, a, arch)))
+    return rows
+
+
+def print_aot_report(**kw) -> None:
+    for dt, E, K, arch, name, regs, spill, smem in aot_report(**kw):
+        print(f"{dt:9s} E{E:<4d} K{K:<3d} sm_{arch} {name:16s} regs {regs:4d} spill {spill:5d} B smem {smem:6d}")
