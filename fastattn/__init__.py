@@ -3,11 +3,12 @@ from fastattn import reference
 from fastattn.functional import scaled_dot_product_attention
 from fastattn.weights import attention_weights
 from fastattn.varlen import varlen_attention, unpad, pad
-from fastattn.additive import *  # noqa: F401,F403  (additive_attention)
-from fastattn.hard import *  # noqa: F401,F403  (hard_attention)
+from fastattn.additive import additive_attention
+from fastattn.hard import hard_attention
 from fastattn.patch import patch
 from fastattn import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "attention_weights", "varlen_attention", "unpad", "pad", "patch", "nn", "reference", "__version__"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "varlen_attention", "unpad", "pad",
+           "additive_attention", "hard_attention", "patch", "nn", "reference", "__version__"]
