@@ -305,20 +305,22 @@ def _mem_available_gib() -> float:
 @pytest.mark.skipif(_mem_available_gib() < 16, reason=f"needs 16 GiB of available memory "
                     f"(a 2 GiB mask plus temporaries), {_mem_available_gib():.1f} GiB available")
 def test_mask_over_2_31_elements():
-    """A bool mask (1, 1, 46341, 46341): 2,147,488,281 elements > 2^31, so element offsets i * S + j
-    overflow int32. Each row is a rotation of a random key pattern (row i: key j visible iff
-    pattern[(i + j) % S]), so a wrapped offset reads a different row. Forward and backward on small q/k/v
-    heads; rows near the start, the middle, the 2^31 boundary and the end checked against the reference
-    on those rows (dk/dv are sums over all rows: checked via the rows' own contributions, see below)."""
-    n, E = 46341, 4
+    """A bool mask (1, 1, 50000, 46341): 2,317,050,000 elements > 2^31, so element offsets i * S + j
+    overflow int32 from row 46341 on. Each row is a rotation of a random key pattern (row i: key j visible
+    iff pattern[(i + j) % S]), so a wrapped offset reads a different row. Forward and backward on small
+    q/k/v heads; rows near the start, the middle, the 2^31 boundary and the end checked against the
+    reference on those rows."""
+    L, n, E = 50000, 46341, 4
     g = torch.Generator().manual_seed(0)
     pattern = torch.rand(n, generator=g) > 0.5
-    mask = torch.cat([pattern, pattern]).as_strided((n, n), (1, 1)).contiguous().view(1, 1, n, n)
-    assert mask.numel() > 2**31
-    q, k, v = (torch.randn(1, 1, n, E, generator=g) for _ in range(3))
+    base = torch.cat([pattern, pattern, pattern])[: L + n]
+    mask = base.as_strided((L, n), (1, 1)).contiguous().view(1, 1, L, n)
+    assert mask.numel() > 2**31 and not mask.all(dim=-1).any()
+    q = torch.randn(1, 1, L, E, generator=g)
+    k, v = (torch.randn(1, 1, n, E, generator=g) for _ in range(2))
     out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True)
-    boundary = 2**31 // n  # the row where i * S first passes 2^31
-    rows = torch.tensor([0, 1, n // 2, boundary - 1, boundary, boundary + 1, n - 2, n - 1])
+    boundary = 2**31 // n + 1  # the first row whose offsets i * S all pass 2^31
+    rows = torch.tensor([0, 1, L // 2, boundary - 2, boundary - 1, boundary, boundary + 1, L - 2, L - 1])
     ref, ref_lse = reference.scaled_dot_product_attention(q[:, :, rows], k, v, mask[:, :, rows], return_lse=True)
     testing.assert_close("out rows", out[:, :, rows], ref)
     assert (lse[:, :, rows] - ref_lse).abs().max().item() < 1e-4
@@ -326,7 +328,7 @@ def test_mask_over_2_31_elements():
     # Backward with dout nonzero only on those rows: dq of the rows and all of dk, dv then equal the
     # reference on the row slice (other rows contribute exactly zero), dq elsewhere is zero.
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    dout = torch.zeros(1, 1, n, E)
+    dout = torch.zeros(1, 1, L, E)
     dout[:, :, rows] = torch.randn(1, 1, len(rows), E, generator=g)
     o = fastattn.scaled_dot_product_attention(*leaves, mask)
     dq, dk, dv = torch.autograd.grad(o, leaves, dout)
@@ -335,7 +337,7 @@ def test_mask_over_2_31_elements():
     r = reference.scaled_dot_product_attention(*refl, mask[:, :, rows])
     rdq, rdk, rdv = torch.autograd.grad(r, refl, dout[:, :, rows].double())
     testing.assert_close("dq rows", dq[:, :, rows], rdq, backward=True)
-    others = torch.ones(n, dtype=torch.bool)
+    others = torch.ones(L, dtype=torch.bool)
     others[rows] = False
     assert not dq[:, :, others].any()
     testing.assert_close("dk", dk, rdk, backward=True)
@@ -388,8 +390,8 @@ def _backends():
 def backend(request, monkeypatch):
     name = request.param
     if name == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # before triton's first import (its own @jit helpers)
         pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
         mod = importlib.import_module("fastattn.kernels.attention")
         if not mod._interpreting():
             importlib.reload(mod)

@@ -240,9 +240,9 @@ def test_cpu_matches_reference_long(case):
 @pytest.fixture(scope="module")
 def triton_interpreter():
     """TRITON_INTERPRET=1 while these tests run, with the kernels decorated for the interpreter."""
-    pytest.importorskip("triton")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setenv("TRITON_INTERPRET", "1")  # before triton's first import (its own @jit helpers)
+        pytest.importorskip("triton")
         try:
             mod = importlib.import_module("fastattn.kernels.attention")
         except ImportError as e:
