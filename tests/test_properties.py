@@ -222,13 +222,13 @@ def check_case(c: Case, backend: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CPU kernel
-@_examples(ci=120, dev=3000)
+@_examples(ci=120, dev=5000)
 @given(cases(dtypes=[F32, BF16, F16, F64], max_len=48, max_dim=100))
 def test_cpu_matches_reference(case):
     check_case(case, "cpu")
 
 
-@_examples(ci=30, dev=500)
+@_examples(ci=50, dev=1000)
 @given(cases(dtypes=[F32, BF16], max_len=200, max_dim=40, max_heads=2, max_batch=1))
 def test_cpu_matches_reference_long(case):
     """Lengths over several CPU tiles (partial last tiles, causal tile skipping)."""
@@ -256,3 +256,14 @@ def triton_interpreter():
 @given(case=cases(dtypes=[F32, BF16, F16], max_len=20, max_dim=24, max_heads=2))
 def test_triton_matches_reference(triton_interpreter, case):
     check_case(case, "triton")
+
+
+# --------------------------------------------------------------------------------- known findings
+@pytest.mark.xfail(strict=True, reason="open finding: the CPU backward's delta = rowsum(dO * O) uses the output "
+                   "rounded to bf16; with one key and dropout dS is 0 in exact math but the rounding leaves "
+                   "~2e-3 in dq, over the policy's floor (the low-precision reference is exact here). Found by "
+                   "the property test with a larger example budget.")
+def test_cpu_bf16_dropout_single_key_dq():
+    check_case(Case(B=1, H=2, Hk=1, L=1, S=1, E=1, Ev=1, dtype=BF16, layouts=("contig",) * 3, mask="none",
+                    mask_shape=(1, 1, 1, 1), mask_expand=False, mask_grad=False, dead_rows=False, causal=False,
+                    scale=None, dropout_p=0.1, gqa=True, seed=0), "cpu")
