@@ -15,6 +15,10 @@ import sys
 import threading
 import time
 
+# As tests/test_triton.py: the Triton tests run under the interpreter, which must be chosen before triton is
+# first imported (torch imports it lazily, e.g. on the first custom-op call), so set it at collection.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 
