@@ -229,20 +229,22 @@ class _AttentionDataset(torch.utils.data.Dataset):
         return 6
 
     def __getitem__(self, i):
+        worker = torch.utils.data.get_worker_info() is not None
+        if worker:
+            torch.set_num_threads(2)  # DataLoader sets 1 in workers: make the child's kernel pool start threads
         c = _THREAD_CASES[i % len(_THREAD_CASES)]
         args, kw = _thread_case(c, i)
-        return _fwd_bwd(*args, **kw)
-
-
-def _worker_init(_):
-    torch.set_num_threads(2)  # DataLoader sets 1 in workers: make the child's kernel pool start threads
+        out = _fwd_bwd(*args, **kw)
+        if worker:
+            torch.set_num_threads(1)  # see _forked_child_job: torch's OpenMP copy to shared memory
+        return out
 
 
 def test_dataloader_workers_fork():
     """DataLoader(num_workers=2, fork) computes attention in the workers after the parent used the pool."""
     ds = _AttentionDataset()
     want = [ds[i] for i in range(len(ds))]  # the parent's pool has threads now
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, worker_init_fn=_worker_init,
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
                                          multiprocessing_context="fork", timeout=120)
     got = list(loader)
     assert len(got) == len(want)
