@@ -486,6 +486,10 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
       if (m) x = VT::add(x, VT::load(m + c));
       VT::store(s + c, VT::exp(VT::sub(x, vlse)));
     }
+    if (m) {  // P = 0 where the mask is -inf, even for a NaN score (NaN + -inf is NaN)
+      for (int64_t c = 0; c < lim; ++c)
+        if (m[c] == -std::numeric_limits<Acc>::infinity()) s[c] = Acc(0);
+    }
     for (int64_t c = lim; c < ncv; ++c) s[c] = Acc(0);
     if (cx.dropout) {
       // Z = keep ? 1/(1-p) : 0;  PZ = P o Z;  dP <- dP o Z
@@ -685,6 +689,8 @@ void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
           const int64_t lim = p.is_causal ? std::min(nc, i0 + r - j0 + 1) : nc;
           const Acc* m = (p.mask_dtype != kNone && !mi.all_zero) ? u.t.mask + (mi.rows_shared ? 0 : r * kBc) : nullptr;
           for (int64_t c = 0; c < lim; ++c) {
+            // A -inf mask hides the key even when its score is NaN (NaN + -inf would be NaN).
+            if (m && m[c] == -std::numeric_limits<Acc>::infinity()) continue;
             const Acc x = u.t.S[r * kBc + c] * cx.scale + (m ? m[c] : Acc(0));
             if (x == -std::numeric_limits<Acc>::infinity()) continue;
             if (x > mx[r]) {

@@ -58,6 +58,10 @@ FASTATTN_INLINE vf finite_base(vf m) {
 FASTATTN_INLINE bool all_neg_inf(vf x) {
   return _mm512_cmp_ps_mask(x, _mm512_set1_ps(kNegInf), _CMP_NEQ_UQ) == 0;
 }
+// s, or -inf where the mask m is -inf: a hidden key stays hidden even if its score is NaN (NaN + -inf).
+FASTATTN_INLINE vf mask_hide(vf s, vf m) {
+  return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ), m);
+}
 FASTATTN_INLINE vf iota_f(float base) {
   return _mm512_add_ps(_mm512_set1_ps(base),
                        _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -71,6 +75,9 @@ FASTATTN_INLINE vf finite_base(vf m) {
 }
 FASTATTN_INLINE bool all_neg_inf(vf x) {
   return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(kNegInf), _CMP_NEQ_UQ)) == 0;
+}
+FASTATTN_INLINE vf mask_hide(vf s, vf m) {
+  return _mm256_blendv_ps(s, m, _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ));
 }
 FASTATTN_INLINE vf iota_f(float base) {
   return _mm256_add_ps(_mm256_set1_ps(base), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
@@ -88,6 +95,10 @@ FASTATTN_INLINE bool all_neg_inf(vf x) {
   for (int l = 0; l < W; ++l)
     if (!(x.v[l] == kNegInf)) return false;
   return true;
+}
+FASTATTN_INLINE vf mask_hide(vf s, vf m) {
+  for (int l = 0; l < W; ++l) s.v[l] = m.v[l] == kNegInf ? kNegInf : s.v[l];
+  return s;
 }
 FASTATTN_INLINE vf iota_f(float base) {
   vf r;
@@ -166,7 +177,7 @@ struct ScoreCtx {
   int64_t j0 = 0;             // first key of the block
 };
 
-// s = c * acc + mask, then causal -inf; stores S^T row n and folds it into the lane-wise max.
+// s = c * acc + mask (-inf where the mask is -inf, even for a NaN score), then causal -inf; stores S^T row n and folds it into the lane-wise max.
 FASTATTN_INLINE void score_store(const ScoreCtx& sc, int64_t n, vf* acc, float* st, vf* mx) {
   const vf cv = simd::set1(sc.c);
 #pragma GCC unroll 4
@@ -174,10 +185,9 @@ FASTATTN_INLINE void score_store(const ScoreCtx& sc, int64_t n, vf* acc, float* 
     vf s;
     if (sc.mt == nullptr) {
       s = simd::mul(acc[v], cv);
-    } else if (sc.mt_shared) {
-      s = simd::fmadd(acc[v], cv, simd::set1(sc.mt[n * sc.mt_ld]));
     } else {
-      s = simd::fmadd(acc[v], cv, simd::load(sc.mt + n * sc.mt_ld + v * W));
+      const vf m = sc.mt_shared ? simd::set1(sc.mt[n * sc.mt_ld]) : simd::load(sc.mt + n * sc.mt_ld + v * W);
+      s = mask_hide(simd::fmadd(acc[v], cv, m), m);
     }
     if (sc.causal) s = causal_hide(s, sc.iq[v], static_cast<float>(sc.j0 + n));
     simd::store(st + n * QG + v * W, s);
