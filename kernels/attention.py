@@ -308,6 +308,66 @@ def _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m):
     return lse2, delta
 
 
+@triton.jit
+def _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm, stride_mn,
+            MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr, CAUSAL: tl.constexpr,
+            TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores x @ yt in log2 units (qk_scale has log2(e) folded in), masked (M_tile: see _mask_tile),
+    causal and with keys past the bound hidden: a (query, key) tile (x = q, yt = k^T), or with TRANSPOSED
+    a (key, query) tile (x = k, yt = q^T) whose keys past the bound are left as they are (the dK/dV
+    kernel never stores those rows)."""
+    s = _dot(x, yt, None, UPCAST_DOT, DOT_PRECISION) * qk_scale
+    if MASK_KIND != 0:
+        mv = _mask_tile(M_tile, rows, cols, in_m, in_n, stride_mm, stride_mn, KEYS_ONLY, TRANSPOSED)
+        s = _apply_mask(s, mv, MASK_KIND)
+    if TRANSPOSED:
+        if CAUSAL:
+            s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
+    elif CAUSAL:
+        s = tl.where(in_n[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
+    else:
+        s = tl.where(in_n[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _recompute_p(x, yt, u, wt, M_tile, lse2, b, h, rows, cols, offs_m, offs_n, start_n, in_m, in_n,
+                 qk_scale, stride_mm, stride_mn, seed_lo, seed_hi, drop_threshold, drop_scale,
+                 MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr, CAUSAL: tl.constexpr,
+                 DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward's recomputation of one tile (shared by the dK/dV, dQ and dmask kernels):
+    P = exp2(S - lse) from the scores x @ yt (see _scores; lse2 in log2 units, +inf for empty rows) and
+    dP = u @ wt (dO V^T; V dO^T when TRANSPOSED). Returns (p, pd, dp): p = P, pd = P o Z (the dropped and
+    rescaled probabilities the forward multiplied V by) and dp = dP o Z, Z the dropout keep mask times
+    drop_scale; without dropout pd = p and dp = dP."""
+    s = _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm, stride_mn,
+                MASK_KIND, KEYS_ONLY, CAUSAL, TRANSPOSED, UPCAST_DOT, DOT_PRECISION)
+    if TRANSPOSED:
+        p = tl.math.exp2(s - lse2[None, :])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    dp = _dot(u, wt, None, UPCAST_DOT, DOT_PRECISION)
+    if DROPOUT:
+        keep = _philox_keep(b, h, offs_m, start_n, seed_lo, seed_hi, drop_threshold, BLOCK_M, BLOCK_N,
+                            TRANSPOSED)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        pd = p
+    return p, pd, dp
+
+
+@triton.jit
+def _ds(p, dp, delta, TRANSPOSED: tl.constexpr):
+    """dS = P o (dP - delta), delta (one per query row) broadcast along the keys."""
+    if TRANSPOSED:
+        ds = p * (dp - delta[None, :])
+    else:
+        ds = p * (dp - delta[:, None])
+    return ds
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
@@ -545,24 +605,13 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
             do = tl.load(DO_bh + m64 * stride_dom + do_off,
                          mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V), other=0.0)
             lse2, delta = _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m)
-            st = _dot(k, tl.trans(q), None, UPCAST_DOT, DOT_PRECISION) * qk_scale
-            if MASK_KIND != 0:
-                mv = _mask_tile(M_col + m64 * stride_mm, rows, cols, in_m, in_n, stride_mm, stride_mn,
-                                KEYS_ONLY, True)
-                st = _apply_mask(st, mv, MASK_KIND)
-            if IS_CAUSAL:
-                st = tl.where(offs_n[:, None] <= offs_m[None, :], st, float("-inf"))
-            pt = tl.math.exp2(st - lse2[None, :])
-            dpt = _dot(v, tl.trans(do), None, UPCAST_DOT, DOT_PRECISION)
-            if DROPOUT:
-                keep = _philox_keep(b, h, offs_m, start_n, seed_lo, seed_hi, drop_threshold,
-                                    BLOCK_M, BLOCK_N, True)
-                pdt = tl.where(keep, pt * drop_scale, 0.0)
-                dpt = tl.where(keep, dpt * drop_scale, 0.0)
-            else:
-                pdt = pt
+            pt, pdt, dpt = _recompute_p(k, tl.trans(q), v, tl.trans(do), M_col + m64 * stride_mm, lse2, b, h,
+                                        rows, cols, offs_m, offs_n, start_n, in_m, in_n, qk_scale,
+                                        stride_mm, stride_mn, seed_lo, seed_hi, drop_threshold, drop_scale,
+                                        MASK_KIND, KEYS_ONLY, IS_CAUSAL, DROPOUT, True, UPCAST_DOT,
+                                        DOT_PRECISION, BLOCK_M, BLOCK_N)
             dv = _dot(pdt.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
+            dst = _ds(pt, dpt, delta, True)
             dk = _dot(dst.to(q.dtype), q, dk, UPCAST_DOT, DOT_PRECISION)
 
     dk = dk * sm_scale
@@ -639,21 +688,11 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
                      other=0.0)
         vt = tl.load(V_bh + n64 * stride_vn + vt_off, mask=in_n[None, :] & (offs_ev[:, None] < HEAD_DIM_V),
                      other=0.0)
-        s = _dot(q, kt, None, UPCAST_DOT, DOT_PRECISION) * qk_scale
-        if MASK_KIND != 0:
-            mv = _mask_tile(M_row + n64 * stride_mn, rows, cols, in_m, in_n, stride_mm, stride_mn,
-                            KEYS_ONLY, False)
-            s = _apply_mask(s, mv, MASK_KIND)
-        if IS_CAUSAL:
-            s = tl.where(in_n[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
-        else:
-            s = tl.where(in_n[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = _dot(do, vt, None, UPCAST_DOT, DOT_PRECISION)
-        if DROPOUT:
-            keep = _philox_keep(b, h, offs_m, start_n, seed_lo, seed_hi, drop_threshold, BLOCK_M, BLOCK_N, False)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        p, _, dp = _recompute_p(q, kt, do, vt, M_row + n64 * stride_mn, lse2, b, h, rows, cols, offs_m, offs_n,
+                                start_n, in_m, in_n, qk_scale, stride_mm, stride_mn, seed_lo, seed_hi,
+                                drop_threshold, drop_scale, MASK_KIND, KEYS_ONLY, IS_CAUSAL, DROPOUT, False,
+                                UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+        ds = _ds(p, dp, delta, False)
         if STORE_DS:
             tl.store(DM_row + n64 * stride_dmn + rows[:, None] * stride_dmm + cols[None, :] * stride_dmn,
                      ds.to(DMask.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
@@ -737,21 +776,12 @@ def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
                                  mask=in_n[None, :] & (offs_e[:, None] < HEAD_DIM), other=0.0)
                     vt = tl.load(V_bh + n64 * stride_vn + cols[None, :] * stride_vn + offs_ev[:, None] * stride_ve,
                                  mask=in_n[None, :] & (offs_ev[:, None] < HEAD_DIM_V), other=0.0)
-                    s = _dot(q, kt, None, UPCAST_DOT, DOT_PRECISION) * qk_scale
-                    mv = _mask_tile(M_bh + m64 * stride_mm + n64 * stride_mn, rows, cols, in_m, in_n,
-                                    stride_mm, stride_mn, False, False)
-                    s = _apply_mask(s, mv, 2)
-                    if IS_CAUSAL:
-                        s = tl.where(in_n[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
-                    else:
-                        s = tl.where(in_n[None, :], s, float("-inf"))
-                    p = tl.math.exp2(s - lse2[:, None])
-                    dp = _dot(do, vt, None, UPCAST_DOT, DOT_PRECISION)
-                    if DROPOUT:
-                        keep = _philox_keep(b64, h64, offs_m, start_n, seed_lo, seed_hi, drop_threshold,
-                                            BLOCK_M, BLOCK_N, False)
-                        dp = tl.where(keep, dp * drop_scale, 0.0)
-                    acc += p * (dp - delta[:, None])
+                    p, _, dp = _recompute_p(q, kt, do, vt, M_bh + m64 * stride_mm + n64 * stride_mn, lse2, b64,
+                                            h64, rows, cols, offs_m, offs_n, start_n, in_m, in_n, qk_scale,
+                                            stride_mm, stride_mn, seed_lo, seed_hi, drop_threshold, drop_scale,
+                                            2, False, IS_CAUSAL, DROPOUT, False, UPCAST_DOT,
+                                            DOT_PRECISION, BLOCK_M, BLOCK_N)
+                    acc += _ds(p, dp, delta, False)
     # Reduce the tile over the broadcast query / key dims and store this program's part of dmask.
     start_m = pid_m * BLOCK_M
     start_n = pid_n * BLOCK_N
