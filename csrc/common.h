@@ -129,6 +129,52 @@ void register_backward(pybind11::module_& m);
 void register_additive(pybind11::module_& m);  // additive.cpp
 void register_hard(pybind11::module_& m);      // hard.cpp
 
+// ============================================================================================ bf16 dot
+
+#if defined(FASTATTN_HAVE_AVX512BF16)
+// Whether vdpbf16ps (2 bf16 products per fp32 lane) outruns widening to fp32 and vfmadd231ps on this CPU.
+// It varies by model: one machine of this project ran bf16 dots at twice the fp32 FMA rate, another at
+// half of it (there widening bf16 to fp32 made the bf16 forward 1.6x faster). Decided once per process
+// by timing both instruction streams (~0.1 ms); FASTATTN_BF16_DOT=1 / 0 forces the choice (read per call).
+inline double time_dot_stream(bool bf16) {
+  constexpr int kChains = 12, kIters = 4096;
+  __m512 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(static_cast<float>(c));
+  const __m512 a = _mm512_set1_ps(1e-7f), b = _mm512_set1_ps(1.f);
+  const __m512i ai = _mm512_set1_epi32(0x3f803f80), bi = _mm512_set1_epi32(0x33d633d6);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int it = 0; it < kIters; ++it) {
+    if (bf16) {
+#pragma GCC unroll 12
+      for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)ai, (__m512bh)bi);
+    } else {
+#pragma GCC unroll 12
+      for (int c = 0; c < kChains; ++c) acc[c] = _mm512_fmadd_ps(a, b, acc[c]);
+    }
+  }
+  for (int c = 0; c < kChains; ++c) asm volatile("" : : "v"(acc[c]));  // the chains must be computed
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+inline bool bf16_dot_pays() {
+  if (const char* e = std::getenv("FASTATTN_BF16_DOT")) {
+    if (e[0] == '0') return false;
+    if (e[0] == '1') return true;
+  }
+  static const bool pays = [] {
+    double best_dp = 1e9, best_fma = 1e9;
+    for (int r = 0; r < 5; ++r) {  // best of 5: robust to a preempted round
+      best_dp = std::min(best_dp, time_dot_stream(true));
+      best_fma = std::min(best_fma, time_dot_stream(false));
+    }
+    // Same instruction count; a dot instruction does twice the products. The fp32 path also widens the
+    // K / V tiles and packs Q as fp32 (~10%): the dots must be clearly faster per product to pay.
+    return best_dp < 1.6 * best_fma;
+  }();
+  return pays;
+}
+#endif
+
 // ============================================================================================ threads
 
 // A persistent pool of worker threads (no OpenMP: torch ships its own runtime, two oversubscribe).

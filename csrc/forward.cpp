@@ -1070,7 +1070,8 @@ void forward(const Params& p) {
     case kF16: return run_items(p, item_f32<f16_t>);
     case kBF16:
 #if defined(FASTATTN_HAVE_AVX512BF16)
-      return run_items(p, item_bf16);
+      if (bf16_dot_pays()) return run_items(p, item_bf16);
+      return run_items(p, item_f32<bf16_t>);
 #else
       return run_items(p, item_f32<bf16_t>);
 #endif

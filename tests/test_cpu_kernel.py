@@ -286,3 +286,20 @@ def test_nan_stays_in_its_row(isa, dtype):
     assert bad[0, 1, 7].all() and torch.isnan(lse[0, 1, 7])
     bad[0, 1, 7] = False
     assert not bad.any()
+
+
+@pytest.mark.parametrize("dot", ["1", "0"], ids=["vdpbf16ps", "widen-to-f32"])
+@pytest.mark.parametrize("case", [
+    dict(B=2, H=3, Hk=3, L=97, S=130, E=64, Ev=64),
+    dict(B=1, H=4, Hk=2, L=33, S=257, E=40, Ev=80, mask="bool_full", causal=True),
+    dict(B=2, H=2, Hk=2, L=64, S=64, E=111, Ev=32, mask="float_LS", p=0.2),
+    dict(B=3, H=2, Hk=2, L=7, S=100, E=16, Ev=16, mask="bool_pad", layout="bshd"),
+], ids=["plain", "gqa-mask-causal", "floatmask-dropout", "pad-bshd"])
+def test_bf16_both_paths(monkeypatch, dot, case):
+    # The AVX-512 module picks the bf16 path per CPU (a timing of vdpbf16ps vs fp32 FMA); both must be right.
+    if _cpu._unusable_reason("avx512") is not None or not _module("avx512").isa()[1]:
+        pytest.skip("needs the AVX512-BF16 module")
+    monkeypatch.setenv("FASTATTN_BF16_DOT", dot)
+    case = dict(case)
+    B, H, Hk, L, S, E, Ev = (case.pop(k) for k in ("B", "H", "Hk", "L", "S", "E", "Ev"))
+    _check(B, H, Hk, L, S, E, Ev, dtype=BF16, isa="avx512", **case)
