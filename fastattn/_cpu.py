@@ -165,6 +165,20 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
 # ============================================================================================ backward
 # (owned by the backward kernel's author: attention_bwd / _attention_bwd go below this line)
 
+def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_needs_grad: bool):
+    """(dq, dk, dv, dmask or None) for the backward kernels to fill. dmask is zero-filled (the kernel skips
+    hidden tiles); its stride 0 on size-1 dims tells the kernel to sum over them."""
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    dmask = None
+    if mask_needs_grad:
+        if mask is None or mask.dtype == torch.bool:
+            raise ValueError("mask_needs_grad needs a float mask")
+        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
+    return dq, dk, dv, dmask
+
+
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, *,
                   scale: float, is_causal: bool, dropout_p: float, seed: int,
                   mask_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -189,15 +203,7 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                          f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
     if lse.dtype != torch.float32 or lse.shape != q.shape[:3]:
         raise ValueError(f"lse must be float32 {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
-    dq = torch.empty(q.shape, dtype=q.dtype)
-    dk = torch.empty(k.shape, dtype=k.dtype)
-    dv = torch.empty(v.shape, dtype=v.dtype)
-    dmask = None
-    if mask_needs_grad:
-        if mask is None or mask.dtype == torch.bool:
-            raise ValueError("mask_needs_grad needs a float mask")
-        # Zero-filled: the kernel skips hidden tiles. Stride 0 on size-1 dims tells it to sum over them.
-        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
+    dq, dk, dv, dmask = _grad_buffers(q, k, v, mask, mask_needs_grad)
     if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3]) == 0:
         for g in (dq, dk, dv):
             g.zero_()
@@ -294,14 +300,7 @@ def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *,
                          f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
     if lse.dtype != torch.float32 or tuple(lse.shape) != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must be float32 {(q.shape[1], q.shape[0])}, got {lse.dtype} {tuple(lse.shape)}")
-    dq = torch.empty(q.shape, dtype=q.dtype)
-    dk = torch.empty(k.shape, dtype=k.dtype)
-    dv = torch.empty(v.shape, dtype=v.dtype)
-    dmask = None
-    if mask_needs_grad:
-        if mask is None or mask.dtype == torch.bool:
-            raise ValueError("mask_needs_grad needs a float mask")
-        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
+    dq, dk, dv, dmask = _grad_buffers(q, k, v, mask, mask_needs_grad)
     if min(q.shape[0], k.shape[0], max_q, max_k, v.shape[2]) == 0:
         for g in (dq, dk, dv):
             g.zero_()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _cpu, reference
-from fastattn.functional import _check_mask, _check_tensor, _mask_to_4d, _pick_backend, _to_4d
+from fastattn.functional import _check_like_query, _check_mask, _mask_to_4d, _pick_backend, _to_4d
 
 __all__ = ["additive_attention", "AdditiveAttention"]
 
@@ -143,16 +143,7 @@ additive_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ========================================================================================= public API
 def _check_inputs(query, key, value, weight, is_causal) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-        if t.dim() != query.dim():
-            raise ValueError(f"{name} has {t.dim()} dims but query has {query.dim()} "
-                             f"(query {tuple(query.shape)}, {name} {tuple(t.shape)})")
+    _check_like_query(query, key, value)
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"key hidden dim {key.shape[-1]} does not match query hidden dim {query.shape[-1]}: "
                          f"additive attention needs query and key projected to the same D "

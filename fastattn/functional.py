@@ -25,7 +25,8 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
-def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
+def _check_like_query(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """query, key, value: float tensors of >= 3 dims sharing query's dtype, device and number of dims."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
     for name, t in (("key", key), ("value", value)):
@@ -36,6 +37,10 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> N
         if t.dim() != query.dim():
             raise ValueError(f"{name} has {t.dim()} dims but query has {query.dim()} "
                              f"(query {tuple(query.shape)}, {name} {tuple(t.shape)})")
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
+    _check_like_query(query, key, value)
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"key head dim {key.shape[-1]} does not match query head dim {query.shape[-1]} "
                          f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
