@@ -89,17 +89,21 @@ def _t4(mod, t: Tensor, broadcast: bool = False):
 
 
 def make_params(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                dropout_p: float, seed: int):
-    """A Params with the inputs, sizes and scalars filled in (outputs are the caller's)."""
-    B, H, L, E = q.shape
-    _, Hk, S, _ = k.shape
+                dropout_p: float, seed: int, sizes: tuple[int, ...] | None = None, t4=None):
+    """A Params with the inputs, sizes and scalars filled in (outputs are the caller's). ``sizes`` (B, H, Hk,
+    L, S, E, Ev) and ``t4`` (how q/k/v travel) default to 4-D (B, H, L, E) tensors; varlen passes its own."""
+    if sizes is None:
+        B, H, L, E = q.shape
+        _, Hk, S, _ = k.shape
+        sizes = (B, H, Hk, L, S, E, v.shape[-1])
+    t4 = t4 or _t4
     p = mod.Params()
-    p.q, p.k, p.v = _t4(mod, q), _t4(mod, k), _t4(mod, v)
+    p.q, p.k, p.v = t4(mod, q), t4(mod, k), t4(mod, v)
     p.dtype = DTYPE_CODES[q.dtype]
     if mask is not None:
         p.mask = _t4(mod, mask, broadcast=True)
         p.mask_dtype = DTYPE_CODES[mask.dtype]
-    p.B, p.H, p.Hk, p.L, p.S, p.E, p.Ev = B, H, Hk, L, S, E, v.shape[-1]
+    p.B, p.H, p.Hk, p.L, p.S, p.E, p.Ev = sizes
     p.scale = float(scale)
     p.is_causal = bool(is_causal)
     p.dropout_p = float(dropout_p)
@@ -240,21 +244,9 @@ def _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_ca
     for name, cu in (("cu_q", cu_q), ("cu_k", cu_k)):
         if cu.dtype != torch.int32 or cu.device.type != "cpu" or not cu.is_contiguous():
             raise ValueError(f"{name} must be a contiguous int32 CPU tensor, got {cu.dtype} on {cu.device}")
-    p = mod.Params()
-    p.q, p.k, p.v = _packed(mod, q), _packed(mod, k), _packed(mod, v)
-    p.dtype = DTYPE_CODES[q.dtype]
-    if mask is not None:
-        p.mask = _t4(mod, mask, broadcast=True)
-        p.mask_dtype = DTYPE_CODES[mask.dtype]
-    p.B, p.H, p.Hk, p.L, p.S = cu_q.numel() - 1, q.shape[1], k.shape[1], int(max_q), int(max_k)
-    p.E, p.Ev = q.shape[2], v.shape[2]
-    p.scale = float(scale)
-    p.is_causal = bool(is_causal)
-    p.dropout_p = float(dropout_p)
-    if dropout_p > 0.0:
-        p.thr = _philox.threshold(dropout_p)
-        p.seed = int(seed) & (2**64 - 1)
-    p.num_threads = torch.get_num_threads()
+    sizes = (cu_q.numel() - 1, q.shape[1], k.shape[1], int(max_q), int(max_k), q.shape[2], v.shape[2])
+    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
+                    sizes=sizes, t4=_packed)
     p.cu_q, p.cu_k = cu_q.data_ptr(), cu_k.data_ptr()
     return p
 
