@@ -170,6 +170,15 @@ def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype)
     raise ValueError(f"fastattn supports CPU and CUDA tensors, got {device}")
 
 
+def _scale_and_seed(E: int, scale, dropout_p) -> tuple[float, float, Tensor | None]:
+    """(scale, dropout_p, seed): scale defaults to 1/sqrt(E); with dropout, an int64 Philox seed drawn from
+    torch's default generator (so torch.manual_seed reproduces the mask), else None."""
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    return scale, dropout_p, seed
+
+
 # ------------------------------------------------------------------------------------ eager fast path
 _ZERO_SEED = torch.zeros((), dtype=torch.int64)  # the (unused) seed of dropout-free calls; never written
 
@@ -228,14 +237,8 @@ def scaled_dot_product_attention(
     _check_qkv(query, key, value, enable_gqa)
     _check_mask(attn_mask, query, key)
     _check_scalars(dropout_p, is_causal, scale, enable_gqa)
-    E = query.shape[-1]
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    dropout_p = float(dropout_p)
+    scale, dropout_p, seed = _scale_and_seed(query.shape[-1], scale, dropout_p)
     backend = _pick_backend(backend, query.device, query.dtype)
-
-    seed = None
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
 
     if backend == "reference":
         return reference.scaled_dot_product_attention(

@@ -6,13 +6,12 @@ value (total_k, Hk, Ev), with int32 cumulative lengths ``cu_seqlens_q`` / ``cu_s
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from fastattn import reference
-from fastattn.functional import _check_scalars, _FLOAT_DTYPES, _pick_backend
+from fastattn.functional import _check_scalars, _FLOAT_DTYPES, _pick_backend, _scale_and_seed
 
 __all__ = ["varlen_attention", "unpad", "pad"]
 
@@ -168,13 +167,8 @@ def varlen_attention(
         _check_cu_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_q, max_k)
     mask4 = _mask_4d(attn_mask, query, B, H, max_q, max_k)
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # kernels index cu[b]
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    dropout_p = float(dropout_p)
+    scale, dropout_p, seed = _scale_and_seed(E, scale, dropout_p)
     backend = _pick_backend(backend, query.device, query.dtype)
-
-    seed = None
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
 
     if backend == "reference":
         return reference.varlen_attention(
