@@ -74,6 +74,8 @@ def _extensions():
             extra_link_args=_link_flags(),
         )
     ]
+    # OpenMP: the kernels run on torch's OpenMP threads (csrc/common.h parallel_for); without it, our own pool.
+    omp = ["-fopenmp"] if _compiler_accepts(["-fopenmp"]) else []
     for name, isa_flags, defs in variants:
         if BUILD_ISAS and name not in BUILD_ISAS:
             continue
@@ -84,8 +86,8 @@ def _extensions():
                 cxx_std=17,
                 define_macros=[("FASTATTN_ISA_NAME", f'"{name}"'), ("FASTATTN_MODULE", f"_C_{name}")]
                 + [(d, "1") for d in defs],
-                extra_compile_args=_common_flags() + isa_flags,
-                extra_link_args=_link_flags() + ["-pthread"],
+                extra_compile_args=_common_flags() + isa_flags + omp,
+                extra_link_args=_link_flags() + ["-pthread"] + omp,
                 depends=[os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".h")],
             )
         )

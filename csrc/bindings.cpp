@@ -115,6 +115,8 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
         "fwd with the Params fields passed positionally (see fastattn/_cpu.py).");
   m.def("isa", [] { return std::make_tuple(std::string(FASTATTN_ISA_NAME), has_bf16_dot()); },
         "(instruction set name, whether AVX512-BF16 dot-product instructions are compiled in)");
+  m.def("pool", [] { return std::string(pool_name()); },
+        "Thread pool parallel work runs on now: \"openmp\" (torch's OpenMP threads) or \"own\".");
   m.def("philox_words_row",
         [](uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) {
           std::vector<uint32_t> w(static_cast<size_t>(std::max<int64_t>(n, 0)));

@@ -27,6 +27,10 @@
 #include <sched.h>
 #include <unistd.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #if defined(FASTATTN_HAVE_AVX512) || defined(FASTATTN_HAVE_AVX2)
 #include <immintrin.h>
 #endif
@@ -35,7 +39,9 @@
 #define FASTATTN_ISA_NAME "portable"
 #endif
 
-#if defined(FASTATTN_HAVE_AVX512)
+#if defined(FASTATTN_NS)
+// set by the build (an A/B benchmark variant of a module)
+#elif defined(FASTATTN_HAVE_AVX512)
 #define FASTATTN_NS isa_avx512
 #elif defined(FASTATTN_HAVE_AVX2)
 #define FASTATTN_NS isa_avx2
@@ -177,8 +183,8 @@ inline bool bf16_dot_pays() {
 
 // ============================================================================================ threads
 
-// A persistent pool of worker threads (no OpenMP: torch ships its own runtime, two oversubscribe).
-// run(n, nt, grain, fn): items [0, n) in chunks of `grain`, handed out dynamically to nt threads
+// Our own persistent pool of worker threads, used where torch's OpenMP runtime cannot be (see
+// parallel_for). run(n, nt, grain, fn): items [0, n) in chunks of `grain`, handed out dynamically to nt threads
 // (the caller is thread 0). Idle workers spin for a short while (FASTATTN_SPIN_US, default 50 us)
 // before sleeping, so back-to-back calls do not pay a wake-up each (as OpenMP runtimes do).
 // Re-created lazily after fork() (the child has none of the parent's threads).
@@ -335,11 +341,73 @@ inline ThreadPool& get_pool() {
 
 // fn(begin, end, tid) over [0, n_items) in dynamically scheduled chunks of `grain` (0: ~4 chunks per
 // thread), by up to num_threads threads incl. the caller. tid in [0, num_threads): index per-thread scratch.
+//
+// The threads are torch's own when possible: built with OpenMP, the module links libgomp.so.1, which
+// the loader resolves to the copy torch already loaded (same soname), so fastattn and torch's ops share
+// one team. A second pool would compete for the cores with torch's workers, which spin-wait for
+// milliseconds after each torch op: a B16 H12 L64 forward right after a torch op ran ~40% slower.
+// Our pool runs instead in a forked child (libgomp does not survive fork), in a build without OpenMP,
+// or with FASTATTN_POOL=own.
+inline const pid_t kLoadPid = getpid();
+
+inline bool use_openmp() {
+#if defined(_OPENMP)
+  static const bool wanted = [] {
+    const char* e = std::getenv("FASTATTN_POOL");
+    return e == nullptr || std::strcmp(e, "own") != 0;
+  }();
+  return wanted && getpid() == kLoadPid;
+#else
+  return false;
+#endif
+}
+
+#if defined(_OPENMP)
+template <typename Call>
+void omp_run(int64_t n, int nt, int64_t grain, Call&& call) {
+  // One fastattn job per process at a time, as in ThreadPool::run: a concurrent call (another Python
+  // thread) or a nested one runs inline rather than multiplying the threads.
+  static std::atomic<int> active{0};
+  nt = static_cast<int>(std::min<int64_t>(nt, (n + grain - 1) / grain));
+  if (nt <= 1 || omp_in_parallel() || active.fetch_add(1, std::memory_order_acq_rel) != 0) {
+    if (nt > 1 && !omp_in_parallel()) active.fetch_sub(1, std::memory_order_acq_rel);
+    call(int64_t(0), n, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex mu;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    try {
+      for (;;) {
+        const int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
+        if (b >= n) break;
+        call(b, std::min(n, b + grain), tid);
+      }
+    } catch (...) {  // an exception must not leave the parallel region
+      std::lock_guard<std::mutex> lk(mu);
+      if (!error) error = std::current_exception();
+      next.store(n, std::memory_order_relaxed);
+    }
+  }
+  active.fetch_sub(1, std::memory_order_acq_rel);
+  if (error) std::rethrow_exception(error);
+}
+#endif
+
+// Name of the pool parallel_for uses now ("openmp" or "own").
+inline const char* pool_name() { return use_openmp() ? "openmp" : "own"; }
+
 template <typename F>
 void parallel_for(int64_t n_items, int num_threads, F&& fn, int64_t grain = 0) {
   if (n_items <= 0) return;
   if (num_threads < 1) num_threads = 1;
   if (grain <= 0) grain = std::max<int64_t>(1, n_items / (4 * static_cast<int64_t>(num_threads)));
+#if defined(_OPENMP)
+  if (use_openmp()) return omp_run(n_items, num_threads, grain, fn);
+#endif
   using Fn = std::remove_reference_t<F>;
   get_pool().run(n_items, num_threads, grain, const_cast<void*>(static_cast<const void*>(&fn)),
                  [](void* ctx, int64_t b, int64_t e, int tid) { (*static_cast<Fn*>(ctx))(b, e, tid); });

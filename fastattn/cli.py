@@ -25,6 +25,9 @@ def _info() -> int:
         from fastattn import _C, _cpu
         feats = ", ".join(k for k, v in sorted(_C.cpu_features().items()) if v) or "none"
         print(f"cpu      backend available; ISA module: {_cpu.isa_name()}  (CPU reports: {feats})")
+        pool = _cpu.module().pool()
+        team = "torch's OpenMP team" if pool == "openmp" else "fastattn's own pool"
+        print(f"         threads: {team} (FASTATTN_POOL=own forces the own pool)")
     else:
         print(f"cpu      unavailable: {why}")
     cuda = torch.cuda.is_available()

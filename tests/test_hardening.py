@@ -221,6 +221,61 @@ def test_gil_is_released_during_the_kernel():
     assert len(gaps) > 100 and max(gaps) < 0.5 * call, f"longest stall {max(gaps):.3f}s, call {call:.3f}s"
 
 
+def _mapped_openmp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1] for line in f
+                if any(n in line.rsplit("/", 1)[-1] for n in ("libgomp", "libiomp", "libomp"))}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+def test_kernels_run_on_torchs_openmp_threads():
+    """The kernels' threads are torch's OpenMP team (one runtime mapped), so a kernel called right after a
+    torch op does not compete for the cores with torch's spin-waiting workers."""
+    mod = _cpu.module()
+    torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # torch's OpenMP runtime is up
+    fastattn.scaled_dot_product_attention(*_qkv(2, 4, 4, 64, 64, 32, 32))
+    runtimes = _mapped_openmp_runtimes()
+    if mod.pool() != "openmp":
+        pytest.skip(f"the kernel module was built without OpenMP (pool {mod.pool()!r})")
+    assert len(runtimes) == 1, f"more than one OpenMP runtime mapped: {sorted(runtimes)}"
+
+
+_POOL_SCRIPT = """
+import torch, fastattn
+from fastattn import _cpu
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 4, 200, 40, generator=g).requires_grad_() for _ in range(3))
+out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+out.backward(torch.randn(out.shape, generator=g))
+torch.save([_cpu.module().pool(), out.detach(), q.grad, k.grad, v.grad], {path!r})
+"""
+
+
+@pytest.mark.parametrize("pool", ["own", "default"])
+def test_pool_choice_gives_the_same_bits(tmp_path, pool):
+    """FASTATTN_POOL=own (our own thread pool) and the default (torch's OpenMP threads) give the same bits."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_POOL"}
+    if pool == "own":
+        env["FASTATTN_POOL"] = "own"
+    path = str(tmp_path / "r.pt")
+    subprocess.run([sys.executable, "-c", _POOL_SCRIPT.format(path=path)], check=True, env=env, timeout=300)
+    name, *got = torch.load(path)
+    if pool == "own":
+        assert name == "own"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 200, 40, generator=g).requires_grad_() for _ in range(3))
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.randn(out.shape, generator=g))
+    finally:
+        torch.set_num_threads(before)
+    _same(got, [out.detach(), q.grad, k.grad, v.grad])
+
+
 # ------------------------------------------------------------------------------------ forked workers
 class _AttentionDataset(torch.utils.data.Dataset):
     """Item i: forward + backward of case i (with 2 kernel threads inside the worker)."""
@@ -261,6 +316,7 @@ def _child_job(i):
 
 
 def _forked_child_job(i):
+    assert _cpu.module().pool() == "own"  # libgomp does not survive fork: the child uses our own pool
     out = _child_job(i)
     # Back to 1 before the results are pickled: torch copies them to shared memory with an OpenMP loop,
     # and libgomp hangs in a forked child once the parent has run OpenMP regions with several threads.
