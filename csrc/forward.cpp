@@ -277,13 +277,26 @@ void qk_group(const QT* qt, const KT* k, int64_t ldk, int64_t depth, int64_t nk,
 // Query rows of a PV micro-tile with evv vectors of Ev: as many as the accumulator budget allows.
 constexpr int qr_for(int evv) { return std::min(QG, std::max(1, kAccBudget / evv)); }
 
+// The last 0 < rows < QR rows in one tile of that many rows: one-row tiles have too few independent
+// accumulators to hide the FMA latency (E=32: 8 of 32 rows ran at a quarter of the FMA rate).
+template <typename Tile, int EVV, int QR, typename PT, typename VT>
+void pv_rest(const PT* pt, int64_t n, const VT* v, int64_t ldv, float* o, int64_t ldo, const float* alpha,
+             int64_t rows) {
+  if constexpr (QR > 1) {
+    if (rows < QR) return pv_rest<Tile, EVV, QR - 1>(pt, n, v, ldv, o, ldo, alpha, rows);
+  }
+  Tile::template pv<QR, EVV>(pt, n, v, ldv, o, ldo, alpha);
+}
+
 template <typename Tile, int EVV, typename PT, typename VT>
 void pv_cols(const PT* pt, int64_t n, const VT* v, int64_t ldv, float* o, int64_t ldo, const float* alpha,
              int64_t nrows) {
   constexpr int QR = qr_for(EVV);
   int64_t r = 0;
   for (; r + QR <= nrows; r += QR) Tile::template pv<QR, EVV>(pt + r, n, v, ldv, o + r * ldo, ldo, alpha + r);
-  for (; r < nrows; ++r) Tile::template pv<1, EVV>(pt + r, n, v, ldv, o + r * ldo, ldo, alpha + r);
+  if constexpr (QR > 1) {
+    if (r < nrows) pv_rest<Tile, EVV, QR - 1>(pt + r, n, v, ldv, o + r * ldo, ldo, alpha + r, nrows - r);
+  }
 }
 
 // The whole group (rows [0, nrows) of the group, all Evp columns).
