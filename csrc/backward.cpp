@@ -629,9 +629,14 @@ Bufs<Acc> thread_bufs(const Ctx<Acc>& cx, Scratch& s, int64_t kv_rows, bool fuse
 
 // ============================================================================ passes
 
-// delta[b, h, i] = sum_e dout * out, in Acc.
+// delta[b, h, i] = sum_e dout * out, in Acc. With p.out_lo (fp16 / bf16), out is read back as the forward's
+// fp32 result, out * (1 + out_lo * 2^-K) (see encode_lo): delta += 2^-K sum_e dout * out * out_lo. A
+// non-finite correction (out inf / NaN: an fp16 overflow) is dropped, leaving what the rounded out gives.
 template <typename T, typename Acc>
 void compute_delta(const Params& p, Acc* delta) {
+  const bool lo = p.out_lo.ptr != 0;
+  float lo_unit = 1.f;
+  if constexpr (std::is_same<T, bf16_t>::value || std::is_same<T, f16_t>::value) lo_unit = 1.f / LoCode<T>::kScale;
   parallel_for(p.B * p.H, p.num_threads, [&](int64_t begin, int64_t end, int) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
@@ -640,17 +645,46 @@ void compute_delta(const Params& p, Acc* delta) {
         const T* d = pb.dout.at<const T>(b, h, i);
         const T* o = pb.out.at<const T>(b, h, i);
         Acc s = 0;
+        bool done = false;
+        const int16_t* m = lo ? pb.out_lo.at<const int16_t>(b, h, i) : nullptr;
+        float c = 0.f;  // sum_e dout * out * out_lo
         if constexpr (std::is_same<Acc, float>::value) {
-          if (p.dout.se == 1 && p.out.se == 1) {
-            simd::vf acc = simd::zero();
+          if (p.dout.se == 1 && p.out.se == 1 && (!lo || p.out_lo.se == 1)) {
+            simd::vf acc = simd::zero(), accl = simd::zero();
+            alignas(64) float mf[simd::W];
             int64_t e = 0;
-            for (; e + simd::W <= p.Ev; e += simd::W) acc = simd::fmadd(simd::load_cvt(d + e), simd::load_cvt(o + e), acc);
-            if (e < p.Ev) acc = simd::fmadd(simd::load_cvt_n(d + e, p.Ev - e), simd::load_cvt_n(o + e, p.Ev - e), acc);
-            delta[bh * p.L + i] = simd::reduce_add(acc);
-            continue;
+            for (; e + simd::W <= p.Ev; e += simd::W) {
+              const simd::vf dv = simd::load_cvt(d + e), ov = simd::load_cvt(o + e);
+              acc = simd::fmadd(dv, ov, acc);
+              if (lo) {
+                for (int l = 0; l < simd::W; ++l) mf[l] = static_cast<float>(m[e + l]);
+                accl = simd::fmadd(simd::mul(dv, ov), simd::load(mf), accl);
+              }
+            }
+            if (e < p.Ev) {
+              const int64_t n = p.Ev - e;
+              const simd::vf dv = simd::load_cvt_n(d + e, n), ov = simd::load_cvt_n(o + e, n);
+              acc = simd::fmadd(dv, ov, acc);
+              if (lo) {
+                for (int l = 0; l < simd::W; ++l) mf[l] = l < n ? static_cast<float>(m[e + l]) : 0.f;
+                accl = simd::fmadd(simd::mul(dv, ov), simd::load(mf), accl);
+              }
+            }
+            s = simd::reduce_add(acc);
+            if (lo) c = simd::reduce_add(accl);
+            done = true;
           }
         }
-        for (int64_t e = 0; e < p.Ev; ++e) s += to_acc<Acc>(d[e * p.dout.se]) * to_acc<Acc>(o[e * p.out.se]);
+        if (!done) {
+          for (int64_t e = 0; e < p.Ev; ++e) s += to_acc<Acc>(d[e * p.dout.se]) * to_acc<Acc>(o[e * p.out.se]);
+          if (lo)
+            for (int64_t e = 0; e < p.Ev; ++e)
+              c += to_f32(d[e * p.dout.se]) * to_f32(o[e * p.out.se]) * static_cast<float>(m[e * p.out_lo.se]);
+        }
+        if (lo) {
+          c *= lo_unit;
+          if (std::isfinite(c)) s += c;
+        }
         delta[bh * p.L + i] = s;
       }
     }
@@ -930,6 +964,7 @@ void check_backward_params(const Params& p) {
   if (p.dmask_dtype != kNone && (p.mask_dtype == kNone || p.mask_dtype == kBool || p.dmask_dtype != p.mask_dtype))
     fail("a mask gradient needs a float mask and has the mask's dtype");
   if (!(p.dropout_p >= 0.0 && p.dropout_p < 1.0)) fail("dropout_p must be in [0, 1)");
+  if (p.out_lo.ptr != 0 && p.dtype != kF16 && p.dtype != kBF16) fail("out_lo is for float16 / bfloat16 only");
 }
 
 void backward(const Params& p, int mode) {

@@ -43,6 +43,7 @@ void bind_params(py::module_& m) {
       .def_readwrite("dk", &Params::dk)
       .def_readwrite("dv", &Params::dv)
       .def_readwrite("dmask", &Params::dmask)
+      .def_readwrite("out_lo", &Params::out_lo)
       .def_readwrite("dtype", &Params::dtype)
       .def_readwrite("mask_dtype", &Params::mask_dtype)
       .def_readwrite("dmask_dtype", &Params::dmask_dtype)
@@ -82,15 +83,17 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
           forward(p);
         },
         py::arg("params"),
-        "Forward attention: writes p.out (B,H,L,Ev) and p.lse (B,H,L) float32 from p.q, p.k, p.v, p.mask.");
+        "Forward attention: writes p.out (B,H,L,Ev) and p.lse (B,H,L) float32 from p.q, p.k, p.v, p.mask\n"
+        "(and p.out_lo, fp16 / bf16, when its address is set).");
   // The forward in one call: the launcher's per-call path (~1 us of argument conversion instead of a
-  // Params object and ~25 attribute writes). Tensors as (address, sb, sh, sl, se), mask address 0 = none;
-  // ints = (dtype, mask_dtype, B, H, Hk, L, S, E, Ev, is_causal, dropout threshold, num_threads).
+  // Params object and ~25 attribute writes). Tensors as (address, sb, sh, sl, se), mask and out_lo
+  // address 0 = none; ints = (dtype, mask_dtype, B, H, Hk, L, S, E, Ev, is_causal, dropout threshold,
+  // num_threads).
   m.def("fwd_direct",
         [](const std::array<int64_t, 5>& q, const std::array<int64_t, 5>& k, const std::array<int64_t, 5>& v,
            const std::array<int64_t, 5>& mask, const std::array<int64_t, 5>& out,
-           const std::array<int64_t, 5>& lse, const std::array<int64_t, 12>& ints, double scale,
-           double dropout_p, uint64_t seed) {
+           const std::array<int64_t, 5>& out_lo, const std::array<int64_t, 5>& lse,
+           const std::array<int64_t, 12>& ints, double scale, double dropout_p, uint64_t seed) {
           auto t4 = [](const std::array<int64_t, 5>& a) {
             Tensor4 t;
             t.ptr = static_cast<uintptr_t>(a[0]);
@@ -98,7 +101,8 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
             return t;
           };
           Params p;
-          p.q = t4(q); p.k = t4(k); p.v = t4(v); p.mask = t4(mask); p.out = t4(out); p.lse = t4(lse);
+          p.q = t4(q); p.k = t4(k); p.v = t4(v); p.mask = t4(mask); p.out = t4(out); p.out_lo = t4(out_lo);
+          p.lse = t4(lse);
           p.dtype = static_cast<int>(ints[0]);
           p.mask_dtype = static_cast<int>(ints[1]);
           p.B = ints[2]; p.H = ints[3]; p.Hk = ints[4]; p.L = ints[5]; p.S = ints[6]; p.E = ints[7]; p.Ev = ints[8];

@@ -87,6 +87,10 @@ struct Tensor4 {
 struct Params {
   Tensor4 q, k, v, out, lse, mask;        // q (B,H,L,E) k (B,Hk,S,E) v (B,Hk,S,Ev) out (B,H,L,Ev) lse (B,H,L)
   Tensor4 dout, dq, dk, dv, dmask;        // backward only
+  // fp16 / bf16 only, optional (ptr 0 = none): int16 (B,H,L,Ev), the output's rounding residual coded
+  // relative to out (encode_lo). The forward writes it; the backward's delta reads O back from out and
+  // out_lo to ~2^-23 relative (see encode_lo).
+  Tensor4 out_lo;
   int dtype = kF32;                       // element type of q/k/v/out (and dout/dq/dk/dv)
   int mask_dtype = kNone;                 // kNone, kBool, kF32, or dtype
   int dmask_dtype = kNone;                // kNone when no mask gradient is wanted
@@ -124,7 +128,7 @@ inline Params item_params(const Params& p, int64_t b) {
     t.ptr = static_cast<uintptr_t>(static_cast<int64_t>(t.ptr) + row * t.sl * bytes);
     t.sb = 0;
   };
-  for (Tensor4* t : {&s.q, &s.out, &s.dout, &s.dq}) shift(*t, q0, es);
+  for (Tensor4* t : {&s.q, &s.out, &s.out_lo, &s.dout, &s.dq}) shift(*t, q0, es);  // out_lo: int16, es = 2
   for (Tensor4* t : {&s.k, &s.v, &s.dk, &s.dv}) shift(*t, k0, es);
   shift(s.lse, q0, 4);
   return s;
@@ -543,6 +547,30 @@ template <> FASTATTN_INLINE float from_f32<float>(float x) { return x; }
 template <> FASTATTN_INLINE double from_f32<double>(float x) { return x; }
 template <> FASTATTN_INLINE bf16_t from_f32<bf16_t>(float x) { return bf16_t{f32_to_bf16(x)}; }
 template <> FASTATTN_INLINE f16_t from_f32<f16_t>(float x) { return f16_t{f32_to_f16(x)}; }
+
+// ------------------------------------------------------------------------- output residual (Params::out_lo)
+// The backward's delta_i = sum_e dO_ie O_ie is subtracted from dP_ij, which the kernels compute in fp32 from
+// the un-rounded algebra; with O rounded to fp16 / bf16 the two disagree by ~2^-9 |dO| |O| (bf16), which is
+// all of dS where it is 0 in exact math (one visible key, with dropout). So a training forward also writes
+// out_lo = round((O - out) / out * 2^K) in int16 (0 where out is 0 or not finite), O the fp32 result and out
+// = T(O). |O - out| < one ulp of out, 2^-7 |out| (bf16: 7 stored bits) or 2^-10 |out| (fp16, normal out: 10),
+// whatever the rounding (the Triton interpreter truncates to bf16), so K = 22 / 25 keeps |out_lo| < 2^15
+// and out + out * out_lo * 2^-K is O to ~2^-23 relative: about what a float32 copy of O would give, in half
+// its bytes (a bf16 residual, T(O - out), would leave ~2^-17). An fp16 subnormal out is clamped: no worse
+// than out alone.
+template <typename T> struct LoCode;
+template <> struct LoCode<bf16_t> { static constexpr float kScale = 4194304.f; };   // 2^22
+template <> struct LoCode<f16_t> { static constexpr float kScale = 33554432.f; };   // 2^25
+
+// out_lo of the fp32 result o and its rounding out = float(T(o)), rounded to nearest even. Branch-free, so
+// that a loop over a row vectorizes (kernels/attention.py, _encode_lo, is the same code).
+template <typename T> FASTATTN_INLINE int16_t encode_lo(float o, float out) {
+  const bool ok = out != 0.f && std::fabs(out) <= std::numeric_limits<float>::max();  // false for NaN
+  float m = (o - out) / (ok ? out : 1.f) * LoCode<T>::kScale;
+  m = std::min(32767.f, std::max(-32767.f, m));
+  m = (m + 12582912.f) - 12582912.f;  // round to nearest even (|m| < 2^22)
+  return ok ? static_cast<int16_t>(m) : int16_t{0};
+}
 
 // ============================================================================================ philox
 

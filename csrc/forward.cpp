@@ -543,9 +543,52 @@ FASTATTN_INLINE float log2_normal(float x) {
   return static_cast<float>(e) + s;
 }
 
-// out[i] = o[i] * (1 / l_i) * dropout_scale (0 when l_i == 0); lse[i] = ln2 * (m_i + log2 l_i).
+// One output row, out = T(x) for x = o * f, and its residual code out_lo = encode_lo(x, out) (training only).
+// In chunks: x and float(out) staged in two small buffers, then one branch-free loop the compiler vectorizes.
+template <typename T>
+void write_row_lo(const Params& p, T* out, int16_t* out_lo, const float* o, float f) {
+  constexpr int64_t kChunk = 256;
+  alignas(64) float xs[kChunk], hs[kChunk];
+  const vf fv = simd::set1(f);
+  for (int64_t e0 = 0; e0 < p.Ev; e0 += kChunk) {
+    const int64_t n = std::min(kChunk, p.Ev - e0);
+    T* ob = out + e0 * p.out.se;
+    if (p.out.se == 1) {
+      int64_t e = 0;
+      for (; e + W <= n; e += W) {
+        const vf x = simd::mul(simd::load(o + e0 + e), fv);
+        simd::store(xs + e, x);
+        simd::store_cvt(ob + e, x);
+        simd::store(hs + e, simd::load_cvt(static_cast<const T*>(ob + e)));
+      }
+      if (e < n) {
+        const vf x = simd::mul(simd::load(o + e0 + e), fv);  // o is padded to a whole vector (Evp)
+        simd::store_n(xs + e, x, n - e);
+        simd::store_cvt_n(ob + e, x, n - e);
+        simd::store_n(hs + e, simd::load_cvt_n(static_cast<const T*>(ob + e), n - e), n - e);
+      }
+    } else {
+      for (int64_t e = 0; e < n; ++e) {
+        xs[e] = o[e0 + e] * f;
+        ob[e * p.out.se] = from_f32<T>(xs[e]);
+        hs[e] = to_f32(ob[e * p.out.se]);
+      }
+    }
+    int16_t* lb = out_lo + e0 * p.out_lo.se;
+    if (p.out_lo.se == 1) {
+      for (int64_t e = 0; e < n; ++e) lb[e] = encode_lo<T>(xs[e], hs[e]);
+    } else {
+      for (int64_t e = 0; e < n; ++e) lb[e * p.out_lo.se] = encode_lo<T>(xs[e], hs[e]);
+    }
+  }
+}
+
+// out[i] = o[i] * (1 / l_i) * dropout_scale (0 when l_i == 0); lse[i] = ln2 * (m_i + log2 l_i);
+// with p.out_lo (fp16 / bf16), also out_lo[i] (see encode_lo).
 template <typename T>
 void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b, int64_t h, int64_t i0, int64_t nq) {
+  constexpr bool kLow = !std::is_same<T, float>::value;
+  const bool lo = kLow && p.out_lo.ptr != 0;
   const float dscale = static_cast<float>(p.dropout_scale());
   float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh;
   float* lg = bf.alpha;  // free after the last key block: log2 l per row
@@ -562,7 +605,9 @@ void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b,
     const vf f = simd::set1(empty ? 0.f : dscale / l);
     T* out = p.out.at<T>(b, h, i);
     const float* o = bf.o + r * c.Evp;
-    if (p.out.se == 1) {
+    if (lo) {
+      if constexpr (kLow) write_row_lo(p, out, p.out_lo.at<int16_t>(b, h, i), o, empty ? 0.f : dscale / l);
+    } else if (p.out.se == 1) {
       int64_t e = 0;
       for (; e + W <= p.Ev; e += W) simd::store_cvt(out + e, simd::mul(simd::load(o + e), f));
       if (e < p.Ev) simd::store_cvt_n(out + e, simd::mul(simd::load(o + e), f), p.Ev - e);
@@ -1073,6 +1118,7 @@ void check_forward_params(const Params& p) {
   if (p.B * p.H * p.L > 0 && (p.q.ptr == 0 || p.out.ptr == 0 || p.lse.ptr == 0)) fail("null q/out/lse pointer");
   if (p.B * p.L * p.S > 0 && (p.k.ptr == 0 || p.v.ptr == 0)) fail("null k/v pointer");
   if (p.mask_dtype != kNone && p.mask.ptr == 0) fail("null mask pointer");
+  if (p.out_lo.ptr != 0 && p.dtype != kF16 && p.dtype != kBF16) fail("out_lo is for float16 / bfloat16 only");
 }
 
 void forward(const Params& p) {

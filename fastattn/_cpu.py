@@ -131,26 +131,40 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
 # ============================================================================================ forward
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(out, lse): out (B, H, L, Ev) in q's dtype (memory layout (B, L, H, Ev)), lse (B, H, L) float32."""
+                  dropout_p: float, seed: int, return_lo: bool = False):
+    """(out, lse): out (B, H, L, Ev) in q's dtype (memory layout (B, L, H, Ev)), lse (B, H, L) float32.
+    ``return_lo`` (float16 / bfloat16, for training): (out, lse, out_lo), out_lo int16 laid out as out: the
+    rounding residual of the fp32 result O relative to out (csrc/common.h, encode_lo), from which
+    :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O)."""
     return _attention_fwd(module(), q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                          seed=seed)
+                          seed=seed, return_lo=return_lo)
+
+
+def _lo_like(out: Tensor) -> Tensor:
+    """An int16 out_lo buffer laid out as out (the return_lo forwards' third output)."""
+    if out.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"return_lo needs float16 or bfloat16 inputs, got {out.dtype}")
+    return torch.empty_like(out, dtype=torch.int16)  # out is dense: its strides are kept
 
 
 def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                   dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                   dropout_p: float, seed: int, return_lo: bool = False):
     """attention_fwd with an explicit kernel module (tests run every ISA)."""
     _check(q, k, v, mask)
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     out = q.new_empty(B, L, H, Ev).transpose(1, 2)
     lse = q.new_empty(B, H, L, dtype=torch.float32)
+    lo = _lo_like(out) if return_lo else None
+    res = (out, lse) if lo is None else (out, lse, lo)
     if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+        return res
     if S == 0 or Ev == 0:
         out.zero_()
         lse.fill_(float("-inf"))
-        return out, lse
+        if lo is not None:
+            lo.zero_()
+        return res
     if mask is None:
         m5, mdt = _NO_TENSOR, 0
     else:
@@ -159,11 +173,12 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
     drop = dropout_p > 0.0
     mod.fwd_direct(
         (q.data_ptr(), *q.stride()), (k.data_ptr(), *k.stride()), (v.data_ptr(), *v.stride()), m5,
-        (out.data_ptr(), *out.stride()), (lse.data_ptr(), *lse.stride(), 0),
+        (out.data_ptr(), *out.stride()), _NO_TENSOR if lo is None else (lo.data_ptr(), *lo.stride()),
+        (lse.data_ptr(), *lse.stride(), 0),
         (DTYPE_CODES[q.dtype], mdt, B, H, k.shape[1], L, S, q.shape[3], Ev, int(is_causal),
          _philox.threshold(dropout_p) if drop else 0, torch.get_num_threads()),
         float(scale), float(dropout_p), (int(seed) & (2**64 - 1)) if drop else 0)
-    return out, lse
+    return res
 
 
 # ============================================================================================ backward
@@ -184,27 +199,38 @@ def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_nee
 
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, *,
-                  scale: float, is_causal: bool, dropout_p: float, seed: int,
-                  mask_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                  scale: float, is_causal: bool, dropout_p: float, seed: int, mask_needs_grad: bool,
+                  out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`attention_fwd`: (dq, dk, dv, dmask or None), contiguous, in the inputs' dtypes.
 
     dout and out (B, H, L, Ev), q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides; lse (B, H, L)
     float32 from the forward (-inf rows get zero gradients). With ``mask_needs_grad`` (float masks only),
-    dmask has the mask's 4-D shape and dtype, its size-1 dims summed over. Deterministic: bit-identical
-    from run to run and for any thread count."""
+    dmask has the mask's 4-D shape and dtype, its size-1 dims summed over. ``out_lo`` (float16 / bfloat16):
+    the forward's int16 residual code (``return_lo``); delta = rowsum(dout * O) then uses the fp32 output O,
+    as dP does, instead of out. Deterministic: bit-identical from run to run and for any thread count."""
     return _attention_bwd(module(), dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal,
-                          dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad)
+                          dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad, out_lo=out_lo)
+
+
+def _check_out_lo(out_lo: Tensor | None, out: Tensor) -> None:
+    if out_lo is None:
+        return
+    if out_lo.shape != out.shape or out_lo.dtype != torch.int16 or out.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"out_lo must be int16 of out's shape {tuple(out.shape)} (float16 / bfloat16 out, got "
+                         f"{out.dtype}), got {tuple(out_lo.shape)} {out_lo.dtype}")
 
 
 def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
-                   mask_needs_grad: bool, mode: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                   mask_needs_grad: bool, mode: int = 0,
+                   out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """attention_bwd with an explicit kernel module; ``mode`` (tests): 0 auto, 1 fused (a task per (b, kv
     head)), 2 split (tasks per key block and per query block). Every mode gives the same bits."""
     _check(q, k, v, mask)
     if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(f"dout and out must be (B, H, L, Ev) = {tuple(out.shape)} in {q.dtype}, got dout "
                          f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
+    _check_out_lo(out_lo, out)
     if lse.dtype != torch.float32 or lse.shape != q.shape[:3]:
         raise ValueError(f"lse must be float32 {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
     dq, dk, dv, dmask = _grad_buffers(q, k, v, mask, mask_needs_grad)
@@ -214,6 +240,8 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         return dq, dk, dv, dmask
     p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed)
     p.out, p.dout, p.lse = _t4(mod, out), _t4(mod, dout), _t4(mod, lse)
+    if out_lo is not None:
+        p.out_lo = _t4(mod, out_lo)
     p.dq, p.dk, p.dv = _t4(mod, dq), _t4(mod, dk), _t4(mod, dv)
     if dmask is not None:
         p.dmask = _t4(mod, dmask, broadcast=True)
@@ -252,44 +280,55 @@ def _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_ca
 
 
 def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-               mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float,
-               seed: int) -> tuple[Tensor, Tensor]:
-    """Packed forward: (out (total_q, H, Ev) in q's dtype, lse (H, total_q) float32)."""
+               mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
+               return_lo: bool = False):
+    """Packed forward: (out (total_q, H, Ev) in q's dtype, lse (H, total_q) float32), and out_lo (total_q, H,
+    Ev) last with ``return_lo`` (float16 / bfloat16; see :func:`attention_fwd`)."""
     return _varlen_fwd(module(), q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
-                       dropout_p=dropout_p, seed=seed)
+                       dropout_p=dropout_p, seed=seed, return_lo=return_lo)
 
 
-def _varlen_fwd(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p, seed):
+def _varlen_fwd(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p, seed,
+                return_lo: bool = False):
     total_q, H, _ = q.shape
     out = q.new_empty(total_q, H, v.shape[2])
     lse = q.new_empty(H, total_q, dtype=torch.float32)
+    lo = _lo_like(out) if return_lo else None
+    res = (out, lse) if lo is None else (out, lse, lo)
     if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+        return res
     if k.shape[0] == 0 or max_k == 0 or v.shape[2] == 0:
         out.zero_()
         lse.fill_(float("-inf"))
-        return out, lse
+        if lo is not None:
+            lo.zero_()
+        return res
     p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
                        dropout_p=dropout_p, seed=seed)
     p.out, p.lse = _packed(mod, out), _lse4(mod, lse)
+    if lo is not None:
+        p.out_lo = _packed(mod, lo)
     mod.fwd(p)
-    return out, lse
+    return res
 
 
 def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                cu_k: Tensor, max_q: int, max_k: int, mask: Tensor | None, *, scale: float, is_causal: bool,
-               dropout_p: float, seed: int, mask_needs_grad: bool
+               dropout_p: float, seed: int, mask_needs_grad: bool, out_lo: Tensor | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients of :func:`varlen_fwd`: (dq, dk, dv, dmask or None), contiguous, deterministic."""
+    """Gradients of :func:`varlen_fwd`: (dq, dk, dv, dmask or None), contiguous, deterministic. ``out_lo``:
+    as for :func:`attention_bwd`."""
     return _varlen_bwd(module(), dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale=scale,
-                       is_causal=is_causal, dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad)
+                       is_causal=is_causal, dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad,
+                       out_lo=out_lo)
 
 
 def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p,
-                seed, mask_needs_grad, mode: int = 0):
+                seed, mask_needs_grad, mode: int = 0, out_lo: Tensor | None = None):
     if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(f"dout and out must be (total_q, H, Ev) = {tuple(out.shape)} in {q.dtype}, got dout "
                          f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
+    _check_out_lo(out_lo, out)
     if lse.dtype != torch.float32 or tuple(lse.shape) != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must be float32 {(q.shape[1], q.shape[0])}, got {lse.dtype} {tuple(lse.shape)}")
     dq, dk, dv, dmask = _grad_buffers(q, k, v, mask, mask_needs_grad)
@@ -300,6 +339,8 @@ def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *,
     p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
                        dropout_p=dropout_p, seed=seed)
     p.out, p.dout, p.lse = _packed(mod, out), _packed(mod, dout), _lse4(mod, lse)
+    if out_lo is not None:
+        p.out_lo = _packed(mod, out_lo)
     p.dq, p.dk, p.dv = _packed(mod, dq), _packed(mod, dk), _packed(mod, dv)
     if dmask is not None:
         p.dmask = _t4(mod, dmask, broadcast=True)
