@@ -17,7 +17,9 @@ Each config is compiled in the feature variants it can run with, which bracket i
 (B, H, L, S) bool mask: the heaviest call without dropout or float masks) and, for rows usable with
 every feature (``TileConfig.features == "all"``), ``full`` (causal, dropout and a float mask that needs
 a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for the dmask kernel).
-The first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
+fp16 / bf16 forward and preprocess kernels are compiled as training calls, storing / reading ``out_lo`` (the
+output's rounding residual, kernels/attention.py): a few more registers in the epilogue than inference. The
+first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
 mask: the key-range path that skips padded key blocks). On request (``VARLEN_VARIANTS``) the first config
 of each bucket is compiled as ``varlen`` (a packed batch read through cu_seqlens, causal with a full bool
 mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient). Known (fp16,
@@ -94,10 +96,13 @@ def _representative_plan(A, bucket: int, dtype: str, variant: str) -> dict:
     def bshd(h, n, e):
         return torch.empty(B, n, h, e, dtype=dt).transpose(1, 2)
 
+    def lo_like(out):  # training: fp16 / bf16 forwards also store out_lo (in out's strides)
+        return None if dt == torch.float32 else torch.empty_strided(out.shape, out.stride(), dtype=torch.int16)
+
     def plan(mask, mask_grad, **kw):
         q, k, v, dout, out = bshd(H, L, E), bshd(Hk, S, E), bshd(Hk, S, E), bshd(H, L, E), bshd(H, L, E)
         lse = torch.empty(B, H, L, dtype=torch.float32)
-        kw = dict(scale=E ** -0.5, seed=1234, **kw)
+        kw = dict(scale=E ** -0.5, seed=1234, out_lo=lo_like(out), **kw)
         dmask = torch.zeros_like(mask) if mask_grad else None
         launches = A._fwd_plan(q, k, v, mask, out, lse, **kw)
         launches += A._bwd_plan(dout, q, k, v, out, lse, mask, torch.empty_like(q), torch.empty_like(k),
@@ -113,7 +118,8 @@ def _representative_plan(A, bucket: int, dtype: str, variant: str) -> dict:
         q, k, v, dout, out = packed(H, E), packed(Hk, E), packed(Hk, E), packed(H, E), packed(H, E)
         lse = torch.empty(H, B * L, dtype=torch.float32)
         heavy = variant == "varlen-full"
-        kw = dict(scale=E ** -0.5, seed=1234, is_causal=True, dropout_p=0.1 if heavy else 0.0, vl=vl)
+        kw = dict(scale=E ** -0.5, seed=1234, is_causal=True, dropout_p=0.1 if heavy else 0.0, vl=vl,
+                  out_lo=lo_like(out))
         mask = torch.zeros(1 if heavy else B, H, L, S, dtype=dt if heavy else torch.bool)
         dmask = torch.zeros_like(mask) if heavy else None
         launches = A._fwd_plan(q, k, v, mask, out, lse, **kw)

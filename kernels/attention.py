@@ -5,20 +5,23 @@ L query length, S key length, E query/key head dim, Ev value head dim (both 1..2
 
 Launcher contract (shared with the C++ CPU kernels, see fastattn/_cpu.py):
 
-    attention_fwd(q, k, v, mask, *, scale, is_causal, dropout_p, seed) -> (out, lse)
+    attention_fwd(q, k, v, mask, *, scale, is_causal, dropout_p, seed, return_lo=False)
+        -> (out, lse), or (out, lse, out_lo) with return_lo
     attention_bwd(dout, q, k, v, out, lse, mask, *, scale, is_causal, dropout_p, seed,
-                  mask_needs_grad) -> (dq, dk, dv, dmask | None)
+                  mask_needs_grad, out_lo=None) -> (dq, dk, dv, dmask | None)
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides (read in place). mask: None or 4-D
 with every dim full or 1 (size-1 dims broadcast through stride 0); bool (True = attend) or float
 (added to the scaled scores, -inf hides). ``is_causal``: key j visible to query i iff j <= i (top-left).
 out (B, H, L, Ev) in q's dtype, stored (B, L, H, Ev) and returned as a transposed view; lse (B, H, L)
-float32, natural log, -inf (and out = 0) for rows that see no key.
+float32, natural log, -inf (and out = 0) for rows that see no key. out_lo (fp16 / bf16 training): int16,
+laid out as out, the rounding residual of the fp32 result O relative to out, round((O - out) / out * 2^K)
+(K = 22 bf16, 25 fp16; csrc/common.h ``encode_lo`` explains it); the backward reads O back from it.
 
 Kernels (all program ids cast to int64 before pointer arithmetic, fp32 accumulation):
 
 * ``_attn_fwd``        one program per (query block, b, h); loops over the visible key blocks only.
-* ``_attn_bwd_preprocess``  delta = rowsum(dO * O).
+* ``_attn_bwd_preprocess``  delta = rowsum(dO * O) (O from out and out_lo when given).
 * ``_attn_bwd_dkdv``   one program per (key block, b, kv head); loops over the group's query heads and
   their query blocks, so dk/dv need no atomics.
 * ``_attn_bwd_dq``     one program per (query block, b, h); also stores dS when the float mask needs a
@@ -419,8 +422,20 @@ def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
     return acc, l_i, m_i
 
 
+@triton.jit
+def _encode_lo(o, out, LO_SHIFT: tl.constexpr):
+    """out_lo of the fp32 result o and out = o rounded to fp16 / bf16: round((o - out) / out * 2^LO_SHIFT) as
+    int16 (to nearest even), 0 where out is 0 or not finite (csrc/common.h, encode_lo: the same code)."""
+    h = out.to(tl.float32)
+    ok = (h != 0.0) & (tl.abs(h) < float("inf"))  # false for NaN
+    m = (o - h) / tl.where(ok, h, 1.0) * (1 << LO_SHIFT)
+    m = tl.minimum(tl.maximum(m, -32767.0), 32767.0)
+    m = (m + 12582912.0) - 12582912.0  # round to nearest even (|m| < 2^22)
+    return tl.where(ok, m, 0.0).to(tl.int16)
+
+
 @triton.jit(do_not_specialize=_RNG_ARGS)
-def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
+def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
               stride_qb, stride_qh, stride_qm, stride_qe,
               stride_kb, stride_kh, stride_kn, stride_ke,
               stride_vb, stride_vh, stride_vn, stride_ve,
@@ -434,7 +449,8 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
               BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
               IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              VARLEN: tl.constexpr = False):
+              VARLEN: tl.constexpr = False, LO_SHIFT: tl.constexpr = 0):
+    """LO_SHIFT != 0 (fp16 / bf16 training): also store out_lo (see _encode_lo) through Out's strides."""
     tl.static_assert(BLOCK_E >= HEAD_DIM)
     tl.static_assert(BLOCK_EV >= HEAD_DIM_V)
     start_m = tl.program_id(0) * BLOCK_M
@@ -494,23 +510,29 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, Lse, CuQ, CuK,
     if VARLEN:
         q0 = tl.load(CuQ + b, volatile=True).to(tl.int64)  # reloaded: not kept live across the key loop
     tl.store(Lse + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=in_m)
-    O_blk = Out + b * stride_ob + h * stride_oh + (q0 + m64) * stride_om
-    tl.store(O_blk + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, acc.to(Out.dtype.element_ty),
-             mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V))
+    o_blk = b * stride_ob + h * stride_oh + (q0 + m64) * stride_om
+    o_tile = rows[:, None] * stride_om + offs_ev[None, :] * stride_oe
+    o_msk = in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V)
+    out = acc.to(Out.dtype.element_ty)
+    tl.store(Out + o_blk + o_tile, out, mask=o_msk)
+    if LO_SHIFT != 0:
+        tl.store(OutLo + o_blk + o_tile, _encode_lo(acc, out, LO_SHIFT), mask=o_msk)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_bwd_preprocess(Out, DO, Delta, CuQ,
+def _attn_bwd_preprocess(Out, OutLo, DO, Delta, CuQ,
                          stride_ob, stride_oh, stride_om, stride_oe,
                          stride_db, stride_dh, stride_dm, stride_de,
                          stride_lb, stride_lh,
                          H, L, TUNE_HEAD, TUNE_LEN,
                          HEAD_DIM_V: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr,
-                         VARLEN: tl.constexpr = False):
-    """delta_i = sum_e dO_ie * O_ie (fp32), stored in the layout of lse."""
+                         VARLEN: tl.constexpr = False, LO_SHIFT: tl.constexpr = 0):
+    """delta_i = sum_e dO_ie * O_ie (fp32), stored in the layout of lse. LO_SHIFT != 0: O is the forward's
+    fp32 result, out * (1 + out_lo * 2^-LO_SHIFT) (out_lo read through Out's strides); a non-finite
+    correction (out inf / NaN) is dropped, leaving what out alone gives."""
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -521,11 +543,17 @@ def _attn_bwd_preprocess(Out, DO, Delta, CuQ,
     offs_m = start_m + rows
     offs_ev = tl.arange(0, BLOCK_EV)
     msk = (offs_m[:, None] < L) & (offs_ev[None, :] < HEAD_DIM_V)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + m64 * stride_om
-                + rows[:, None] * stride_om + offs_ev[None, :] * stride_oe, mask=msk, other=0.0)
+    o_blk = b * stride_ob + h * stride_oh + m64 * stride_om
+    o_tile = rows[:, None] * stride_om + offs_ev[None, :] * stride_oe
+    o = tl.load(Out + o_blk + o_tile, mask=msk, other=0.0)
     do = tl.load(DO + b * stride_db + h * stride_dh + m64 * stride_dm
                  + rows[:, None] * stride_dm + offs_ev[None, :] * stride_de, mask=msk, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    od = o.to(tl.float32) * do.to(tl.float32)
+    delta = tl.sum(od, 1)
+    if LO_SHIFT != 0:
+        m = tl.load(OutLo + o_blk + o_tile, mask=msk, other=0)
+        c = tl.sum(od * m.to(tl.float32), 1) * (1.0 / (1 << LO_SHIFT))
+        delta = tl.where(tl.abs(c) < float("inf"), delta + c, delta)
     tl.store(Delta + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < L)
 
 
@@ -1005,13 +1033,46 @@ class _Launch:
     args: dict
 
 
+# K of the out_lo code (module doc; csrc/common.h explains the choice): |O - out| < one ulp of out, 2^-7 |out|
+# (bf16) or 2^-10 |out| (fp16, normal out), whatever the rounding (the interpreter truncates to bf16), so
+# |out_lo| < 2^15 and out * (1 + out_lo * 2^-K) is O to ~2^-23 relative.
+_LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}
+
+
+def _lo_args(out: torch.Tensor, out_lo: torch.Tensor | None) -> dict:
+    """OutLo / LO_SHIFT of the forward and preprocess kernels (out stands in for an absent out_lo)."""
+    if out_lo is None:
+        return dict(OutLo=out, LO_SHIFT=0)
+    return dict(OutLo=out_lo, LO_SHIFT=_LO_SHIFT[out.dtype])
+
+
+def _lo_like(out: torch.Tensor) -> torch.Tensor:
+    """An int16 out_lo buffer in out's strides (the return_lo forwards' third output)."""
+    if out.dtype not in _LO_SHIFT:
+        raise TypeError(f"return_lo needs float16 or bfloat16 inputs, got {out.dtype}")
+    return torch.empty_like(out, dtype=torch.int16)  # out is dense: its strides are kept
+
+
+def _lo_as_out(out_lo: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor | None:
+    """out_lo in out's strides (the kernels read both with one set); checked like the CPU launcher's."""
+    if out_lo is None:
+        return None
+    if out_lo.shape != out.shape or out_lo.dtype != torch.int16 or out.dtype not in _LO_SHIFT:
+        raise ValueError(f"out_lo must be int16 of out's shape {tuple(out.shape)} (float16 / bfloat16 out, got "
+                         f"{out.dtype}), got {tuple(out_lo.shape)} {out_lo.dtype}")
+    if out_lo.stride() == out.stride():
+        return out_lo
+    return torch.empty_strided(out.shape, out.stride(), dtype=torch.int16, device=out.device).copy_(out_lo)
+
+
 def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
-              vl: _Varlen | None = None) -> list[_Launch]:
-    """Launches of the forward; ``vl``: q/k/v/out are packed (see _Varlen), lse is (H, total_q)."""
+              vl: _Varlen | None = None, out_lo: torch.Tensor | None = None) -> list[_Launch]:
+    """Launches of the forward; ``vl``: q/k/v/out are packed (see _Varlen), lse is (H, total_q). ``out_lo``
+    (int16, out's strides): also store the residual code there."""
     B, H, _, L, _, _, _ = _dims(q, k, v, vl)
     pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl)
     return [_Launch("fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
-        Q=q, K=k, V=v, Mask=pb.mask, KVRange=pb.kv_range, Out=out, Lse=lse,
+        Q=q, K=k, V=v, Mask=pb.mask, KVRange=pb.kv_range, Out=out, Lse=lse, **_lo_args(out, out_lo),
         **_named_strides("q", _strides4(q, vl)), **_named_strides("k", _strides4(k, vl)),
         **_named_strides("v", _strides4(v, vl)),
         **_named_strides("m", pb.mask_strides), stride_rb=pb.kv_range_strides[0],
@@ -1021,15 +1082,16 @@ def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
 
 
 def _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, *, scale, is_causal, dropout_p,
-              seed, vl: _Varlen | None = None) -> list[_Launch]:
-    """Launches of the backward; ``vl``: packed tensors, lse and delta (H, total_q)."""
+              seed, vl: _Varlen | None = None, out_lo: torch.Tensor | None = None) -> list[_Launch]:
+    """Launches of the backward; ``vl``: packed tensors, lse and delta (H, total_q). ``out_lo``: the forward's
+    (out's strides), or None."""
     B, H, Hk, L, S, _, Ev = _dims(q, k, v, vl)
     pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl)
     common = pb.common(scale)
     seq = _seq_args(lse, vl, pb.kv_range)
     do_st = _strides4(dout, vl)
     plan = [_Launch("bwd_preprocess", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
-        Out=out, DO=dout, Delta=delta, **_named_strides("o", _strides4(out, vl)),
+        Out=out, DO=dout, Delta=delta, **_named_strides("o", _strides4(out, vl)), **_lo_args(out, out_lo),
         stride_db=do_st[0], stride_dh=do_st[1], stride_dm=do_st[2], stride_de=do_st[3],
         H=H, L=L, TUNE_HEAD=common["TUNE_HEAD"], TUNE_LEN=common["TUNE_LEN"],
         HEAD_DIM_V=Ev, BLOCK_EV=pb.constexprs["BLOCK_EV"], CuQ=seq["CuQ"], stride_lb=seq["stride_lb"],
@@ -1069,33 +1131,39 @@ def _named_strides(prefix: str, t) -> dict[str, int]:
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
-                  scale: float, is_causal: bool, dropout_p: float, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention forward: (out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32). See the module doc."""
+                  scale: float, is_causal: bool, dropout_p: float, seed: int, return_lo: bool = False):
+    """Attention forward: (out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32), and out_lo (int16, out's
+    layout) last with ``return_lo`` (fp16 / bf16 training). See the module doc."""
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     # (B, L, H, Ev) storage viewed as (B, H, L, Ev): a module reshapes it to (B, L, H * Ev) for free.
     out = q.new_empty(B, L, H, Ev).transpose(1, 2)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    lo = _lo_like(out) if return_lo else None
+    res = (out, lse) if lo is None else (out, lse, lo)
     if B * H * L == 0:
-        return out, lse
+        return res
     if S == 0:  # every row sees no key
         out.zero_()
         lse.fill_(float("-inf"))
-        return out, lse
+        if lo is not None:
+            lo.zero_()
+        return res
     for launch in _fwd_plan(q, k, v, mask, out, lse, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                            seed=seed):
+                            seed=seed, out_lo=lo):
         _launch(launch.name, launch.grid, **launch.args)
-    return out, lse
+    return res
 
 
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: torch.Tensor | None, *, scale: float, is_causal: bool,
-                  dropout_p: float, seed: int, mask_needs_grad: bool
+                  dropout_p: float, seed: int, mask_needs_grad: bool, out_lo: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention backward: (dq, dk, dv, dmask or None), contiguous. dk/dv are summed over each GQA group;
     dmask (float masks, when ``mask_needs_grad``) has the mask's shape and dtype, broadcast dims summed.
-    Deterministic: no atomics, fixed reduction order."""
+    ``out_lo``: the forward's residual code (``return_lo``), for delta from the fp32 output. Deterministic:
+    no atomics, fixed reduction order."""
+    out_lo = _lo_as_out(out_lo, out)
     B, H, L, _ = q.shape
     S = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -1112,39 +1180,47 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     lse = lse.contiguous()  # (B, H, L) float32, indexed as (b * H + h) * L + i; a no-op when it is
     delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     for launch in _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, scale=scale,
-                            is_causal=is_causal, dropout_p=dropout_p, seed=seed):
+                            is_causal=is_causal, dropout_p=dropout_p, seed=seed, out_lo=out_lo):
         _launch(launch.name, launch.grid, **launch.args)
     return dq, dk, dv, dmask
 
 
 def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                max_q: int, max_k: int, mask: torch.Tensor | None, *, scale: float, is_causal: bool,
-               dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+               dropout_p: float, seed: int, return_lo: bool = False):
     """Packed (variable-length) forward: q (total_q, H, E), k (total_k, Hk, E), v (total_k, Hk, Ev), int32
     cu_q / cu_k (B + 1) on the device, mask None or 4-D broadcastable to (B, H, max_q, max_k) (item b reads
-    its top-left corner). Returns (out (total_q, H, Ev), lse (H, total_q) float32). The grid covers the
-    longest item; programs past their item's length exit at once."""
+    its top-left corner). Returns (out (total_q, H, Ev), lse (H, total_q) float32), and out_lo (total_q, H,
+    Ev) int16 last with ``return_lo``. The grid covers the longest item; programs past their item's length
+    exit at once."""
     total_q, H, _ = q.shape
     out = q.new_empty(total_q, H, v.shape[2])
     lse = torch.empty(H, total_q, dtype=torch.float32, device=q.device)
+    lo = _lo_like(out) if return_lo else None
+    res = (out, lse) if lo is None else (out, lse, lo)
     if total_q * H == 0:
-        return out, lse
+        return res
     if k.shape[0] == 0 or max_k == 0:
         out.zero_()
         lse.fill_(float("-inf"))
-        return out, lse
+        if lo is not None:
+            lo.zero_()
+        return res
     vl = _Varlen(cu_q, cu_k, cu_q.numel() - 1, int(max_q), int(max_k))
     for launch in _fwd_plan(q, k, v, mask, out, lse, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                            seed=seed, vl=vl):
+                            seed=seed, vl=vl, out_lo=lo):
         _launch(launch.name, launch.grid, **launch.args)
-    return out, lse
+    return res
 
 
 def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
                mask: torch.Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
-               mask_needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of :func:`varlen_fwd`: (dq, dk, dv, dmask or None), contiguous, deterministic."""
+               mask_needs_grad: bool, out_lo: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`varlen_fwd`: (dq, dk, dv, dmask or None), contiguous, deterministic. ``out_lo``:
+    as for :func:`attention_bwd`."""
+    out_lo = _lo_as_out(out_lo, out)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -1159,6 +1235,6 @@ def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     delta = torch.empty_like(lse)
     vl = _Varlen(cu_q, cu_k, cu_q.numel() - 1, int(max_q), int(max_k))
     for launch in _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, scale=scale,
-                            is_causal=is_causal, dropout_p=dropout_p, seed=seed, vl=vl):
+                            is_causal=is_causal, dropout_p=dropout_p, seed=seed, vl=vl, out_lo=out_lo):
         _launch(launch.name, launch.grid, **launch.args)
     return dq, dk, dv, dmask
