@@ -5,6 +5,14 @@ strides and an optional 4-D mask whose size-1 dims broadcast. ``backend`` select
 CPU tensors ("cpu": the C++ kernel; "triton": the Triton kernel under TRITON_INTERPRET=1); CUDA
 tensors always run Triton. Fake implementations let torch.compile / torch.export trace through;
 the autograd formula is registered once, here.
+
+fp16 / bf16 training (``return_lo``): the forward also returns ``out_lo``, an int16 code of the rounding
+residual of its fp32 result relative to ``out`` (csrc/common.h, ``encode_lo``). The backward's
+delta = rowsum(dout * O) is subtracted from a dP computed in fp32; with O rounded to bf16 the two disagree by
+~2^-9 |dout| |O|, which is all of dS where exact math gives 0 (one visible key with dropout). out_lo gives O
+back to ~2^-23 relative, about what a float32 copy would, at 2 bytes per element (a residual in the output's
+own dtype would leave ~2^-17 for bf16, still ~10x the float32 noise of dP); it is saved for the backward only
+(never returned to the user) and not produced for inference, float32 or float64.
 """
 from __future__ import annotations
 
@@ -14,11 +22,21 @@ from torch import Tensor
 from fastattn import _launchers
 
 
-def _out_like(q: Tensor, v: Tensor) -> Tensor:
+def _out_like(q: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     # Output memory layout is (B, L, H, Ev) viewed as (B, H, L, Ev): what both kernels write,
     # so a module can reshape it to (B, L, H*Ev) without a copy.
     B, H, L, _ = q.shape
-    return q.new_empty(B, L, H, v.shape[-1]).transpose(1, 2)
+    return q.new_empty(B, L, H, v.shape[-1], dtype=dtype).transpose(1, 2)
+
+
+def no_lo(q: Tensor) -> Tensor:
+    """The out_lo of a forward that was not asked for one (an empty int16 tensor)."""
+    return q.new_empty(0, dtype=torch.int16)
+
+
+def lo_or_none(out_lo: Tensor | None) -> Tensor | None:
+    """The backward ops' out_lo argument as the launchers take it (None for none or an empty one)."""
+    return out_lo if out_lo is not None and out_lo.numel() else None
 
 
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
@@ -32,18 +50,22 @@ def attention_fwd(
     dropout_p: float,
     seed: Tensor,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """(out, lse): out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32 (natural log, -inf for
-    fully masked rows). ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0)."""
+    return_lo: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, out_lo): out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32 (natural log, -inf for
+    fully masked rows), out_lo int16 laid out as out when ``return_lo`` (float16 / bfloat16 only; see the
+    module doc), else empty. ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0)."""
     launcher = _launchers.get(backend, q.device)
-    return launcher.attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal,
-                                  dropout_p=dropout_p, seed=int(seed.item()))
+    res = launcher.attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                                 seed=int(seed.item()), return_lo=return_lo)
+    return res if return_lo else (*res, no_lo(q))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend):
+def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend, return_lo):
     B, H, L, _ = q.shape
-    return _out_like(q, v), q.new_empty(B, H, L, dtype=torch.float32)
+    lo = _out_like(q, v, torch.int16) if return_lo else no_lo(q)
+    return _out_like(q, v), q.new_empty(B, H, L, dtype=torch.float32), lo
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
@@ -54,6 +76,7 @@ def attention_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    out_lo: Tensor | None,
     mask: Tensor | None,
     scale: float,
     is_causal: bool,
@@ -62,11 +85,12 @@ def attention_bwd(
     backend: str,
     mask_needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dmask); dmask has the mask's 4-D shape when ``mask_needs_grad`` else is empty."""
+    """(dq, dk, dv, dmask); dmask has the mask's 4-D shape when ``mask_needs_grad`` else is empty.
+    ``out_lo``: the forward's (``return_lo``), or None (or empty): delta then comes from out alone."""
     launcher = _launchers.get(backend, q.device)
     dq, dk, dv, dmask = launcher.attention_bwd(
         dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-        seed=int(seed.item()), mask_needs_grad=mask_needs_grad)
+        seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo))
     if dmask is None:
         dmask = q.new_empty(0)
     return _contig(dq), _contig(dk), _contig(dv), dmask
@@ -78,7 +102,7 @@ def _contig(t: Tensor) -> Tensor:
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, backend, mask_needs_grad):
+def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, dropout_p, seed, backend, mask_needs_grad):
     dmask = torch.empty_like(mask, memory_format=torch.contiguous_format) if mask_needs_grad else q.new_empty(0)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -86,22 +110,22 @@ def _(dout, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed, backend,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    q, k, v, mask, scale, is_causal, dropout_p, seed, backend, return_lo = inputs
+    out, lse, out_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, out_lo if return_lo else None, mask, seed)
     ctx.params = (scale, is_causal, dropout_p, backend)
     # lse is a by-product for merging partial results; it carries no gradient (its use in a loss
-    # would need d lse / d s = P, which the kernels do not fold in).
-    ctx.mark_non_differentiable(lse)
+    # would need d lse / d s = P, which the kernels do not fold in). out_lo is the backward's own.
+    ctx.mark_non_differentiable(lse, out_lo)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _dlo):
+    q, k, v, out, lse, out_lo, mask, seed = ctx.saved_tensors
     scale, is_causal, dropout_p, backend = ctx.params
     mask_needs_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, mask, scale, is_causal, dropout_p,
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, dropout_p,
                                       seed, backend, mask_needs_grad)
-    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None
+    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

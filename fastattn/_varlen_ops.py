@@ -6,7 +6,9 @@ for torch.compile / torch.export, and the autograd formula registered once here.
 
 Packed layout (B sequences, H query heads, Hk key/value heads): q (total_q, H, E), k (total_k, Hk, E),
 v (total_k, Hk, Ev), int32 cu_q / cu_k (B + 1) on q's device; mask None or 4-D with every dim 1 or full
-(B, H, max_q, max_k). Outputs: out (total_q, H, Ev) in q's dtype, lse (H, total_q) float32.
+(B, H, max_q, max_k). Outputs: out (total_q, H, Ev) in q's dtype, lse (H, total_q) float32, and for fp16 /
+bf16 training (``return_lo``) out_lo (total_q, H, Ev) int16, saved for the backward's delta (see
+fastattn/_ops.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _launchers
+from fastattn._ops import lo_or_none, no_lo
 
 
 @torch.library.custom_op("fastattn::varlen_fwd", mutates_args=())
@@ -31,18 +34,22 @@ def varlen_fwd(
     dropout_p: float,
     seed: Tensor,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """(out (total_q, H, Ev), lse (H, total_q) float32, natural log, -inf for rows with no visible key).
-    ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0)."""
+    return_lo: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (total_q, H, Ev), lse (H, total_q) float32, natural log, -inf for rows with no visible key,
+    out_lo (total_q, H, Ev) int16 when ``return_lo`` else empty). ``seed``: int64 scalar tensor on the CPU
+    (Philox key; ignored if dropout_p == 0)."""
     launcher = _launchers.get(backend, q.device)
-    return launcher.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
-                               dropout_p=dropout_p, seed=int(seed.item()))
+    res = launcher.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
+                              dropout_p=dropout_p, seed=int(seed.item()), return_lo=return_lo)
+    return res if return_lo else (*res, no_lo(q))
 
 
 @varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale, is_causal, dropout_p, seed, backend):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale, is_causal, dropout_p, seed, backend, return_lo):
     total_q, H, _ = q.shape
-    return q.new_empty(total_q, H, v.shape[2]), q.new_empty(H, total_q, dtype=torch.float32)
+    lo = q.new_empty(total_q, H, v.shape[2], dtype=torch.int16) if return_lo else no_lo(q)
+    return q.new_empty(total_q, H, v.shape[2]), q.new_empty(H, total_q, dtype=torch.float32), lo
 
 
 @torch.library.custom_op("fastattn::varlen_bwd", mutates_args=())
@@ -53,6 +60,7 @@ def varlen_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    out_lo: Tensor | None,
     cu_q: Tensor,
     cu_k: Tensor,
     max_q: int,
@@ -66,11 +74,11 @@ def varlen_bwd(
     mask_needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask), contiguous; dmask has the mask's 4-D shape when ``mask_needs_grad`` else is
-    empty."""
+    empty. ``out_lo``: the forward's (``return_lo``), or None (or empty)."""
     launcher = _launchers.get(backend, q.device)
     dq, dk, dv, dmask = launcher.varlen_bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
-        dropout_p=dropout_p, seed=int(seed.item()), mask_needs_grad=mask_needs_grad)
+        dropout_p=dropout_p, seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo))
     if dmask is None:
         dmask = q.new_empty(0)
     return _contig(dq), _contig(dk), _contig(dv), dmask
@@ -81,8 +89,8 @@ def _contig(t: Tensor) -> Tensor:
 
 
 @varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale, is_causal, dropout_p, seed, backend,
-      mask_needs_grad):
+def _(dout, q, k, v, out, lse, out_lo, cu_q, cu_k, max_q, max_k, mask, scale, is_causal, dropout_p, seed,
+      backend, mask_needs_grad):
     dmask = torch.empty_like(mask, memory_format=torch.contiguous_format) if mask_needs_grad else q.new_empty(0)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -90,21 +98,21 @@ def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale, is_causal,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, mask, scale, is_causal, dropout_p, seed, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, seed)
+    q, k, v, cu_q, cu_k, max_q, max_k, mask, scale, is_causal, dropout_p, seed, backend, return_lo = inputs
+    out, lse, out_lo = output
+    ctx.save_for_backward(q, k, v, out, lse, out_lo if return_lo else None, cu_q, cu_k, mask, seed)
     ctx.params = (max_q, max_k, scale, is_causal, dropout_p, backend)
-    ctx.mark_non_differentiable(lse)  # as in fastattn::attention_fwd: lse carries no gradient
+    ctx.mark_non_differentiable(lse, out_lo)  # as in fastattn::attention_fwd: no gradient through these
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k, mask, seed = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _dlo):
+    q, k, v, out, lse, out_lo, cu_q, cu_k, mask, seed = ctx.saved_tensors
     max_q, max_k, scale, is_causal, dropout_p, backend = ctx.params
     mask_needs_grad = mask is not None and ctx.needs_input_grad[7]
-    dq, dk, dv, dmask = varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale, is_causal,
-                                   dropout_p, seed, backend, mask_needs_grad)
+    dq, dk, dv, dmask = varlen_bwd(dout, q, k, v, out, lse, out_lo, cu_q, cu_k, max_q, max_k, mask, scale,
+                                   is_causal, dropout_p, seed, backend, mask_needs_grad)
     return (dq, dk, dv, None, None, None, None, (dmask if mask_needs_grad else None), None, None, None, None,
-            None)
+            None, None)
 
 
 varlen_fwd.register_autograd(_backward, setup_context=_setup_context)

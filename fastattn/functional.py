@@ -200,6 +200,14 @@ def _plain_eager_inference(*tensors: Tensor | None) -> bool:
     return True
 
 
+def _needs_out_lo(dtype: torch.dtype, *tensors: Tensor | None) -> bool:
+    """fp16 / bf16 with a gradient to come: the forward op also returns its output's rounding residual for
+    the backward's delta (fastattn/_ops.py). Inference, float32 and float64 never pay for it."""
+    if dtype not in (torch.float16, torch.bfloat16) or not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 # --------------------------------------------------------------------------------------- public API
 def scaled_dot_product_attention(
     query: Tensor,
@@ -266,7 +274,8 @@ def scaled_dot_product_attention(
     else:
         if seed is None:
             seed = _ZERO_SEED if not torch.compiler.is_compiling() else torch.zeros((), dtype=torch.int64)
-        out4, lse4 = attention_fwd(q4, k4, v4, mask4, scale, is_causal, dropout_p, seed, backend)
+        out4, lse4, _ = attention_fwd(q4, k4, v4, mask4, scale, is_causal, dropout_p, seed, backend,
+                                      _needs_out_lo(q4.dtype, q4, k4, v4, mask4))
 
     out = out4.reshape(*batch, H, L, Ev) if batch else out4[0]
     if return_lse:

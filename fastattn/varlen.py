@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastattn import reference
-from fastattn.functional import _check_scalars, _FLOAT_DTYPES, _pick_backend, _scale_and_seed
+from fastattn.functional import _check_scalars, _FLOAT_DTYPES, _needs_out_lo, _pick_backend, _scale_and_seed
 
 __all__ = ["varlen_attention", "unpad", "pad"]
 
@@ -187,8 +187,9 @@ def varlen_attention(
 
         if seed is None:
             seed = torch.zeros((), dtype=torch.int64)
-        out, lse = varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, mask4, scale,
-                              is_causal, dropout_p, seed, backend)
+        out, lse, _ = varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, mask4, scale,
+                                 is_causal, dropout_p, seed, backend,
+                                 _needs_out_lo(query.dtype, query, key, value, mask4))
     return (out, lse) if return_lse else out
 
 

@@ -94,7 +94,7 @@ def _attention_weights_op(q: Tensor, k: Tensor, mask: Tensor | None, scale: floa
         _, lse = reference.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, H != k.shape[1],
                                                         upcast=False, return_lse=True)
     else:
-        _, lse = _ops.attention_fwd(q, k, v, mask, scale, is_causal, 0.0, _NO_SEED, backend)
+        _, lse, _ = _ops.attention_fwd(q, k, v, mask, scale, is_causal, 0.0, _NO_SEED, backend, False)
 
     # fp16 / bf16: scores in float32 and one rounding at the end. Rounding the scores first costs
     # |s| * 2^-9 (bf16) before the exp: ~3x the naive bf16 softmax's error at unscaled scores |s| ~ 16.

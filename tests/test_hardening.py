@@ -25,6 +25,7 @@ import torch
 import fastattn
 from fastattn import _cpu, reference, testing
 from fastattn._ops import attention_fwd
+from fastattn.functional import _needs_out_lo
 
 F32, BF16 = torch.float32, torch.bfloat16
 SANITIZED = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
@@ -51,8 +52,9 @@ def _fwd_bwd(q, k, v, mask=None, *, dropout_p=0.0, seed=0, backend="cpu", **kw):
         # The public API draws the dropout seed from torch's global generator, which Python threads
         # share (a race by design): call the op with an explicit seed instead.
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, _ = attention_fwd(*leaves, m, scale, kw.get("is_causal", False), dropout_p,
-                               torch.tensor(seed, dtype=torch.int64), backend)
+        out, _, _ = attention_fwd(*leaves, m, scale, kw.get("is_causal", False), dropout_p,
+                                  torch.tensor(seed, dtype=torch.int64), backend,
+                                  _needs_out_lo(q.dtype, *leaves, m))  # as the public function sets it
     else:
         out = fastattn.scaled_dot_product_attention(*leaves, m, backend=backend, **kw)
     dout = torch.randn(out.shape, generator=gen).to(out.dtype)

@@ -13,16 +13,22 @@ def _samples():
     r = lambda *s, dt=torch.float32: torch.randn(*s, generator=g, dtype=dt)  # noqa: E731
     seed = torch.tensor(1234, dtype=torch.int64)
     q, k, v = r(2, 4, 9, 16), r(2, 2, 11, 16), r(2, 2, 11, 8)
-    yield (q, k, v, None, 0.25, False, 0.0, seed, "cpu")
+    yield (q, k, v, None, 0.25, False, 0.0, seed, "cpu", False)
     yield (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.rand(2, 1, 1, 11, generator=g) > 0.2,
-           0.25, True, 0.0, seed, "cpu")
+           0.25, True, 0.0, seed, "cpu", False)
     bias = r(1, 1, 9, 11).requires_grad_()
-    yield (q, k, v, bias, 0.3, False, 0.0, seed, "cpu")
+    yield (q, k, v, bias, 0.3, False, 0.0, seed, "cpu", False)
     qb = r(2, 9, 4, 16, dt=torch.bfloat16).transpose(1, 2).requires_grad_()
-    yield (qb, r(2, 2, 11, 16, dt=torch.bfloat16), r(2, 2, 11, 8, dt=torch.bfloat16), None, 0.25, True, 0.2, seed, "cpu")
+    kb, vb = r(2, 2, 11, 16, dt=torch.bfloat16), r(2, 2, 11, 8, dt=torch.bfloat16)
+    # return_lo: the training forward of fp16 / bf16 (out_lo saved for the backward)
+    yield (qb, kb, vb, None, 0.25, True, 0.2, seed, "cpu", True)
+    yield (qb, kb, vb, None, 0.25, True, 0.2, seed, "cpu", False)
+    qh = r(2, 4, 9, 16, dt=torch.float16).requires_grad_()
+    yield (qh, r(2, 2, 11, 16, dt=torch.float16), r(2, 2, 11, 8, dt=torch.float16), r(2, 1, 9, 11, dt=torch.float16),
+           0.25, False, 0.1, seed, "cpu", True)
 
 
-@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("i", range(6))
 def test_opcheck_forward(i):
     args = list(_samples())[i]
     torch.library.opcheck(_ops.attention_fwd, args)
@@ -32,9 +38,22 @@ def test_opcheck_backward():
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
     seed = torch.tensor(5, dtype=torch.int64)
     mask = torch.randn(2, 1, 9, 11)
-    out, lse = _ops.attention_fwd(q, k, v, mask, 0.25, True, 0.1, seed, "cpu")
+    out, lse, _ = _ops.attention_fwd(q, k, v, mask, 0.25, True, 0.1, seed, "cpu", False)
     dout = torch.randn_like(out)
-    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, mask, 0.25, True, 0.1, seed, "cpu", True))
+    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, None, mask, 0.25, True, 0.1, seed, "cpu",
+                                               True))
+
+
+def test_opcheck_backward_out_lo():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((2, 4, 9, 16), (2, 2, 11, 16), (2, 2, 11, 8)))
+    seed = torch.tensor(5, dtype=torch.int64)
+    mask = torch.randn(2, 1, 9, 11, generator=g).to(torch.bfloat16)
+    out, lse, lo = _ops.attention_fwd(q, k, v, mask, 0.25, True, 0.1, seed, "cpu", True)
+    assert lo.dtype == torch.int16 and lo.shape == out.shape and lo.stride() == out.stride()
+    dout = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, lo, mask, 0.25, True, 0.1, seed, "cpu",
+                                               True))
 
 
 class _Layer(torch.nn.Module):
@@ -64,6 +83,20 @@ def test_compile_fullgraph_matches_eager():
     g1 = torch.autograd.grad(eager.sum(), x)[0]
     g2 = torch.autograd.grad(compiled.sum(), x)[0]
     torch.testing.assert_close(g1, g2)
+
+
+def test_compile_bf16_training_matches_eager():
+    """The training forward's out_lo through torch.compile: fake impl, saved for the backward."""
+    torch.manual_seed(0)
+    layer = _Layer().to(torch.bfloat16)
+    x = torch.randn(2, 12, 64, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    eager = layer(x, mask)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, mask)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    g1 = torch.autograd.grad(eager.float().sum(), x)[0]
+    g2 = torch.autograd.grad(compiled.float().sum(), x)[0]
+    torch.testing.assert_close(g1, g2, atol=0, rtol=0)
 
 
 def test_export():
