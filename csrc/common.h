@@ -751,7 +751,11 @@ inline void dropout_words_quad_col(uint64_t seed, int64_t b, int64_t h, int64_t 
 // Partial ("_n") loads/stores touch only the first n lanes' memory.
 namespace simd {
 
-// 2^f on f in [-0.5, 0.5]: minimax-fit polynomials (relative error 1.4e-7 for degree 5, 7.7e-5 for 3).
+// 2^f on f in [-0.5, 0.5]: minimax-fit polynomials (relative error 1.4e-7 for degree 5, 1.0e-4 for 3). Degree
+// 3 (the bf16-dot forward, which rounds p to bf16 for P V but sums l in fp32) is fit with c0 = 1, so 2^0 = 1
+// exactly: a row's maximum key then has p = bf16(p) = 1 and a row with one visible key gives O = v and the
+// lse the backward's P = 1 comes from. (The unconstrained fit, c0 = 0.99993 and error 7.7e-5, made that O
+// v / 0.99993, off the backward's algebra by ~2^-14: dq / dk that are 0 in exact math came out ~1e-4..2e-3.)
 // exp2 returns exactly 0 below this: 2^-125 is the smallest power whose polynomial-scaled result
 // (factor >= 0.7) stays a normal float, and probabilities < 2^-125 of the row maximum are below fp32 resolution.
 constexpr float kExp2Min = -125.0f;
@@ -761,8 +765,7 @@ template <> struct Exp2Poly<5> {
                                  0.05550742521882057f, 0.009675459936261177f, 0.0013266970636323094f};
 };
 template <> struct Exp2Poly<3> {
-  static constexpr float c[4] = {0.9999289512634277f, 0.6932762265205383f, 0.24260404706001282f,
-                                 0.05508868396282196f};
+  static constexpr float c[4] = {1.0f, 0.6932829022407532f, 0.24221095442771912f, 0.05500892922282219f};
 };
 
 #if defined(FASTATTN_HAVE_AVX512)

@@ -303,6 +303,99 @@ def test_isa_modules(isa, dtype):
         _assert_grads(got, g64, glp, dtype)
 
 
+# ------------------------------------------------------------------------------------------ out_lo
+# fp16 / bf16 training: the forward's int16 out_lo codes the rounding residual of its fp32 output relative
+# to out (csrc/common.h, encode_lo); the backward's delta reads the fp32 output back from out and out_lo.
+_LO_SHIFT = {BF16: 22, F16: 25}
+
+
+def _fwd_lo(mod, dtype, S=29, uniform=False):
+    """A forward with out_lo. ``uniform``: q = 0, no mask, not causal, so P = 1/S, exact in fp16 / bf16 for S
+    a power of two, and the fp32 output is then the exact one up to fp32 rounding (the kernels may round
+    P to the input dtype for the P V product, which out_lo does not undo)."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, Hk, L, E, Ev = 2, 4, 2, 37, 24, 40
+    q = _randn(B, H, L, E, dtype=dtype, gen=gen, layout="bshd")
+    k = _randn(B, Hk, S, E, dtype=dtype, gen=gen)
+    v = _randn(B, Hk, S, Ev, dtype=dtype, gen=gen, layout="bshd")
+    m = None if uniform else _mask("float_LS", B, H, L, S, dtype, gen)
+    if uniform:
+        q.zero_()
+    kw = dict(scale=E ** -0.5, is_causal=not uniform, dropout_p=0.1, seed=99)
+    return (q, k, v, m), kw, _cpu._attention_fwd(mod, q, k, v, m, return_lo=True, **kw)
+
+
+@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+def test_out_lo_forward(isa, dtype):
+    """out and lse are the same bits with or without out_lo; out * (1 + out_lo * 2^-K) is the fp32 output."""
+    mod = importlib.import_module(f"fastattn._C_{isa}")
+    for uniform in (False, True):
+        (q, k, v, m), kw, (out, lse, lo) = _fwd_lo(mod, dtype, S=32 if uniform else 29, uniform=uniform)
+        out0, lse0 = _cpu._attention_fwd(mod, q, k, v, m, **kw)
+        assert torch.equal(out, out0) and torch.equal(lse, lse0)
+        assert lo.dtype == torch.int16 and lo.shape == out.shape and lo.stride() == out.stride()
+    ref = reference.scaled_dot_product_attention(q, k, v, m, kw["dropout_p"], False, kw["scale"], True,
+                                                 upcast=True, dropout_seed=kw["seed"])
+    got = out.double() * (1 + lo.double() * 2.0 ** -_LO_SHIFT[dtype])
+    err_out, err_got = (out.double() - ref).abs().max().item(), (got - ref).abs().max().item()
+    assert err_got < err_out / 64, f"decoded error {err_got:.3e} vs rounded output's {err_out:.3e}"
+    assert err_got < 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+def test_out_lo_backward(isa, dtype):
+    """The policy with out_lo, and the same bits for every schedule."""
+    mod = importlib.import_module(f"fastattn._C_{isa}")
+    (q, k, v, m), kw, (out, lse, lo) = _fwd_lo(mod, dtype)
+    gen = torch.Generator().manual_seed(4)
+    dout = _randn(*out.shape, dtype=dtype, gen=gen)
+    fused, split = (_cpu._attention_bwd(mod, dout, q, k, v, out, lse, m, mask_needs_grad=True, mode=mode, out_lo=lo,
+                                        **kw) for mode in (1, 2))
+    for a, b in zip(fused, split):
+        assert torch.equal(a, b)
+    _, _, g64 = _reference_grads(q, k, v, m, dout, causal=True, p=kw["dropout_p"], seed=kw["seed"],
+                                 scale=kw["scale"], upcast=True)
+    _, _, glp = _reference_grads(q, k, v, m, dout, causal=True, p=kw["dropout_p"], seed=kw["seed"],
+                                 scale=kw["scale"], upcast=False)
+    _assert_grads(fused, g64, glp, dtype)
+
+
+@pytest.mark.parametrize("bf16_dot", ["0", "1"], ids=["fp32-dot", "bf16-dot"])
+def test_bf16_single_key_both_forward_paths(monkeypatch, bf16_dot):
+    """The bf16 forward has two paths (FASTATTN_BF16_DOT; by default the faster on this CPU): with one
+    visible key both give out = v exactly, and with dropout dq = dk = 0 to the policy's floor. (The bf16-dot
+    path's degree-3 exp2 once had 2^0 = 0.99993: O = v / 0.99993, and dq / dk ~1e-3.)"""
+    if bf16_dot == "1" and not _cpu.module().isa()[1]:
+        pytest.skip("the kernel module has no AVX512-BF16 dot path")
+    monkeypatch.setenv("FASTATTN_BF16_DOT", bf16_dot)
+    gen = torch.Generator().manual_seed(5)
+    q = _randn(2, 4, 33, 8, dtype=BF16, gen=gen).requires_grad_()
+    k = _randn(2, 2, 1, 8, dtype=BF16, gen=gen).requires_grad_()
+    v = _randn(2, 2, 1, 24, dtype=BF16, gen=gen).requires_grad_()
+    out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
+    assert torch.equal(out, v.repeat_interleave(2, 1).expand_as(out))
+    torch.manual_seed(0)
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1, enable_gqa=True, backend="cpu")
+    dq, dk = torch.autograd.grad(out, (q, k), _randn(*out.shape, dtype=BF16, gen=gen))
+    for name, g in (("dq", dq), ("dk", dk)):
+        assert g.abs().max().item() <= testing.FLOOR[BF16], f"{name}: max {g.abs().max().item():.3e}"
+
+
+def test_out_lo_bad_input():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(TypeError, match="return_lo"):
+        _cpu.attention_fwd(q, q, q, None, scale=1.0, is_causal=False, dropout_p=0.0, seed=0, return_lo=True)
+    qb = q.to(BF16)
+    out, lse, lo = _cpu.attention_fwd(qb, qb, qb, None, scale=1.0, is_causal=False, dropout_p=0.0, seed=0,
+                                      return_lo=True)
+    kw = dict(scale=1.0, is_causal=False, dropout_p=0.0, seed=0, mask_needs_grad=False)
+    for bad in (lo.to(BF16), lo[..., :4]):
+        with pytest.raises(ValueError, match="out_lo"):
+            _cpu.attention_bwd(out, qb, qb, qb, out, lse, None, out_lo=bad, **kw)
+
+
 # ------------------------------------------------------------------------------ through the public API
 def test_sdpa_backward_end_to_end():
     gen = torch.Generator().manual_seed(7)
