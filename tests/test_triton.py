@@ -92,17 +92,20 @@ def _reference(q, k, v, mask, dout, *, scale, is_causal, dropout_p, seed, upcast
 
 def _check(B=2, H=4, Hk=2, L=37, S=45, E=40, Ev=24, dtype="f32", causal=False, mask="none",
            mask_shape=None, dropout_p=0.0, layout="bhsd", mask_grad=False, seed=1234):
-    """Run the kernels' forward and backward and compare every output with the references."""
+    """Run the kernels' forward and backward and compare every output with the references. fp16 / bf16 run
+    as the op does for training: the forward's out_lo goes to the backward."""
     gen = torch.Generator().manual_seed(0)
     dt = DT[dtype]
     q, k, v, dout = _make(B, H, Hk, L, S, E, Ev, dt, layout, gen)
     m = _mask(mask, mask_shape or (B, H, L, S), B, H, L, S, dt, gen)
     scale = 1.0 / math.sqrt(E)
     kw = dict(scale=scale, is_causal=causal, dropout_p=dropout_p, seed=seed)
-    out, lse = A.attention_fwd(q, k, v, m, **kw)
+    lp16 = dt != torch.float32
+    out, lse, *lo = A.attention_fwd(q, k, v, m, **kw, return_lo=lp16)
     assert out.shape == (B, H, L, Ev) and out.dtype == dt
     assert lse.shape == (B, H, L) and lse.dtype == torch.float32
-    dq, dk, dv, dm = A.attention_bwd(dout, q, k, v, out, lse, m, **kw, mask_needs_grad=mask_grad)
+    dq, dk, dv, dm = A.attention_bwd(dout, q, k, v, out, lse, m, **kw, mask_needs_grad=mask_grad,
+                                     out_lo=lo[0] if lo else None)
     want_dm = mask_grad and m is not None and m.dtype != torch.bool
     ref = _reference(q, k, v, m, dout, upcast=True, mask_grad=want_dm, **kw)
     lp = _reference(q, k, v, m, dout, upcast=False, mask_grad=want_dm, **kw) if dt != torch.float32 else [None] * 6
@@ -285,6 +288,35 @@ def test_output_layout_and_strided_mask():
     assert out.transpose(1, 2).is_contiguous()
     ref = R.scaled_dot_product_attention(q, k, v, attn_mask=mask.contiguous())
     assert_close("out", out, ref)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_out_lo(dtype):
+    """out_lo (fp16 / bf16 training): out and lse keep their bits, out * (1 + out_lo * 2^-K) is the fp32
+    output, and the backward reads it (strided copies of out_lo too) with or without it within the policy."""
+    gen = torch.Generator().manual_seed(2)
+    dt = DT[dtype]
+    q, k, v, dout = _make(2, 4, 2, 37, 32, 24, 40, dt, "bshd", gen)
+    kw = dict(scale=0.2, is_causal=True, dropout_p=0.1, seed=99)
+    out, lse, lo = A.attention_fwd(q, k, v, None, **kw, return_lo=True)
+    out0, lse0 = A.attention_fwd(q, k, v, None, **kw)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    assert lo.dtype == torch.int16 and lo.stride() == out.stride()
+    # q = 0, not causal: P = 1/32, exact in fp16 / bf16 (the kernel rounds P for the P V dot, which out_lo
+    # does not undo), so the fp32 output is the exact one up to fp32 rounding.
+    kw0 = dict(kw, is_causal=False)
+    out, _, lo = A.attention_fwd(torch.zeros_like(q), k, v, None, **kw0, return_lo=True)
+    ref = R.scaled_dot_product_attention(torch.zeros_like(q), k, v, dropout_p=0.1, scale=0.2, enable_gqa=True,
+                                         upcast=True, dropout_seed=99)
+    got = out.double() * (1 + lo.double() * 2.0 ** -A._LO_SHIFT[dt])
+    err_out, err_got = (out.double() - ref).abs().max().item(), (got - ref).abs().max().item()
+    assert err_got < err_out / 64 and err_got < 1e-5 * ref.abs().max().item(), (err_got, err_out)
+    a = A.attention_bwd(dout, q, k, v, out, lse, None, **kw, mask_needs_grad=False, out_lo=lo)
+    b = A.attention_bwd(dout, q, k, v, out, lse, None, **kw, mask_needs_grad=False, out_lo=lo.contiguous())
+    for x, y in zip(a[:3], b[:3]):
+        assert torch.equal(x, y)
+    with pytest.raises(TypeError, match="return_lo"):
+        A.attention_fwd(q.float(), k.float(), v.float(), None, **kw, return_lo=True)
 
 
 def test_deterministic():
