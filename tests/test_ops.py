@@ -99,6 +99,40 @@ def test_compile_bf16_training_matches_eager():
     torch.testing.assert_close(g1, g2, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,grad,no_grad_mode,want", [
+    (torch.bfloat16, "qkv", False, True), (torch.float16, "mask", False, True),
+    (torch.bfloat16, "none", False, False), (torch.bfloat16, "qkv", True, False),
+    (torch.float32, "qkv", False, False), (torch.float64, "qkv", False, False)],
+    ids=["bf16-train", "f16-mask-grad", "bf16-no-requires-grad", "bf16-no-grad", "f32-train", "f64-train"])
+def test_out_lo_only_for_low_precision_training(monkeypatch, dtype, grad, no_grad_mode, want):
+    """out_lo is allocated and saved only by fp16 / bf16 forwards whose output will be differentiated:
+    inference, float32 and float64 pay nothing for it (no argument, no buffer, nothing saved)."""
+    from fastattn import _cpu
+    asked, real = [], _cpu.attention_fwd
+
+    def spy(*args, **kw):
+        asked.append(kw.get("return_lo", False))
+        return real(*args, **kw)
+    monkeypatch.setattr(_cpu, "attention_fwd", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g).to(dtype) for _ in range(3))
+    mask = torch.randn(1, 1, 5, 5, generator=g).to(dtype)
+    for t in {"qkv": (q, k, v), "mask": (mask,), "none": ()}[grad]:
+        t.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(not no_grad_mode):
+        out = fastattn.scaled_dot_product_attention(q, k, v, mask, backend="cpu")
+    assert asked == [want]
+    lo = [t for t in saved if t.dtype == torch.int16]
+    assert len(lo) == int(want)
+    if want:
+        assert lo[0].shape == out.shape and lo[0].stride() == out.stride()  # as many bytes as out
+
+
 def test_export():
     layer = _Layer()
     x = torch.randn(2, 16, 64)
