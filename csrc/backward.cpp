@@ -630,7 +630,7 @@ Bufs<Acc> thread_bufs(const Ctx<Acc>& cx, Scratch& s, int64_t kv_rows, bool fuse
 // ============================================================================ passes
 
 // delta[b, h, i] = sum_e dout * out, in Acc. With p.out_lo (fp16 / bf16), out is read back as the forward's
-// fp32 result, out * (1 + out_lo * 2^-K) (see encode_lo): delta += 2^-K sum_e dout * out * out_lo. A
+// fp32 result, out + out_lo * 2^(e-K) (see encode_lo): delta += 2^-K sum_e dout * 2^e * out_lo. A
 // non-finite correction (out inf / NaN: an fp16 overflow) is dropped, leaving what the rounded out gives.
 template <typename T, typename Acc>
 void compute_delta(const Params& p, Acc* delta) {
@@ -647,18 +647,19 @@ void compute_delta(const Params& p, Acc* delta) {
         Acc s = 0;
         bool done = false;
         const int16_t* m = lo ? pb.out_lo.at<const int16_t>(b, h, i) : nullptr;
-        float c = 0.f;  // sum_e dout * out * out_lo
+        float c = 0.f;  // sum_e dout * 2^e(out) * out_lo
         if constexpr (std::is_same<Acc, float>::value) {
           if (p.dout.se == 1 && p.out.se == 1 && (!lo || p.out_lo.se == 1)) {
             simd::vf acc = simd::zero(), accl = simd::zero();
-            alignas(64) float mf[simd::W];
+            alignas(64) float r[simd::W];  // out_lo * 2^e, one vector
             int64_t e = 0;
             for (; e + simd::W <= p.Ev; e += simd::W) {
               const simd::vf dv = simd::load_cvt(d + e), ov = simd::load_cvt(o + e);
               acc = simd::fmadd(dv, ov, acc);
               if (lo) {
-                for (int l = 0; l < simd::W; ++l) mf[l] = static_cast<float>(m[e + l]);
-                accl = simd::fmadd(simd::mul(dv, ov), simd::load(mf), accl);
+                simd::store(r, ov);
+                for (int l = 0; l < simd::W; ++l) r[l] = pow2_of(r[l]) * static_cast<float>(m[e + l]);
+                accl = simd::fmadd(dv, simd::load(r), accl);
               }
             }
             if (e < p.Ev) {
@@ -666,8 +667,9 @@ void compute_delta(const Params& p, Acc* delta) {
               const simd::vf dv = simd::load_cvt_n(d + e, n), ov = simd::load_cvt_n(o + e, n);
               acc = simd::fmadd(dv, ov, acc);
               if (lo) {
-                for (int l = 0; l < simd::W; ++l) mf[l] = l < n ? static_cast<float>(m[e + l]) : 0.f;
-                accl = simd::fmadd(simd::mul(dv, ov), simd::load(mf), accl);
+                simd::store(r, ov);
+                for (int l = 0; l < simd::W; ++l) r[l] = l < n ? pow2_of(r[l]) * static_cast<float>(m[e + l]) : 0.f;
+                accl = simd::fmadd(dv, simd::load(r), accl);
               }
             }
             s = simd::reduce_add(acc);
@@ -679,7 +681,8 @@ void compute_delta(const Params& p, Acc* delta) {
           for (int64_t e = 0; e < p.Ev; ++e) s += to_acc<Acc>(d[e * p.dout.se]) * to_acc<Acc>(o[e * p.out.se]);
           if (lo)
             for (int64_t e = 0; e < p.Ev; ++e)
-              c += to_f32(d[e * p.dout.se]) * to_f32(o[e * p.out.se]) * static_cast<float>(m[e * p.out_lo.se]);
+              c += to_f32(d[e * p.dout.se]) *
+                   (pow2_of(to_f32(o[e * p.out.se])) * static_cast<float>(m[e * p.out_lo.se]));
         }
         if (lo) {
           c *= lo_unit;

@@ -552,21 +552,38 @@ template <> FASTATTN_INLINE f16_t from_f32<f16_t>(float x) { return f16_t{f32_to
 // The backward's delta_i = sum_e dO_ie O_ie is subtracted from dP_ij, which the kernels compute in fp32 from
 // the un-rounded algebra; with O rounded to fp16 / bf16 the two disagree by ~2^-9 |dO| |O| (bf16), which is
 // all of dS where it is 0 in exact math (one visible key, with dropout). So a training forward also writes
-// out_lo = round((O - out) / out * 2^K) in int16 (0 where out is 0 or not finite), O the fp32 result and out
-// = T(O). |O - out| < one ulp of out, 2^-7 |out| (bf16: 7 stored bits) or 2^-10 |out| (fp16, normal out: 10),
-// whatever the rounding (the Triton interpreter truncates to bf16), so K = 22 / 25 keeps |out_lo| < 2^15
-// and out + out * out_lo * 2^-K is O to ~2^-23 relative: about what a float32 copy of O would give, in half
-// its bytes (a bf16 residual, T(O - out), would leave ~2^-17). An fp16 subnormal out is clamped: no worse
-// than out alone.
+// out_lo = round((O - out) * 2^(K - e)) in int16, O the fp32 result, out = T(O) and 2^e <= |out| < 2^(e+1)
+// (e from out's float32 exponent bits; out_lo = 0 where out is 0, subnormal, inf / NaN or >= 2^127).
+// |O - out| < one ulp of out, 2^(e-7) (bf16: 7 stored bits) or 2^(e-10) (fp16, normal out: 10), whatever
+// the rounding (the Triton interpreter truncates to bf16), so K = 22 / 25 keeps |out_lo| < 2^15 and
+// out + out_lo * 2^(e-K) is O to ~2^-23 relative: about what a float32 copy of O would give, in half its
+// bytes (a bf16 residual, T(O - out), would leave ~2^-17). An fp16 subnormal out is clamped: no worse than
+// out alone. Powers of two, not a division by out: exact, and cheap enough for the Triton forward's
+// registers (kernels/attention.py, _encode_lo, is the same code).
 template <typename T> struct LoCode;
 template <> struct LoCode<bf16_t> { static constexpr float kScale = 4194304.f; };   // 2^22
 template <> struct LoCode<f16_t> { static constexpr float kScale = 33554432.f; };   // 2^25
 
+// 2^e of a float (its exponent bits alone): 0 for 0 and subnormals, inf for inf / NaN.
+FASTATTN_INLINE float pow2_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u &= 0x7f800000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
 // out_lo of the fp32 result o and its rounding out = float(T(o)), rounded to nearest even. Branch-free, so
-// that a loop over a row vectorizes (kernels/attention.py, _encode_lo, is the same code).
+// that a loop over a row vectorizes.
 template <typename T> FASTATTN_INLINE int16_t encode_lo(float o, float out) {
-  const bool ok = out != 0.f && std::fabs(out) <= std::numeric_limits<float>::max();  // false for NaN
-  float m = (o - out) / (ok ? out : 1.f) * LoCode<T>::kScale;
+  uint32_t u;
+  std::memcpy(&u, &out, 4);
+  const uint32_t ex = (u >> 23) & 0xffu;
+  const bool ok = ex >= 1u && ex <= 253u;
+  const uint32_t iu = (254u - ex) << 23;  // 2^-e where ok
+  float inv;
+  std::memcpy(&inv, &iu, 4);
+  float m = (o - out) * inv * LoCode<T>::kScale;
   m = std::min(32767.f, std::max(-32767.f, m));
   m = (m + 12582912.f) - 12582912.f;  // round to nearest even (|m| < 2^22)
   return ok ? static_cast<int16_t>(m) : int16_t{0};

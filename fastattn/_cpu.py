@@ -134,7 +134,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale
                   dropout_p: float, seed: int, return_lo: bool = False):
     """(out, lse): out (B, H, L, Ev) in q's dtype (memory layout (B, L, H, Ev)), lse (B, H, L) float32.
     ``return_lo`` (float16 / bfloat16, for training): (out, lse, out_lo), out_lo int16 laid out as out: the
-    rounding residual of the fp32 result O relative to out (csrc/common.h, encode_lo), from which
+    rounding residual of the fp32 result O in units of out's exponent (csrc/common.h, encode_lo), from which
     :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O)."""
     return _attention_fwd(module(), q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
                           seed=seed, return_lo=return_lo)

@@ -7,7 +7,8 @@ tensors always run Triton. Fake implementations let torch.compile / torch.export
 the autograd formula is registered once, here.
 
 fp16 / bf16 training (``return_lo``): the forward also returns ``out_lo``, an int16 code of the rounding
-residual of its fp32 result relative to ``out`` (csrc/common.h, ``encode_lo``). The backward's
+residual of its fp32 result in units of ``out``'s exponent (csrc/common.h, ``encode_lo``; :func:`out_fp32`
+reads it back). The backward's
 delta = rowsum(dout * O) is subtracted from a dP computed in fp32; with O rounded to bf16 the two disagree by
 ~2^-9 |dout| |O|, which is all of dS where exact math gives 0 (one visible key with dropout). out_lo gives O
 back to ~2^-23 relative, about what a float32 copy would, at 2 bytes per element (a residual in the output's
@@ -27,6 +28,17 @@ def _out_like(q: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     # so a module can reshape it to (B, L, H*Ev) without a copy.
     B, H, L, _ = q.shape
     return q.new_empty(B, L, H, v.shape[-1], dtype=dtype).transpose(1, 2)
+
+
+LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}  # K of the out_lo code (csrc/common.h, LoCode)
+
+
+def out_fp32(out: Tensor, out_lo: Tensor) -> Tensor:
+    """The forward's float32 output as the backward reads it: out + out_lo * 2^(e - K), 2^e <= |out| < 2^(e+1)
+    (the exponent bits of out as a float32). For tests and for anyone checking what the backward sees."""
+    o = out.float()
+    pow2 = (o.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return o + pow2 * out_lo.float() * 2.0 ** -LO_SHIFT[out.dtype]
 
 
 def no_lo(q: Tensor) -> Tensor:

@@ -15,8 +15,9 @@ with every dim full or 1 (size-1 dims broadcast through stride 0); bool (True = 
 (added to the scaled scores, -inf hides). ``is_causal``: key j visible to query i iff j <= i (top-left).
 out (B, H, L, Ev) in q's dtype, stored (B, L, H, Ev) and returned as a transposed view; lse (B, H, L)
 float32, natural log, -inf (and out = 0) for rows that see no key. out_lo (fp16 / bf16 training): int16,
-laid out as out, the rounding residual of the fp32 result O relative to out, round((O - out) / out * 2^K)
-(K = 22 bf16, 25 fp16; csrc/common.h ``encode_lo`` explains it); the backward reads O back from it.
+laid out as out, the rounding residual of the fp32 result O in units of out's exponent,
+round((O - out) * 2^(K - e)) (K = 22 bf16, 25 fp16; csrc/common.h ``encode_lo`` explains it); the backward
+reads O back from it.
 
 Kernels (all program ids cast to int64 before pointer arithmetic, fp32 accumulation):
 
@@ -424,14 +425,17 @@ def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
 
 @triton.jit
 def _encode_lo(o, out, LO_SHIFT: tl.constexpr):
-    """out_lo of the fp32 result o and out = o rounded to fp16 / bf16: round((o - out) / out * 2^LO_SHIFT) as
-    int16 (to nearest even), 0 where out is 0 or not finite (csrc/common.h, encode_lo: the same code)."""
+    """out_lo of the fp32 result o and out = o rounded to fp16 / bf16: round((o - out) * 2^(LO_SHIFT - e)) as
+    int16 (to nearest even), e the float32 exponent of out; 0 where out is 0, subnormal, inf / NaN or >= 2^127
+    (csrc/common.h, encode_lo: the same code). Powers of two from the exponent bits, not a division: a
+    division of the tile tipped the E=128 forward with dropout and a float mask into spills."""
     h = out.to(tl.float32)
-    ok = (h != 0.0) & (tl.abs(h) < float("inf"))  # false for NaN
-    m = (o - h) / tl.where(ok, h, 1.0) * (1 << LO_SHIFT)
+    ex = (h.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    inv = ((254 - ex) << 23).to(tl.float32, bitcast=True)  # 2^-e
+    m = (o - h) * inv * (1 << LO_SHIFT)
     m = tl.minimum(tl.maximum(m, -32767.0), 32767.0)
     m = (m + 12582912.0) - 12582912.0  # round to nearest even (|m| < 2^22)
-    return tl.where(ok, m, 0.0).to(tl.int16)
+    return tl.where((ex >= 1) & (ex <= 253), m, 0.0).to(tl.int16)
 
 
 @triton.jit(do_not_specialize=_RNG_ARGS)
@@ -531,8 +535,8 @@ def _attn_bwd_preprocess(Out, OutLo, DO, Delta, CuQ,
                          HEAD_DIM_V: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_M: tl.constexpr,
                          VARLEN: tl.constexpr = False, LO_SHIFT: tl.constexpr = 0):
     """delta_i = sum_e dO_ie * O_ie (fp32), stored in the layout of lse. LO_SHIFT != 0: O is the forward's
-    fp32 result, out * (1 + out_lo * 2^-LO_SHIFT) (out_lo read through Out's strides); a non-finite
-    correction (out inf / NaN) is dropped, leaving what out alone gives."""
+    fp32 result, out + out_lo * 2^(e - LO_SHIFT), e the float32 exponent of out (out_lo read through Out's
+    strides; see _encode_lo); a non-finite correction (out inf / NaN) is dropped, leaving out's delta."""
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -548,11 +552,13 @@ def _attn_bwd_preprocess(Out, OutLo, DO, Delta, CuQ,
     o = tl.load(Out + o_blk + o_tile, mask=msk, other=0.0)
     do = tl.load(DO + b * stride_db + h * stride_dh + m64 * stride_dm
                  + rows[:, None] * stride_dm + offs_ev[None, :] * stride_de, mask=msk, other=0.0)
-    od = o.to(tl.float32) * do.to(tl.float32)
-    delta = tl.sum(od, 1)
+    o = o.to(tl.float32)
+    do = do.to(tl.float32)
+    delta = tl.sum(o * do, 1)
     if LO_SHIFT != 0:
         m = tl.load(OutLo + o_blk + o_tile, mask=msk, other=0)
-        c = tl.sum(od * m.to(tl.float32), 1) * (1.0 / (1 << LO_SHIFT))
+        pow2 = (o.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^e
+        c = tl.sum(do * (pow2 * m.to(tl.float32)), 1) * (1.0 / (1 << LO_SHIFT))
         delta = tl.where(tl.abs(c) < float("inf"), delta + c, delta)
     tl.store(Delta + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < L)
 
@@ -1033,9 +1039,9 @@ class _Launch:
     args: dict
 
 
-# K of the out_lo code (module doc; csrc/common.h explains the choice): |O - out| < one ulp of out, 2^-7 |out|
-# (bf16) or 2^-10 |out| (fp16, normal out), whatever the rounding (the interpreter truncates to bf16), so
-# |out_lo| < 2^15 and out * (1 + out_lo * 2^-K) is O to ~2^-23 relative.
+# K of the out_lo code (module doc; csrc/common.h explains the choice): |O - out| < one ulp of out, 2^(e-7)
+# (bf16) or 2^(e-10) (fp16, normal out), whatever the rounding (the interpreter truncates to bf16), so
+# |out_lo| < 2^15 and out + out_lo * 2^(e-K) is O to ~2^-23 relative.
 _LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}
 
 

@@ -14,6 +14,7 @@ import torch
 
 import fastattn
 from fastattn import _cpu, reference, testing
+from fastattn._ops import out_fp32
 from conftest import DTYPE_IDS
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -304,9 +305,9 @@ def test_isa_modules(isa, dtype):
 
 
 # ------------------------------------------------------------------------------------------ out_lo
-# fp16 / bf16 training: the forward's int16 out_lo codes the rounding residual of its fp32 output relative
-# to out (csrc/common.h, encode_lo); the backward's delta reads the fp32 output back from out and out_lo.
-_LO_SHIFT = {BF16: 22, F16: 25}
+# fp16 / bf16 training: the forward's int16 out_lo codes the rounding residual of its fp32 output in units of
+# out's exponent (csrc/common.h, encode_lo); the backward's delta reads the fp32 output back from out and
+# out_lo, as fastattn._ops.out_fp32 does.
 
 
 def _fwd_lo(mod, dtype, S=29, uniform=False):
@@ -337,7 +338,7 @@ def test_out_lo_forward(isa, dtype):
         assert lo.dtype == torch.int16 and lo.shape == out.shape and lo.stride() == out.stride()
     ref = reference.scaled_dot_product_attention(q, k, v, m, kw["dropout_p"], False, kw["scale"], True,
                                                  upcast=True, dropout_seed=kw["seed"])
-    got = out.double() * (1 + lo.double() * 2.0 ** -_LO_SHIFT[dtype])
+    got = out_fp32(out, lo).double()
     err_out, err_got = (out.double() - ref).abs().max().item(), (got - ref).abs().max().item()
     assert err_got < err_out / 64, f"decoded error {err_got:.3e} vs rounded output's {err_out:.3e}"
     assert err_got < 1e-5 * ref.abs().max().item()

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from fastattn import _philox  # noqa: E402
+from fastattn._ops import LO_SHIFT, out_fp32  # noqa: E402
 from fastattn import reference as R  # noqa: E402
 from fastattn.testing import assert_close  # noqa: E402
 
@@ -301,14 +302,14 @@ def test_out_lo(dtype):
     out, lse, lo = A.attention_fwd(q, k, v, None, **kw, return_lo=True)
     out0, lse0 = A.attention_fwd(q, k, v, None, **kw)
     assert torch.equal(out, out0) and torch.equal(lse, lse0)
-    assert lo.dtype == torch.int16 and lo.stride() == out.stride()
+    assert lo.dtype == torch.int16 and lo.stride() == out.stride() and A._LO_SHIFT[dt] == LO_SHIFT[dt]
     # q = 0, not causal: P = 1/32, exact in fp16 / bf16 (the kernel rounds P for the P V dot, which out_lo
     # does not undo), so the fp32 output is the exact one up to fp32 rounding.
     kw0 = dict(kw, is_causal=False)
     out, _, lo = A.attention_fwd(torch.zeros_like(q), k, v, None, **kw0, return_lo=True)
     ref = R.scaled_dot_product_attention(torch.zeros_like(q), k, v, dropout_p=0.1, scale=0.2, enable_gqa=True,
                                          upcast=True, dropout_seed=99)
-    got = out.double() * (1 + lo.double() * 2.0 ** -A._LO_SHIFT[dt])
+    got = out_fp32(out, lo).double()
     err_out, err_got = (out.double() - ref).abs().max().item(), (got - ref).abs().max().item()
     assert err_got < err_out / 64 and err_got < 1e-5 * ref.abs().max().item(), (err_got, err_out)
     a = A.attention_bwd(dout, q, k, v, out, lse, None, **kw, mask_needs_grad=False, out_lo=lo)
