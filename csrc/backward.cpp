@@ -651,26 +651,17 @@ void compute_delta(const Params& p, Acc* delta) {
         if constexpr (std::is_same<Acc, float>::value) {
           if (p.dout.se == 1 && p.out.se == 1 && (!lo || p.out_lo.se == 1)) {
             simd::vf acc = simd::zero(), accl = simd::zero();
-            alignas(64) float r[simd::W];  // out_lo * 2^e, one vector
             int64_t e = 0;
             for (; e + simd::W <= p.Ev; e += simd::W) {
               const simd::vf dv = simd::load_cvt(d + e), ov = simd::load_cvt(o + e);
               acc = simd::fmadd(dv, ov, acc);
-              if (lo) {
-                simd::store(r, ov);
-                for (int l = 0; l < simd::W; ++l) r[l] = pow2_of(r[l]) * static_cast<float>(m[e + l]);
-                accl = simd::fmadd(dv, simd::load(r), accl);
-              }
+              if (lo) accl = simd::fmadd(dv, simd::mul(simd::pow2_of(ov), simd::load_cvt(m + e)), accl);
             }
             if (e < p.Ev) {
               const int64_t n = p.Ev - e;
               const simd::vf dv = simd::load_cvt_n(d + e, n), ov = simd::load_cvt_n(o + e, n);
               acc = simd::fmadd(dv, ov, acc);
-              if (lo) {
-                simd::store(r, ov);
-                for (int l = 0; l < simd::W; ++l) r[l] = l < n ? pow2_of(r[l]) * static_cast<float>(m[e + l]) : 0.f;
-                accl = simd::fmadd(dv, simd::load(r), accl);
-              }
+              if (lo) accl = simd::fmadd(dv, simd::mul(simd::pow2_of(ov), simd::load_cvt_n(m + e, n)), accl);
             }
             s = simd::reduce_add(acc);
             if (lo) c = simd::reduce_add(accl);

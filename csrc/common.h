@@ -538,6 +538,7 @@ FASTATTN_INLINE float to_f32(float x) { return x; }
 FASTATTN_INLINE float to_f32(double x) { return static_cast<float>(x); }
 FASTATTN_INLINE float to_f32(bf16_t x) { return bf16_to_f32(x.x); }
 FASTATTN_INLINE float to_f32(f16_t x) { return f16_to_f32(x.x); }
+FASTATTN_INLINE float to_f32(int16_t x) { return static_cast<float>(x); }  // out_lo codes
 FASTATTN_INLINE double to_f64(double x) { return x; }
 FASTATTN_INLINE double to_f64(float x) { return x; }
 FASTATTN_INLINE double to_f64(bf16_t x) { return bf16_to_f32(x.x); }
@@ -836,6 +837,16 @@ FASTATTN_INLINE vf load_cvt_n(const bf16_t* p, int64_t n) {
 FASTATTN_INLINE vf load_cvt_n(const f16_t* p, int64_t n) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p));
 }
+FASTATTN_INLINE vf load_cvt(const int16_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+FASTATTN_INLINE vf load_cvt_n(const int16_t* p, int64_t n) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(lanes(n), p)));
+}
+// 2^e of each lane: its exponent bits alone (0 for 0 / subnormals, inf for inf / NaN).
+FASTATTN_INLINE vf pow2_of(vf x) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7f800000)));
+}
 // f32 lanes -> bf16 bits, round to nearest even, NaN kept quiet (same as f32_to_bf16).
 FASTATTN_INLINE __m256i cvt_bf16(vf x) {
   const __m512i u = _mm512_castps_si512(x);
@@ -908,6 +919,11 @@ FASTATTN_INLINE vf load_cvt(const bf16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 FASTATTN_INLINE vf load_cvt(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+FASTATTN_INLINE vf load_cvt(const int16_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// 2^e of each lane: its exponent bits alone (0 for 0 / subnormals, inf for inf / NaN).
+FASTATTN_INLINE vf pow2_of(vf x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7f800000))); }
 template <typename T> FASTATTN_INLINE vf load_cvt_n(const T* p, int64_t n) {
   if (n >= W) return load_cvt(p);
   alignas(32) T tmp[W];
@@ -1018,6 +1034,19 @@ template <typename T> FASTATTN_INLINE vf load_cvt(const T* p) { vf r; FASTATTN_V
 template <typename T> FASTATTN_INLINE vf load_cvt_n(const T* p, int64_t n) {
   vf r;
   FASTATTN_VLOOP r.v[l] = l < n ? to_f32(p[l]) : 0.f;
+  return r;
+}
+// 2^e of each lane: its exponent bits alone (0 for 0 / subnormals, inf for inf / NaN).
+FASTATTN_INLINE vf pow2_of(vf x) {
+  vf r;
+  FASTATTN_VLOOP {
+    float f = x.v[l];
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u &= 0x7f800000u;
+    std::memcpy(&f, &u, 4);
+    r.v[l] = f;
+  }
   return r;
 }
 template <typename T> FASTATTN_INLINE void store_cvt(T* p, vf x) { FASTATTN_VLOOP p[l] = from_f32<T>(x.v[l]); }

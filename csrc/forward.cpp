@@ -543,10 +543,50 @@ FASTATTN_INLINE float log2_normal(float x) {
   return static_cast<float>(e) + s;
 }
 
+#if defined(FASTATTN_HAVE_AVX512)
+// T(x) as 16-bit patterns (as store_cvt rounds) and those patterns' value, in registers: reading the stored
+// output back would be a masked load of a just-stored vector, which stalls store forwarding.
+FASTATTN_INLINE __m256i bits16(vf x, const bf16_t*) { return simd::cvt_bf16(x); }
+FASTATTN_INLINE __m256i bits16(vf x, const f16_t*) {
+  return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+FASTATTN_INLINE vf value16(__m256i b, const bf16_t*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+FASTATTN_INLINE vf value16(__m256i b, const f16_t*) { return _mm512_cvtph_ps(b); }
+
+// encode_lo of the first n lanes (x the fp32 output, h = float(T(x))), stored as int16: the same code in
+// registers (cvtps rounds to nearest even, as the magic-number add of encode_lo).
+template <typename T>
+FASTATTN_INLINE void encode_lo_store(int16_t* p, vf x, vf h, int64_t n) {
+  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(h), 23), _mm512_set1_epi32(0xff));
+  const __mmask16 ok =
+      _mm512_cmpge_epu32_mask(ex, _mm512_set1_epi32(1)) & _mm512_cmple_epu32_mask(ex, _mm512_set1_epi32(253));
+  const vf inv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(254), ex), 23));
+  vf m = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(x, h), inv), _mm512_set1_ps(LoCode<T>::kScale));
+  m = _mm512_min_ps(_mm512_set1_ps(32767.f), _mm512_max_ps(_mm512_set1_ps(-32767.f), m));
+  _mm512_mask_cvtepi32_storeu_epi16(p, simd::lanes(n), _mm512_maskz_cvtps_epi32(ok, m));
+}
+#endif
+
 // One output row, out = T(x) for x = o * f, and its residual code out_lo = encode_lo(x, out) (training only).
-// In chunks: x and float(out) staged in two small buffers, then one branch-free loop the compiler vectorizes.
+// AVX-512: in registers. Otherwise in chunks: x and float(out) staged in two small buffers, then one
+// branch-free loop the compiler vectorizes.
 template <typename T>
 void write_row_lo(const Params& p, T* out, int16_t* out_lo, const float* o, float f) {
+#if defined(FASTATTN_HAVE_AVX512)
+  if (p.out.se == 1 && p.out_lo.se == 1) {
+    const vf fv = simd::set1(f);
+    for (int64_t e = 0; e < p.Ev; e += W) {
+      const int64_t n = std::min<int64_t>(W, p.Ev - e);
+      const vf x = simd::mul(simd::load(o + e), fv);  // o is padded to a whole vector (Evp)
+      const __m256i bits = bits16(x, static_cast<const T*>(nullptr));
+      _mm256_mask_storeu_epi16(out + e, simd::lanes(n), bits);
+      encode_lo_store<T>(out_lo + e, x, value16(bits, static_cast<const T*>(nullptr)), n);
+    }
+    return;
+  }
+#endif
   constexpr int64_t kChunk = 256;
   alignas(64) float xs[kChunk], hs[kChunk];
   const vf fv = simd::set1(f);
@@ -626,6 +666,11 @@ void prefetch_out_rows(const Params& p, int64_t b, int64_t h, int64_t i0, int64_
   for (int64_t r = 0; r < nq; ++r) {
     const char* row = reinterpret_cast<const char*>(p.out.at<T>(b, h, i0 + r));
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 1, 3);
+  }
+  if (p.out_lo.ptr == 0 || p.out_lo.se != 1) return;  // the residual's rows too (int16, training)
+  for (int64_t r = 0; r < nq; ++r) {
+    const char* row = reinterpret_cast<const char*>(p.out_lo.at<int16_t>(b, h, i0 + r));
+    for (int64_t o = 0; o < 2 * p.Ev; o += 64) __builtin_prefetch(row + o, 1, 3);
   }
 }
 
