@@ -658,20 +658,21 @@ void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b,
   }
 }
 
-// Asks for the output rows in writable state now, so the misses overlap the block's compute.
+// Asks for the output rows (and out_lo's, in training) in writable state now, so the misses overlap the
+// block's compute.
 template <typename T>
 void prefetch_out_rows(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq) {
   if (p.out.se != 1) return;
-  const int64_t bytes = p.Ev * static_cast<int64_t>(sizeof(T));
-  for (int64_t r = 0; r < nq; ++r) {
-    const char* row = reinterpret_cast<const char*>(p.out.at<T>(b, h, i0 + r));
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 1, 3);
-  }
-  if (p.out_lo.ptr == 0 || p.out_lo.se != 1) return;  // the residual's rows too (int16, training)
-  for (int64_t r = 0; r < nq; ++r) {
-    const char* row = reinterpret_cast<const char*>(p.out_lo.at<int16_t>(b, h, i0 + r));
-    for (int64_t o = 0; o < 2 * p.Ev; o += 64) __builtin_prefetch(row + o, 1, 3);
-  }
+  auto rows = [&](const Tensor4& t, auto elem) {  // rows i0 .. i0 + nq of a (B, H, L, Ev) tensor of elem's type
+    using E = decltype(elem);
+    const int64_t bytes = p.Ev * static_cast<int64_t>(sizeof(E));
+    for (int64_t r = 0; r < nq; ++r) {
+      const char* row = reinterpret_cast<const char*>(t.at<E>(b, h, i0 + r));
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 1, 3);
+    }
+  };
+  rows(p.out, T{});
+  if (p.out_lo.ptr != 0 && p.out_lo.se == 1) rows(p.out_lo, int16_t{});  // the residual's rows too (training)
 }
 
 // ------------------------------------------------------------------------------------ driver (fp32 / bf16 dot)
