@@ -848,7 +848,7 @@ FASTATTN_INLINE vf pow2_of(vf x) {
   return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7f800000)));
 }
 // f32 lanes -> bf16 bits, round to nearest even, NaN kept quiet (same as f32_to_bf16).
-FASTATTN_INLINE __m256i cvt_bf16(vf x) {
+FASTATTN_INLINE __m256i cvt_bf16_int(vf x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i r = _mm512_add_epi32(
       u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
@@ -856,6 +856,14 @@ FASTATTN_INLINE __m256i cvt_bf16(vf x) {
   const __m512i res = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16),
                                               _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
   return _mm512_cvtepi32_epi16(res);
+}
+// The same bits; with AVX512-BF16 one vcvtneps2bf16 (it rounds and quiets NaN alike) instead of ~9 integer
+// ops, except for vectors holding a subnormal, which that instruction flushes to zero.
+FASTATTN_INLINE __m256i cvt_bf16(vf x) {
+#if defined(FASTATTN_HAVE_AVX512BF16)
+  if (_mm512_fpclass_ps_mask(x, 0x20) == 0) return (__m256i)_mm512_cvtneps_pbh(x);
+#endif
+  return cvt_bf16_int(x);
 }
 FASTATTN_INLINE void store_cvt(float* p, vf x) { _mm512_storeu_ps(p, x); }
 FASTATTN_INLINE void store_cvt(bf16_t* p, vf x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), cvt_bf16(x)); }

@@ -303,3 +303,18 @@ def test_bf16_both_paths(monkeypatch, dot, case):
     case = dict(case)
     B, H, Hk, L, S, E, Ev = (case.pop(k) for k in ("B", "H", "Hk", "L", "S", "E", "Ev"))
     _check(B, H, Hk, L, S, E, Ev, dtype=BF16, isa="avx512", **case)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+def test_bf16_subnormal_outputs_are_rounded_not_flushed(isa):
+    # The AVX-512 module stores bf16 with vcvtneps2bf16, which flushes subnormal inputs to zero; vectors that
+    # hold one take the integer rounding path instead, so tiny outputs keep their bits (as torch rounds them).
+    tiny = torch.tensor([1e-39, -3e-39, 2e-40, 5e-39]).to(BF16)  # bf16 subnormals
+    assert (tiny.float().abs() < torch.finfo(torch.float32).tiny).all()
+    q = torch.zeros(1, 1, 5, 32, dtype=BF16)  # every score 0: out = mean of the value rows
+    k = torch.randn(1, 1, 8, 32).to(BF16)
+    v = tiny.repeat(8)[:32].expand(1, 1, 8, 32).contiguous()  # every value row the same: out = that row
+    v[0, 0, :, 16:] = v[0, 0, :, 16:] * 1e30  # one vector of normals beside the subnormal one
+    out, _ = _cpu._attention_fwd(_module(isa), q, k, v, None, scale=1.0, is_causal=False, dropout_p=0.0, seed=0)
+    expect = v[0, 0, 0].float().expand(5, 32).to(BF16)
+    assert torch.equal(out[0, 0].view(torch.int16), expect.view(torch.int16)), (out[0, 0], expect)
