@@ -227,6 +227,15 @@ FASTATTN_INLINE void qk_tile_f32(const float* FASTATTN_RESTRICT qt, const float*
   for (int r = 0; r < NR; ++r) score_store<true>(sc, n0 + r, acc[r], st, mx);
 }
 
+// f(r, x) for each accumulator of a QR x EVV micro-tile, unrolled.
+template <int QR, int EVV, typename F>
+FASTATTN_INLINE void each_acc(F&& f) {
+#pragma GCC unroll 16
+  for (int r = 0; r < QR; ++r)
+#pragma GCC unroll 4
+    for (int x = 0; x < EVV; ++x) f(r, x);
+}
+
 // Where a PV micro-tile's QR x EVV accumulators start and end; at(r, x) moves to row r, vector column x.
 // OAcc: the O buffer of the online softmax: acc = alpha * O before the key block, O = acc after it.
 struct OAcc {
@@ -236,19 +245,11 @@ struct OAcc {
   OAcc at(int64_t r, int64_t x) const { return {o + r * ldo + x * W, ldo, alpha + r}; }
   template <int QR, int EVV>
   FASTATTN_INLINE void init(vf (&acc)[QR][EVV]) const {
-#pragma GCC unroll 16
-    for (int r = 0; r < QR; ++r) {
-      const vf a = simd::set1(alpha[r]);
-#pragma GCC unroll 4
-      for (int x = 0; x < EVV; ++x) acc[r][x] = simd::mul(simd::load(o + r * ldo + x * W), a);
-    }
+    each_acc<QR, EVV>([&](int r, int x) { acc[r][x] = simd::mul(simd::load(o + r * ldo + x * W), simd::set1(alpha[r])); });
   }
   template <int QR, int EVV>
   FASTATTN_INLINE void finish(vf (&acc)[QR][EVV]) const {
-#pragma GCC unroll 16
-    for (int r = 0; r < QR; ++r)
-#pragma GCC unroll 4
-      for (int x = 0; x < EVV; ++x) simd::store(o + r * ldo + x * W, acc[r][x]);
+    each_acc<QR, EVV>([&](int r, int x) { simd::store(o + r * ldo + x * W, acc[r][x]); });
   }
 };
 
@@ -263,25 +264,18 @@ struct OutRows {
   OutRows at(int64_t r, int64_t x) const { return {out + r * ld, ld, fac + r, ev0 + x * W, Ev}; }
   template <int QR, int EVV>
   FASTATTN_INLINE void init(vf (&acc)[QR][EVV]) const {
-#pragma GCC unroll 16
-    for (int r = 0; r < QR; ++r)
-#pragma GCC unroll 4
-      for (int x = 0; x < EVV; ++x) acc[r][x] = simd::zero();
+    each_acc<QR, EVV>([&](int r, int x) { acc[r][x] = simd::zero(); });
   }
   template <int QR, int EVV>
   FASTATTN_INLINE void finish(vf (&acc)[QR][EVV]) const {
-#pragma GCC unroll 16
-    for (int r = 0; r < QR; ++r) {
-      const vf f = simd::set1(fac[r]);
-#pragma GCC unroll 4
-      for (int x = 0; x < EVV; ++x) {
-        const int64_t col = ev0 + x * W;
-        if (col + W <= Ev)
-          simd::store_cvt(out + r * ld + col, simd::mul(acc[r][x], f));
-        else if (col < Ev)
-          simd::store_cvt_n(out + r * ld + col, simd::mul(acc[r][x], f), Ev - col);
-      }
-    }
+    each_acc<QR, EVV>([&](int r, int x) {
+      const int64_t col = ev0 + x * W;
+      const vf y = simd::mul(acc[r][x], simd::set1(fac[r]));
+      if (col + W <= Ev)
+        simd::store_cvt(out + r * ld + col, y);
+      else if (col < Ev)
+        simd::store_cvt_n(out + r * ld + col, y, Ev - col);
+    });
   }
 };
 
