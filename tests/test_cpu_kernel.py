@@ -53,6 +53,10 @@ def _mask(kind, B, H, L, S, dtype, gen):
         m = torch.rand(B, 1, L, S, generator=gen) > 0.3
         m[:, :, ::3] = False
         return m
+    if kind == "bool_group_hidden":  # query rows 32..63 see no key: whole row groups of every ISA's kernel
+        m = torch.rand(B, 1, L, S, generator=gen) > 0.3
+        m[:, :, 32:64] = False
+        return m
     if kind == "float_LS":  # (1, 1, L, S) additive bias, with some -inf
         m = torch.randn(1, 1, L, S, generator=gen)
         m[torch.rand(1, 1, L, S, generator=gen) < 0.2] = float("-inf")
@@ -320,3 +324,12 @@ def test_bf16_subnormal_outputs_are_rounded_not_flushed(isa, monkeypatch):
     out, _ = _cpu._attention_fwd(_module(isa), q, k, v, None, scale=1.0, is_causal=False, dropout_p=0.0, seed=0)
     expect = v[0, 0, 0].float().expand(5, 32).to(BF16)
     assert torch.equal(out[0, 0].view(torch.int16), expect.view(torch.int16)), (out[0, 0], expect)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("L,S,Ev", [(80, 40, 40), (100, 130, 64)], ids=["one-block-Ev40", "one-block-S130"])
+def test_single_key_block_writes_output_from_pv(isa, dtype, L, S, Ev):
+    # S <= 132 runs as one key block, whose PV tiles store the output rows themselves (OutRows): the Ev tail,
+    # the (B, L, H, Ev) output rows and whole row groups that see no key (written by write_output) must agree.
+    _check(2, 3, 3, L, S, 48, Ev, dtype=dtype, isa=isa, mask="bool_group_hidden")
