@@ -518,11 +518,39 @@ MaskTileInfo mask_tile(const MaskView& m, int64_t i0, int64_t nq, int64_t j0, in
 
 // c * Q^T for query rows [i0, i0 + nq), groups of QG, zero-padded to BM rows: qt[g][e][lane]. Scaling here,
 // once per query element, spares score_store a multiply per score (as torch's math path scales q).
+// eo (bfloat16, E % 32 == 0, AVX-512; see convert_rows_eo): each 32-e group of Q^T in K's even-odd order, from
+// a 16 x 16 transpose of the 32-bit bf16 pairs, split by a shift and an and (half the shuffles of widening
+// first and transposing two 16 x 16 fp32 blocks).
 template <typename T>
-void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t BM, float c, float* qt) {
+void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t BM, float c, float* qt,
+                 bool eo = false) {
   const int64_t E = p.E;
   const vf cv = simd::set1(c);
 #if defined(FASTATTN_HAVE_AVX512)
+  if (eo) {
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t g = 0; g < BM / QG; ++g) {
+      for (int64_t r0 = 0; r0 < QG; r0 += 16) {
+        const int64_t nrows = std::max<int64_t>(0, std::min<int64_t>(16, nq - g * QG - r0));
+        const uint16_t* row0 = nrows > 0 ? p.q.at<uint16_t>(b, h, i0 + g * QG + r0) : nullptr;
+        for (int64_t e0 = 0; e0 < E; e0 += 32) {
+          __m512 r[16];
+#pragma GCC unroll 16
+          for (int j = 0; j < 16; ++j)
+            r[j] = j < nrows ? _mm512_loadu_ps(row0 + j * p.q.sl + e0) : _mm512_setzero_ps();
+          transpose16(r);
+          float* dst = qt + g * E * QG + e0 * QG + r0;
+#pragma GCC unroll 16
+          for (int k = 0; k < 16; ++k) {
+            const __m512i w = _mm512_castps_si512(r[k]);
+            simd::store(dst + k * QG, simd::mul(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), cv));
+            simd::store(dst + (16 + k) * QG, simd::mul(_mm512_castsi512_ps(_mm512_and_si512(w, hi)), cv));
+          }
+        }
+      }
+    }
+    return;
+  }
   if (p.q.se == 1) {
     for (int64_t g = 0; g < BM / QG; ++g) {
       for (int64_t r0 = 0; r0 < QG; r0 += 16) {
@@ -552,6 +580,29 @@ void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, 
     }
   }
 }
+
+#if defined(FASTATTN_HAVE_AVX512)
+// bfloat16 K rows (unit column stride, ncols % 32 == 0) widened in "even-odd" order: in each group of 32
+// elements, the 16 even ones, then the 16 odd ones (dst[e0 + k] = src[e0 + 2k], dst[e0 + 16 + k] = src[e0 + 2k
+// + 1]). A bf16 pair read as a 32-bit word gives the even element by a shift and the odd one by an and: two
+// ALU operations per 32 elements, where widening in order costs a shuffle and a shift per 16. Q^T is packed
+// in the same order (pack_qt_f32 with eo), so the dot products are unchanged up to fp32 summation order.
+void convert_rows_eo(const uint16_t* src, int64_t s_row, int64_t nrows, int64_t ncols, float* dst, int64_t ld) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  auto group = [&](const uint16_t* s, float* d) {
+    const __m512i w = _mm512_loadu_si512(s);
+    _mm512_storeu_si512(d, _mm512_slli_epi32(w, 16));
+    _mm512_storeu_si512(d + 16, _mm512_and_si512(w, hi));
+  };
+  if (s_row == ncols && ld == ncols) {  // a dense head: one flat sweep (groups never straddle rows)
+    const int64_t n = nrows * ncols;
+    for (int64_t e = 0; e < n; e += 32) group(src + e, dst + e);
+    return;
+  }
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t e = 0; e < ncols; e += 32) group(src + r * s_row + e, dst + r * ld + e);
+}
+#endif
 
 // dst[n][0..n_cols) = f32(src row n), rows padded with zeros to ld.
 template <typename T>
@@ -892,7 +943,13 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
   const MaskView mv = mask_view(p, b, h);
   const bool has_mask = mv.dtype != kNone;
 
-  pack_qt_f32<T>(p, b, h, i0, nq, ngroups * QG, static_cast<float>(p.scale) * kLog2e, bf.qt);
+#if defined(FASTATTN_HAVE_AVX512)
+  // bfloat16 with whole 32-element groups: K widened and Q^T packed in even-odd order (convert_rows_eo).
+  const bool eo = std::is_same<T, bf16_t>::value && p.E % 32 == 0 && p.q.se == 1 && p.k.se == 1;
+#else
+  const bool eo = false;
+#endif
+  const float qscale = static_cast<float>(p.scale) * kLog2e;
   ScoreCtx sc;  // sc.c unused here: Q^T is packed already scaled
   const T* kbase = p.k.at<T>(b, hk, 0);
   const T* vbase = p.v.at<T>(b, hk, 0);
@@ -900,9 +957,13 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
   const auto span = has_mask ? visible_key_range(mv, kend) : std::make_pair(int64_t(0), kend);
   // A single key block (short sequences) with dense output rows and no out_lo: PV stores the output rows
   // itself (OutRows); write_output then writes only lse and the rows of groups that saw no key. O is then
-  // zeroed only for those groups, after the block (filling all of it cost 2-4% at L = S <= 128).
+  // zeroed only for those groups, after the block (filling all of it cost 2-4% at L = S <= 128), and each
+  // group's Q^T is packed just before its QK^T into one slot that stays in L1.
   const bool one_block = span.second - span.first <= c.BN && p.out_lo.ptr == 0 && p.out.se == 1;
-  if (!one_block) std::fill(bf.o, bf.o + ngroups * QG * c.Evp, 0.f);
+  if (!one_block) {
+    pack_qt_f32<T>(p, b, h, i0, nq, ngroups * QG, qscale, bf.qt, eo);
+    std::fill(bf.o, bf.o + ngroups * QG * c.Evp, 0.f);
+  }
   std::fill(bf.m, bf.m + ngroups * QG, kNegInf);
   std::fill(bf.l, bf.l + ngroups * QG, 0.f);
   if (has_mask) zero_padded_lanes(c, nq, ngroups, bf.mt);
@@ -921,7 +982,12 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
       kt = reinterpret_cast<const float*>(kbase) + j0 * p.k.sl;
       ldk = p.k.sl;
     } else {
-      convert_rows<T>(kbase + j0 * p.k.sl, p.k.sl, p.k.se, nk, p.E, bf.kc, p.E);
+#if defined(FASTATTN_HAVE_AVX512)
+      if (eo)
+        convert_rows_eo(reinterpret_cast<const uint16_t*>(kbase + j0 * p.k.sl), p.k.sl, nk, p.E, bf.kc, p.E);
+      else
+#endif
+        convert_rows<T>(kbase + j0 * p.k.sl, p.k.sl, p.k.se, nk, p.E, bf.kc, p.E);
       kt = bf.kc;
       ldk = p.E;
     }
@@ -939,7 +1005,12 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
       if (!group_ctx(p, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
       vf mx[QV];
       for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
-      qk_group<TileF32>(bf.qt + g * p.E * QG, kt, ldk, p.E, nk, sc, bf.st, mx);
+      const float* qt = bf.qt + g * p.E * QG;
+      if (one_block) {
+        pack_qt_f32<T>(p, b, h, i0 + g * QG, std::min<int64_t>(QG, nq - g * QG), QG, qscale, bf.qt, eo);
+        qt = bf.qt;
+      }
+      qk_group<TileF32>(qt, kt, ldk, p.E, nk, sc, bf.st, mx);
       if (!softmax_update<false, kExpDeg<T>>(p, bf, b, h, i0 + g * QG, g * QG, j0, nk, mx)) continue;
       const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
       if (one_block) {

@@ -309,6 +309,24 @@ def test_bf16_both_paths(monkeypatch, dot, case):
     _check(B, H, Hk, L, S, E, Ev, dtype=BF16, isa="avx512", **case)
 
 
+@pytest.mark.parametrize("case", [
+    dict(L=45, S=300, E=64, Ev=64, layout="bshd", causal=True),
+    dict(L=130, S=200, E=32, Ev=48, mask="bool_pad"),
+    dict(L=17, S=90, E=128, Ev=128, layout="bshd", mask="float_LS"),
+    dict(L=40, S=150, E=96, Ev=24, mask="bool_rows_hidden"),
+], ids=["E64-blocks-causal-bshd", "E32-pad-Ev48", "E128-oneblock-floatmask-bshd", "E96-rows-hidden"])
+def test_bf16_even_odd_packing(monkeypatch, case):
+    # bf16 with E % 32 == 0 on the widening path packs Q^T and widens K in even-odd order (csrc/forward.cpp,
+    # convert_rows_eo): partial row groups, strided (B, S, H, E) rows, several key blocks and one block (Q^T
+    # packed per group) must all agree with the reference.
+    if _cpu._unusable_reason("avx512") is not None:
+        pytest.skip("needs the AVX-512 module")
+    monkeypatch.setenv("FASTATTN_BF16_DOT", "0")
+    case = dict(case)
+    L, S, E, Ev = (case.pop(k) for k in ("L", "S", "E", "Ev"))
+    _check(2, 3, 3, L, S, E, Ev, dtype=BF16, isa="avx512", **case)
+
+
 @pytest.mark.parametrize("isa", _isa_params())
 def test_bf16_subnormal_outputs_are_rounded_not_flushed(isa, monkeypatch):
     # The AVX-512 module stores bf16 with vcvtneps2bf16, which flushes subnormal inputs to zero; vectors that
