@@ -770,7 +770,8 @@ inline void dropout_words_quad_col(uint64_t seed, int64_t b, int64_t h, int64_t 
 namespace simd {
 
 // 2^f on f in [-0.5, 0.5]: minimax-fit polynomials (relative error 1.4e-7 for degree 5, 1.0e-4 for 3). Degree
-// 3 (the bf16-dot forward, which rounds p to bf16 for P V but sums l in fp32) is fit with c0 = 1, so 2^0 = 1
+// 3 (every bfloat16 forward: the bf16-dot path, which rounds p to bf16 for P V but sums l in fp32, and the path
+// that widens bf16 to fp32; see kExpDeg in forward.cpp) is fit with c0 = 1, so 2^0 = 1
 // exactly: a row's maximum key then has p = bf16(p) = 1 and a row with one visible key gives O = v and the
 // lse the backward's P = 1 comes from. (The unconstrained fit, c0 = 0.99993 and error 7.7e-5, made that O
 // v / 0.99993, off the backward's algebra by ~2^-14: dq / dk that are 0 in exact math came out ~1e-4..2e-3.)
