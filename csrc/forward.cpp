@@ -455,14 +455,20 @@ FASTATTN_INLINE void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[c * ldd + j] = rows[j][c] for j < 16 (rows j >= nrows read as 0), c < ncols <= 16; rows are 32-bit
-// words (fp32 after conversion, or bf16 pairs), loaded by load(j, ncols).
+// r[c] = column c of 16 rows of 32-bit words (fp32 after conversion, or bf16 pairs) loaded by load(j, ncols);
+// rows j >= nrows read as 0.
 template <typename Load>
-FASTATTN_INLINE void transpose_block(Load load, int64_t nrows, int64_t ncols, float* dst, int64_t ldd) {
-  __m512 r[16];
+FASTATTN_INLINE void load_transposed(Load load, int64_t nrows, int64_t ncols, __m512 r[16]) {
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) r[j] = j < nrows ? load(j, ncols) : _mm512_setzero_ps();
   transpose16(r);
+}
+
+// dst[c * ldd + j] = rows[j][c] for j < 16 (rows j >= nrows read as 0), c < ncols <= 16.
+template <typename Load>
+FASTATTN_INLINE void transpose_block(Load load, int64_t nrows, int64_t ncols, float* dst, int64_t ldd) {
+  __m512 r[16];
+  load_transposed(load, nrows, ncols, r);
   for (int c = 0; c < ncols; ++c) _mm512_storeu_ps(dst + c * ldd, r[c]);
 }
 #endif
@@ -535,10 +541,7 @@ void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, 
         const uint16_t* row0 = nrows > 0 ? p.q.at<uint16_t>(b, h, i0 + g * QG + r0) : nullptr;
         for (int64_t e0 = 0; e0 < E; e0 += 32) {
           __m512 r[16];
-#pragma GCC unroll 16
-          for (int j = 0; j < 16; ++j)
-            r[j] = j < nrows ? _mm512_loadu_ps(row0 + j * p.q.sl + e0) : _mm512_setzero_ps();
-          transpose16(r);
+          load_transposed([&](int j, int64_t) { return _mm512_loadu_ps(row0 + j * p.q.sl + e0); }, nrows, 16, r);
           float* dst = qt + g * E * QG + e0 * QG + r0;
 #pragma GCC unroll 16
           for (int k = 0; k < 16; ++k) {
