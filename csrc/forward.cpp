@@ -533,36 +533,30 @@ void pack_qt_f32(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t nq, 
   const int64_t E = p.E;
   const vf cv = simd::set1(c);
 #if defined(FASTATTN_HAVE_AVX512)
-  if (eo) {
+  if (p.q.se == 1) {  // 16 rows at a time, transposed in registers (eo implies a unit column stride)
     const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    for (int64_t g = 0; g < BM / QG; ++g) {
-      for (int64_t r0 = 0; r0 < QG; r0 += 16) {
-        const int64_t nrows = std::max<int64_t>(0, std::min<int64_t>(16, nq - g * QG - r0));
-        const uint16_t* row0 = nrows > 0 ? p.q.at<uint16_t>(b, h, i0 + g * QG + r0) : nullptr;
-        for (int64_t e0 = 0; e0 < E; e0 += 32) {
-          __m512 r[16];
-          load_transposed([&](int j, int64_t) { return _mm512_loadu_ps(row0 + j * p.q.sl + e0); }, nrows, 16, r);
-          float* dst = qt + g * E * QG + e0 * QG + r0;
-#pragma GCC unroll 16
-          for (int k = 0; k < 16; ++k) {
-            const __m512i w = _mm512_castps_si512(r[k]);
-            simd::store(dst + k * QG, simd::mul(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), cv));
-            simd::store(dst + (16 + k) * QG, simd::mul(_mm512_castsi512_ps(_mm512_and_si512(w, hi)), cv));
-          }
-        }
-      }
-    }
-    return;
-  }
-  if (p.q.se == 1) {
+    const int64_t sl = p.q.sl;
     for (int64_t g = 0; g < BM / QG; ++g) {
       for (int64_t r0 = 0; r0 < QG; r0 += 16) {
         const int64_t nrows = std::max<int64_t>(0, std::min<int64_t>(16, nq - g * QG - r0));
         const T* row0 = nrows > 0 ? p.q.at<T>(b, h, i0 + g * QG + r0) : nullptr;
-        const int64_t sl = p.q.sl;
-        for (int64_t e0 = 0; e0 < E; e0 += 16) {
-          transpose_block([&](int j, int64_t n) { return simd::mul(simd::load_cvt_n(row0 + j * sl + e0, n), cv); }, nrows,
-                          std::min<int64_t>(16, E - e0), qt + g * E * QG + e0 * QG + r0, QG);
+        float* dst = qt + g * E * QG + r0;
+        if (!eo) {
+          for (int64_t e0 = 0; e0 < E; e0 += 16) {
+            transpose_block([&](int j, int64_t n) { return simd::mul(simd::load_cvt_n(row0 + j * sl + e0, n), cv); },
+                            nrows, std::min<int64_t>(16, E - e0), dst + e0 * QG, QG);
+          }
+          continue;
+        }
+        for (int64_t e0 = 0; e0 < E; e0 += 32) {
+          __m512 r[16];
+          load_transposed([&](int j, int64_t) { return _mm512_loadu_ps(row0 + j * sl + e0); }, nrows, 16, r);
+#pragma GCC unroll 16
+          for (int k = 0; k < 16; ++k) {
+            const __m512i w = _mm512_castps_si512(r[k]);
+            simd::store(dst + (e0 + k) * QG, simd::mul(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), cv));
+            simd::store(dst + (e0 + 16 + k) * QG, simd::mul(_mm512_castsi512_ps(_mm512_and_si512(w, hi)), cv));
+          }
         }
       }
     }
