@@ -751,6 +751,37 @@ void write_row_lo(const Params& p, T* out, int16_t* out_lo, const float* o, floa
 // (l == 0; a NaN l is not empty: NaN propagates as in torch).
 FASTATTN_INLINE float out_factor(float l, float dscale) { return l == 0.f ? 0.f : dscale / l; }
 
+// fac[r] = out_factor(l[r]) and, with lg, lg[r] = lse of the row = ln2 (m[r] + log2 l[r]) (-inf where l = 0),
+// for r < n. AVX-512: 16 rows per vector division; only lanes whose l is not a normal float (a NaN / inf /
+// denormal sum) take the scalar std::log2 (the per-row scalar loops cost ~4% of a B16 H12 L64 E32 forward).
+FASTATTN_INLINE void row_factors(const float* l, const float* m, int64_t n, float dscale, float* fac, float* lg) {
+  int64_t r0 = 0;
+#if defined(FASTATTN_HAVE_AVX512)
+  for (; r0 < n; r0 += W) {
+    const __mmask16 in = simd::lanes(n - r0);
+    const vf lv = _mm512_maskz_loadu_ps(in, l + r0);
+    const __mmask16 empty = _mm512_cmp_ps_mask(lv, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    _mm512_mask_storeu_ps(fac + r0, in, _mm512_maskz_div_ps(static_cast<__mmask16>(~empty), simd::set1(dscale), lv));
+    if (lg == nullptr) continue;
+    const vf mv = _mm512_maskz_loadu_ps(in, m + r0);
+    const vf lse_r = simd::mul(simd::set1(kLn2), simd::add(mv, log2_normal(lv)));
+    _mm512_mask_storeu_ps(lg + r0, in, _mm512_mask_mov_ps(lse_r, empty, simd::set1(kNegInf)));
+    const __mmask16 normal = _mm512_cmp_ps_mask(lv, simd::set1(std::numeric_limits<float>::min()), _CMP_GE_OQ) &
+                             _mm512_cmp_ps_mask(lv, simd::set1(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+    for (uint32_t odd = in & ~(normal | empty); odd != 0; odd &= odd - 1) {
+      const int64_t r = r0 + __builtin_ctz(odd);
+      lg[r] = kLn2 * (m[r] + std::log2(l[r]));
+    }
+  }
+#endif
+  for (int64_t r = r0; r < n; ++r) {
+    fac[r] = out_factor(l[r], dscale);
+    if (lg == nullptr) continue;
+    const bool normal = l[r] >= std::numeric_limits<float>::min() && l[r] <= std::numeric_limits<float>::max();
+    lg[r] = l[r] == 0.f ? kNegInf : kLn2 * (m[r] + (normal ? log2_normal(l[r]) : std::log2(l[r])));
+  }
+}
+
 // out[i] = o[i] * (1 / l_i) * dropout_scale (0 when l_i == 0); lse[i] = ln2 * (m_i + log2 l_i);
 // with p.out_lo (fp16 / bf16), also out_lo[i] (see encode_lo). Rows of groups g with written[g] already hold
 // their output (OutRows): only their lse is written.
@@ -761,34 +792,20 @@ void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b,
   const bool lo = kLow && p.out_lo.ptr != 0;
   const float dscale = static_cast<float>(p.dropout_scale());
   float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh;
-  // Per-row factor and lse first, 16 rows at a time on AVX-512 (one vector division instead of one per row).
-  // A row with l == 0 saw no visible key: out 0, lse -inf.
-  float* lg = bf.alpha;  // free after the last key block: lse per row
   alignas(64) float fac[kMaxBM];
-  int64_t r0 = 0;
-#if defined(FASTATTN_HAVE_AVX512)
-  for (; r0 + W <= nq; r0 += W) {  // bf.l / bf.m hold whole groups of QG rows
-    const vf l = simd::load(bf.l + r0);
-    const __mmask16 empty = _mm512_cmp_ps_mask(l, _mm512_setzero_ps(), _CMP_EQ_OQ);
-    simd::store(fac + r0, _mm512_maskz_div_ps(static_cast<__mmask16>(~empty), simd::set1(dscale), l));
-    const vf lse_r = simd::mul(simd::set1(kLn2), simd::add(simd::load(bf.m + r0), log2_normal(l)));
-    simd::store(lg + r0, _mm512_mask_mov_ps(lse_r, empty, simd::set1(kNegInf)));
-  }
-#endif
-  for (int64_t r = r0; r < nq; ++r) {
-    const float l = bf.l[r];
-    fac[r] = out_factor(l, dscale);
-    lg[r] = l == 0.f ? kNegInf : kLn2 * (bf.m[r] + log2_normal(l));
+  if (p.lse.sl == 1) {
+    row_factors(bf.l, bf.m, nq, dscale, fac, lse + i0);
+  } else {
+    float* lg = bf.alpha;  // free after the last key block: lse per row
+    row_factors(bf.l, bf.m, nq, dscale, fac, lg);
+    for (int64_t r = 0; r < nq; ++r) lse[(i0 + r) * p.lse.sl] = lg[r];
   }
   for (int64_t r = 0; r < nq; ++r) {
-    const float l = bf.l[r];
-    if (l != 0.f && !(l >= std::numeric_limits<float>::min() && l <= std::numeric_limits<float>::max()))
-      lg[r] = kLn2 * (bf.m[r] + std::log2(l));
-  }
-  for (int64_t r = 0; r < nq; ++r) {
+    if (written != nullptr && written[r / QG]) {
+      r += QG - 1;  // the whole group
+      continue;
+    }
     const int64_t i = i0 + r;
-    lse[i * p.lse.sl] = lg[r];
-    if (written != nullptr && written[r / QG]) continue;
     T* out = p.out.at<T>(b, h, i);
     const float* o = bf.o + r * c.Evp;
     if (lo) {
@@ -1012,7 +1029,7 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
       const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
       if (one_block) {
         alignas(64) float fac[QG];
-        for (int64_t r = 0; r < nrows; ++r) fac[r] = out_factor(bf.l[g * QG + r], dscale);
+        row_factors(bf.l + g * QG, nullptr, nrows, dscale, fac, nullptr);
         const OutRows<T> d{p.out.at<T>(b, h, i0 + g * QG), p.out.sl, fac, 0, p.Ev};
         pv_group<TileF32>(bf.st, nk, vt, ldv, d, nrows, c.Evp);
         written[g] = true;
