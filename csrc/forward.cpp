@@ -801,10 +801,7 @@ void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b,
     for (int64_t r = 0; r < nq; ++r) lse[(i0 + r) * p.lse.sl] = lg[r];
   }
   for (int64_t r = 0; r < nq; ++r) {
-    if (written != nullptr && written[r / QG]) {
-      r += QG - 1;  // the whole group
-      continue;
-    }
+    if (written != nullptr && written[r / QG]) continue;
     const int64_t i = i0 + r;
     T* out = p.out.at<T>(b, h, i);
     const float* o = bf.o + r * c.Evp;
