@@ -867,7 +867,7 @@ FASTATTN_INLINE void exp_pack_pass(const float* st, int64_t nk, const vf* base, 
 
 // Degree of the exp2 polynomial for p in the fp32-accumulating forward of inputs of type T. bfloat16 inputs
 // use degree 3 (relative error 1.0e-4, 2^0 = 1 exactly), as the vdpbf16ps path does: its error is 1/40 of
-// a bfloat16 output's half ulp (2^-9), and it saves 2 of the ~12 vector operations per 16 scores.
+// a bfloat16 output's half ulp (2^-9), and it saves 2 FMAs per 16 scores.
 // float32 and float16 (half ulp 2^-12) keep degree 5 (1.4e-7).
 template <typename T>
 constexpr int kExpDeg = std::is_same<T, bf16_t>::value ? 3 : 5;
