@@ -755,6 +755,10 @@ FASTATTN_INLINE float out_factor(float l, float dscale) { return l == 0.f ? 0.f 
 // for r < n. AVX-512: 16 rows per vector division; only lanes whose l is not a normal float (a NaN / inf /
 // denormal sum) take the scalar std::log2 (the per-row scalar loops cost ~4% of a B16 H12 L64 E32 forward).
 FASTATTN_INLINE void row_factors(const float* l, const float* m, int64_t n, float dscale, float* fac, float* lg) {
+  auto lse_row = [](float lr, float mr) {  // one row's lse, any l
+    const bool normal = lr >= std::numeric_limits<float>::min() && lr <= std::numeric_limits<float>::max();
+    return lr == 0.f ? kNegInf : kLn2 * (mr + (normal ? log2_normal(lr) : std::log2(lr)));
+  };
   int64_t r0 = 0;
 #if defined(FASTATTN_HAVE_AVX512)
   for (; r0 < n; r0 += W) {
@@ -770,15 +774,13 @@ FASTATTN_INLINE void row_factors(const float* l, const float* m, int64_t n, floa
                              _mm512_cmp_ps_mask(lv, simd::set1(std::numeric_limits<float>::max()), _CMP_LE_OQ);
     for (uint32_t odd = in & ~(normal | empty); odd != 0; odd &= odd - 1) {
       const int64_t r = r0 + __builtin_ctz(odd);
-      lg[r] = kLn2 * (m[r] + std::log2(l[r]));
+      lg[r] = lse_row(l[r], m[r]);
     }
   }
 #endif
   for (int64_t r = r0; r < n; ++r) {
     fac[r] = out_factor(l[r], dscale);
-    if (lg == nullptr) continue;
-    const bool normal = l[r] >= std::numeric_limits<float>::min() && l[r] <= std::numeric_limits<float>::max();
-    lg[r] = l[r] == 0.f ? kNegInf : kLn2 * (m[r] + (normal ? log2_normal(l[r]) : std::log2(l[r])));
+    if (lg != nullptr) lg[r] = lse_row(l[r], m[r]);
   }
 }
 
