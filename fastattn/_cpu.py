@@ -153,7 +153,7 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
     _check(q, k, v, mask)
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    out = q.new_empty(B, L, H, Ev).transpose(1, 2)
+    out = q.new_empty_strided((B, H, L, Ev), (L * H * Ev, Ev, H * Ev, 1))  # laid out (B, L, H, Ev)
     lse = q.new_empty(B, H, L, dtype=torch.float32)
     lo = _lo_like(out) if return_lo else None
     res = (out, lse) if lo is None else (out, lse, lo)

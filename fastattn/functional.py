@@ -41,20 +41,18 @@ def _check_like_query(query: Tensor, key: Tensor, value: Tensor) -> None:
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
     _check_like_query(query, key, value)
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key head dim {key.shape[-1]} does not match query head dim {query.shape[-1]} "
-                         f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key length {key.shape[-2]} does not match value length {value.shape[-2]} "
-                         f"(key {tuple(key.shape)}, value {tuple(value.shape)})")
-    if key.shape[:-2] != value.shape[:-2]:
-        raise ValueError(f"key and value batch/head dims differ: key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if key.shape[:-3] != query.shape[:-3]:
-        raise ValueError(f"key batch dims {tuple(key.shape[:-3])} do not match query batch dims "
-                         f"{tuple(query.shape[:-3])}")
-    if query.shape[-1] == 0:
-        raise ValueError(f"query/key head dim (last dim) must be at least 1, got shape {tuple(query.shape)}")
-    hq, hk = query.shape[-3], key.shape[-3]
+    qs, ks, vs = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    if ks[-1] != qs[-1]:
+        raise ValueError(f"key head dim {ks[-1]} does not match query head dim {qs[-1]} (query {qs}, key {ks})")
+    if ks[-2] != vs[-2]:
+        raise ValueError(f"key length {ks[-2]} does not match value length {vs[-2]} (key {ks}, value {vs})")
+    if ks[:-2] != vs[:-2]:
+        raise ValueError(f"key and value batch/head dims differ: key {ks}, value {vs}")
+    if ks[:-3] != qs[:-3]:
+        raise ValueError(f"key batch dims {ks[:-3]} do not match query batch dims {qs[:-3]}")
+    if qs[-1] == 0:
+        raise ValueError(f"query/key head dim (last dim) must be at least 1, got shape {qs}")
+    hq, hk = qs[-3], ks[-3]
     if enable_gqa:
         if hk == 0 or hq % hk != 0:
             raise ValueError(f"enable_gqa=True needs query heads ({hq}) divisible by key/value heads ({hk})")
@@ -277,6 +275,8 @@ def scaled_dot_product_attention(
         out4, lse4, _ = attention_fwd(q4, k4, v4, mask4, scale, is_causal, dropout_p, seed, backend,
                                       _needs_out_lo(q4.dtype, q4, k4, v4, mask4))
 
+    if len(batch) == 1:  # 4-D inputs: out4 / lse4 already have the caller's shape
+        return (out4, lse4) if return_lse else out4
     out = out4.reshape(*batch, H, L, Ev) if batch else out4[0]
     if return_lse:
         lse = lse4.reshape(*batch, H, L) if batch else lse4[0]
