@@ -795,13 +795,11 @@ void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b,
   const float dscale = static_cast<float>(p.dropout_scale());
   float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh;
   alignas(64) float fac[kMaxBM];
-  if (p.lse.sl == 1) {
-    row_factors(bf.l, bf.m, nq, dscale, fac, lse + i0);
-  } else {
-    float* lg = bf.alpha;  // free after the last key block: lse per row
-    row_factors(bf.l, bf.m, nq, dscale, fac, lg);
+  // lse straight into a unit-stride lse; else staged in bf.alpha (free after the last key block), then scattered.
+  float* lg = p.lse.sl == 1 ? lse + i0 : bf.alpha;
+  row_factors(bf.l, bf.m, nq, dscale, fac, lg);
+  if (p.lse.sl != 1)
     for (int64_t r = 0; r < nq; ++r) lse[(i0 + r) * p.lse.sl] = lg[r];
-  }
   for (int64_t r = 0; r < nq; ++r) {
     if (written != nullptr && written[r / QG]) continue;
     const int64_t i = i0 + r;
