@@ -86,6 +86,7 @@ struct Tensor4 {
 // Everything a kernel call needs. Forward fills q,k,v,out,lse,mask; backward also dout,dq,dk,dv,dmask.
 struct Params {
   Tensor4 q, k, v, out, lse, mask;        // q (B,H,L,E) k (B,Hk,S,E) v (B,Hk,S,Ev) out (B,H,L,Ev) lse (B,H,L)
+                                          // (the forward's lse is optional: ptr 0 = not wanted)
   Tensor4 dout, dq, dk, dv, dmask;        // backward only
   // fp16 / bf16 only, optional (ptr 0 = none): int16 (B,H,L,Ev), the output's rounding residual coded
   // relative to out (encode_lo). The forward writes it; the backward's delta reads O back from out and
@@ -138,6 +139,7 @@ inline Params item_params(const Params& p, int64_t b) {
 void register_backward(pybind11::module_& m);
 void register_additive(pybind11::module_& m);  // additive.cpp
 void register_hard(pybind11::module_& m);      // hard.cpp
+void register_eager(pybind11::module_& m);     // eager.cpp
 
 // ============================================================================================ bf16 dot
 

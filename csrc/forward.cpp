@@ -793,12 +793,12 @@ void write_output(const Params& p, const Blocking& c, const Bufs& bf, int64_t b,
   constexpr bool kLow = !std::is_same<T, float>::value;
   const bool lo = kLow && p.out_lo.ptr != 0;
   const float dscale = static_cast<float>(p.dropout_scale());
-  float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh;
+  float* lse = p.lse.ptr == 0 ? nullptr : reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh;
   alignas(64) float fac[kMaxBM];
   // lse straight into a unit-stride lse; else staged in bf.alpha (free after the last key block), then scattered.
-  float* lg = p.lse.sl == 1 ? lse + i0 : bf.alpha;
+  float* lg = lse == nullptr ? nullptr : p.lse.sl == 1 ? lse + i0 : bf.alpha;
   row_factors(bf.l, bf.m, nq, dscale, fac, lg);
-  if (p.lse.sl != 1)
+  if (lse != nullptr && p.lse.sl != 1)
     for (int64_t r = 0; r < nq; ++r) lse[(i0 + r) * p.lse.sl] = lg[r];
   for (int64_t r = 0; r < nq; ++r) {
     if (written != nullptr && written[r / QG]) continue;
@@ -1272,7 +1272,9 @@ void forward_f64(const Params& p) {
         if (x > m || x != x) m = x;  // a NaN score makes the row NaN (as in torch), never "empty"
       }
       double* out = p.out.at<double>(b, h, i);
-      float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh + i * p.lse.sl;
+      float lse_dummy;  // p.lse may be absent (ptr 0)
+      float* lse = p.lse.ptr == 0 ? &lse_dummy
+                                  : reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh + i * p.lse.sl;
       if (m == ninf) {
         for (int64_t e = 0; e < p.Ev; ++e) out[e * p.out.se] = 0.0;
         *lse = -std::numeric_limits<float>::infinity();
@@ -1336,7 +1338,7 @@ void check_forward_params(const Params& p) {
   if (p.mask_dtype != kNone && p.mask_dtype != kBool && p.mask_dtype != kF32 && p.mask_dtype != p.dtype)
     fail("mask dtype must be bool, float32 or the dtype of q");
   if (!(p.dropout_p >= 0.0 && p.dropout_p < 1.0)) fail("dropout_p must be in [0, 1)");
-  if (p.B * p.H * p.L > 0 && (p.q.ptr == 0 || p.out.ptr == 0 || p.lse.ptr == 0)) fail("null q/out/lse pointer");
+  if (p.B * p.H * p.L > 0 && (p.q.ptr == 0 || p.out.ptr == 0)) fail("null q/out pointer");  // lse: optional
   if (p.B * p.L * p.S > 0 && (p.k.ptr == 0 || p.v.ptr == 0)) fail("null k/v pointer");
   if (p.mask_dtype != kNone && p.mask.ptr == 0) fail("null mask pointer");
   if (p.out_lo.ptr != 0 && p.dtype != kF16 && p.dtype != kBF16) fail("out_lo is for float16 / bfloat16 only");
