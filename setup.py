@@ -22,7 +22,7 @@ from setuptools import find_packages, setup
 
 CSRC = "csrc"
 KERNEL_SOURCES = [os.path.join(CSRC, f) for f in (
-    "bindings.cpp", "forward.cpp", "backward.cpp", "additive.cpp", "hard.cpp")]
+    "bindings.cpp", "forward.cpp", "backward.cpp", "additive.cpp", "hard.cpp", "eager.cpp")]
 SANITIZE = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
 # Development only: FASTATTN_BUILD_ISAS=avx512 (comma list) builds just those kernel modules (faster rebuilds).
 BUILD_ISAS = [s.strip() for s in os.environ.get("FASTATTN_BUILD_ISAS", "").split(",") if s.strip()]

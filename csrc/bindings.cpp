@@ -131,4 +131,5 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   register_backward(m);
   register_additive(m);
   register_hard(m);
+  register_eager(m);
 }

@@ -65,14 +65,22 @@ def module():
         why = _unusable_reason(forced)
         if why is not None:
             raise RuntimeError(f"FASTATTN_ISA={forced} cannot be used: {why}")
-        return importlib.import_module(f"fastattn._C_{forced}")
+        return _ready(importlib.import_module(f"fastattn._C_{forced}"))
     reasons = []
     for isa in ISAS:
         why = _unusable_reason(isa)
         if why is None:
-            return importlib.import_module(f"fastattn._C_{isa}")
+            return _ready(importlib.import_module(f"fastattn._C_{isa}"))
         reasons.append(f"{isa}: {why}")
     raise ImportError("no fastattn CPU kernel module can be loaded (" + "; ".join(reasons) + ")")
+
+
+def _ready(mod):
+    """mod, with its eager_fwd (csrc/eager.cpp) handed the torch objects it compares against."""
+    mod.eager_init(Tensor, (torch.bool, torch.float32, torch.float16, torch.bfloat16, torch.float64), torch.strided,
+                   torch.is_grad_enabled, torch._C._is_tracing, torch._C._len_torch_dispatch_stack,
+                   torch._C._are_functorch_transforms_active, torch.get_num_threads)
+    return mod
 
 
 def isa_name() -> str:

@@ -39,6 +39,12 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
+def cpu_eager():
+    """The CPU kernel module's ``eager_fwd`` (csrc/eager.cpp: the whole plain eager inference call in C++,
+    None for any other case), or None where the module cannot load."""
+    return _import("fastattn._cpu").module().eager_fwd if cpu_available()[0] else None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_available() -> tuple[bool, str]:
     try:

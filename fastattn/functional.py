@@ -240,6 +240,14 @@ def scaled_dot_product_attention(
 
     Rows whose keys are all hidden give zeros (and zero gradients), never NaN. Inputs are never modified.
     """
+    if not torch.compiler.is_compiling():
+        # Plain eager CPU inference: the whole call in C++ (~50 us of cold Python less per call; B16 H12 L64
+        # E32 bf16 takes ~0.6 ms). None for every other case, which takes the path below.
+        eager = _launchers.cpu_eager()
+        if eager is not None:
+            res = eager(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, return_lse)
+            if res is not None:
+                return res
     _check_qkv(query, key, value, enable_gqa)
     _check_mask(attn_mask, query, key)
     _check_scalars(dropout_p, is_causal, scale, enable_gqa)

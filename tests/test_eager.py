@@ -1,0 +1,163 @@
+"""The C++ eager entry (csrc/eager.cpp): fastattn.scaled_dot_product_attention's plain CPU inference calls
+run from C++ without the Python path. It must give bit-identical results to the path it replaces (the same
+kernel, through fastattn._cpu.attention_fwd), and decline (None) every call it does not fully understand, so
+that the Python path and its errors take those."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn import _cpu, _launchers
+from conftest import DTYPE_IDS
+
+ALL = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _eager(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, backend=None,
+           return_lse=False):
+    return _launchers.cpu_eager()(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, backend, return_lse)
+
+
+def _qkv(B=2, H=4, Hk=4, L=19, S=23, E=40, Ev=24, dtype=torch.float32, bshd=False):
+    def t(h, n, d):
+        x = torch.randn(B, n, h, d).to(dtype)
+        return x.transpose(1, 2) if bshd else x.transpose(1, 2).contiguous()
+    return t(H, L, E), t(Hk, S, E), t(Hk, S, Ev)
+
+
+def _launcher(q, k, v, mask, is_causal, scale, enable_gqa):
+    """The same call through the Python path's launcher (GQA and mask broadcast done the Python way)."""
+    from fastattn.functional import _mask_to_4d
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    m4 = None if mask is None else _mask_to_4d(mask, (q.shape[0],), q.shape[1])
+    return _cpu.attention_fwd(q, k, v, m4, scale=scale, is_causal=is_causal, dropout_p=0.0, seed=0)
+
+
+MASKS = {
+    "none": lambda B, H, L, S, dt: None,
+    "bool-pad": lambda B, H, L, S, dt: (torch.arange(S) < torch.tensor([S, S // 3]).view(2, 1)).view(B, 1, 1, S),
+    "bool-LS": lambda B, H, L, S, dt: torch.rand(L, S) > 0.4,
+    "float-full": lambda B, H, L, S, dt: torch.randn(B, H, L, S).to(dt),
+    "float-1HLS": lambda B, H, L, S, dt: torch.randn(1, H, L, S).to(dt),
+    "float-3d": lambda B, H, L, S, dt: torch.randn(H, 1, S).to(dt),
+    "f32-mask": lambda B, H, L, S, dt: torch.randn(B, 1, L, S),
+    "float-inf": lambda B, H, L, S, dt: torch.randn(B, 1, L, S).masked_fill(torch.rand(B, 1, L, S) > 0.5,
+                                                                           float("-inf")).to(dt),
+}
+
+
+@pytest.mark.parametrize("mask_kind", list(MASKS))
+@pytest.mark.parametrize("dtype", ALL, ids=DTYPE_IDS.get)
+def test_same_bits_as_python_path(dtype, mask_kind):
+    q, k, v = _qkv(dtype=dtype, bshd=True)
+    mask = MASKS[mask_kind](2, 4, 19, 23, dtype)
+    for is_causal, scale in [(False, None), (True, 0.3)]:
+        out = _eager(q, k, v, mask, is_causal=is_causal, scale=scale)
+        assert out is not None, "the eager entry declined a plain call"
+        want, _ = _launcher(q, k, v, mask, is_causal, scale, False)
+        assert out.dtype == dtype and out.shape == want.shape and out.stride() == want.stride()
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=DTYPE_IDS.get)
+def test_return_lse_gqa_and_backend_cpu(dtype):
+    q, k, v = _qkv(H=6, Hk=2, dtype=dtype)
+    mask = MASKS["float-inf"](2, 6, 19, 23, dtype)
+    mask[0, 0, 4] = float("-inf")  # a row that sees no key: out 0, lse -inf
+    res = _eager(q, k, v, mask, is_causal=True, enable_gqa=True, backend="cpu", return_lse=True)
+    assert isinstance(res, tuple) and len(res) == 2
+    out, lse = res
+    want, want_lse = _launcher(q, k, v, mask, True, None, True)
+    assert torch.equal(out, want)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 6, 19) and lse.is_contiguous()
+    assert torch.equal(lse, want_lse)
+    assert torch.isneginf(lse[0, :3, 4]).all() and (out[0, :3, 4] == 0).all()
+    # and through the public function (which takes the eager entry for this call)
+    out2, lse2 = fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=True, enable_gqa=True,
+                                                       return_lse=True)
+    assert torch.equal(out2, want) and torch.equal(lse2, want_lse)
+
+
+def test_public_function_takes_it(monkeypatch):
+    took = []
+    real = _launchers.cpu_eager
+
+    def spy():
+        fn = real()
+
+        def call(*args):
+            res = fn(*args)
+            took.append(res is not None)
+            return res
+        return call
+    monkeypatch.setattr(_launchers, "cpu_eager", spy)
+    q, k, v = _qkv()
+    fastattn.scaled_dot_product_attention(q, k, v)
+    fastattn.scaled_dot_product_attention(q, k, v, backend="cpu", is_causal=True)
+    with torch.inference_mode():
+        fastattn.scaled_dot_product_attention(q, k, v)
+    fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)  # declined: dropout draws a seed in Python
+    assert took == [True, True, True, False]
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Mode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_declines_what_it_does_not_take():
+    q, k, v = _qkv()
+    declined = {
+        "requires_grad": lambda: _eager(q.clone().requires_grad_(), k, v),
+        "mask requires_grad": lambda: _eager(q, k, v, torch.zeros(19, 23).requires_grad_()),
+        "subclass": lambda: _eager(q.as_subclass(_Sub), k, v),
+        "meta": lambda: _eager(q.to("meta"), k.to("meta"), v.to("meta")),
+        "dropout": lambda: _eager(q, k, v, dropout_p=0.1),
+        "int dropout": lambda: _eager(q, k, v, dropout_p=0),
+        "3-D": lambda: _eager(q[0], k[0], v[0]),
+        "5-D": lambda: _eager(q[None], k[None], v[None]),
+        "empty L": lambda: _eager(q[:, :, :0], k, v),
+        "empty S": lambda: _eager(q, k[:, :, :0], v[:, :, :0]),
+        "int is_causal": lambda: _eager(q, k, v, is_causal=1),
+        "int scale": lambda: _eager(q, k, v, scale=1),
+        "inf scale": lambda: _eager(q, k, v, scale=float("inf")),
+        "reference backend": lambda: _eager(q, k, v, backend="reference"),
+        "dtype mismatch": lambda: _eager(q, k.double(), v),
+        "int tensors": lambda: _eager(q.int(), k.int(), v.int()),
+        "bool tensors": lambda: _eager(q > 0, k > 0, v > 0),
+        "head dim": lambda: _eager(q, k[..., :8], v),
+        "heads": lambda: _eager(q, k[:, :2], v[:, :2]),
+        "gqa not divisible": lambda: _eager(q, k[:, :3], v[:, :3], enable_gqa=True),
+        "batch": lambda: _eager(q, k[:1], v[:1]),
+        "kv length": lambda: _eager(q, k, v[:, :, :5]),
+        "mask shape": lambda: _eager(q, k, v, torch.ones(3, 19, 23, dtype=torch.bool)),
+        "mask dims": lambda: _eager(q, k, v, torch.ones(1, 1, 1, 19, 23, dtype=torch.bool)),
+        "mask dtype": lambda: _eager(q, k, v, torch.ones(19, 23, dtype=torch.float16)),
+        "mask not a tensor": lambda: _eager(q, k, v, [[True]]),
+        "not a tensor": lambda: _eager(q.numpy(), k, v),
+    }
+    for name, call in declined.items():
+        assert call() is None, name
+    with _Mode():
+        assert _eager(q, k, v) is None
+    # grad mode on but nothing requires grad: taken; a mask that requires grad under no_grad: taken
+    assert _eager(q, k, v) is not None
+    with torch.no_grad():
+        assert _eager(q.clone().requires_grad_(), k, v, torch.zeros(19, 23).requires_grad_()) is not None
+
+
+def test_inputs_not_modified_and_fresh_output():
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    mask = MASKS["float-inf"](2, 4, 19, 23, torch.bfloat16)
+    before = [t.clone() for t in (q, k, v, mask)]
+    a = _eager(q, k, v, mask)
+    b = _eager(q, k, v, mask)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+    for t, t0 in zip((q, k, v, mask), before):
+        assert torch.equal(t, t0)
