@@ -8,6 +8,7 @@ eval mode under ``torch.no_grad``. Providers: ``attn_implementation="fastattn"``
 fused SDPA) and ``"eager"`` (matmul + softmax). Text: the sentences and passages of examples/data,
 tokenised with the model's tokenizer and padded to the longest of the batch (as a data loader does):
 
+* ``sentence-B1``: one short sentence (serving one request at a time: per-call overhead counts);
 * ``sentences-B64``: 64 short sentences (one sentiment example each; little padding);
 * ``paragraphs-B16``: 16 paragraphs of 1 to 8 concatenated passages (16 to ~450 tokens: heavy padding,
   where fastattn's kernels skip the padded key blocks and dense attention does not).
@@ -29,13 +30,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 PROVIDERS = ["fastattn", "sdpa", "eager"]
-CASES = ["sentences-B64", "paragraphs-B16"]
+CASES = ["sentence-B1", "sentences-B64", "paragraphs-B16"]
 
 
 def _texts(case: str) -> list[str]:
-    if case == "sentences-B64":
+    if case.startswith("sentence"):
         with open(DATA / "sentiment.tsv", newline="") as f:
-            return [r["text"] for r in csv.DictReader(f, delimiter="\t")][:64]
+            return [r["text"] for r in csv.DictReader(f, delimiter="\t")][:int(case.split("-B")[1])]
     passages = list(dict.fromkeys(json.loads(line)["passage"] for line in open(DATA / "qa.jsonl")))
     # 16 paragraphs of 1..8 passages: lengths spread from one passage to the batch's longest.
     return [" ".join(passages[(i + j) % len(passages)] for j in range(1 + (i * 7) % 8)) for i in range(16)]
@@ -75,5 +76,6 @@ def test_bert_forward(benchmark, hf, case, provider):
     benchmark.extra_info.update(provider=provider, batch=int(mask.shape[0]), padded_length=int(mask.shape[1]),
                                 real_tokens=int(mask.sum()), padding_share=float(1 - mask.float().mean()),
                                 torch_threads=torch.get_num_threads())
-    out = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    iterations = 20 if mask.shape[0] == 1 else 1  # a one-sentence forward takes a few ms
+    out = benchmark.pedantic(run, rounds=5, iterations=iterations, warmup_rounds=1)
     assert out.shape[:2] == mask.shape
