@@ -339,6 +339,7 @@ def _sdpa_cases() -> list[Case]:
     for dt in ("f32", "bf16"):  # a third point for the throughput-against-length plot of the quick run
         add(8, 12, 256, 64, q, family="sweep", dtype=dt)
     for dt in ("f32", "bf16"):
+        add(1, 1, 16, 32, f, family="call", dtype=dt)  # almost no work: the cost of a call itself
         for L in (128, 384, 512):
             add(1, 12, L, 64, f, family="bert-base-infer", dtype=dt)
         for L in (128, 512):
