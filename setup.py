@@ -17,8 +17,11 @@ import platform
 import subprocess
 import tempfile
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+# Compile the sources on every core (FASTATTN_BUILD_JOBS=N to limit): 19 translation units, several minutes serially.
+ParallelCompile("FASTATTN_BUILD_JOBS", default=0).install()
 
 CSRC = "csrc"
 KERNEL_SOURCES = [os.path.join(CSRC, f) for f in (
@@ -95,8 +98,10 @@ def _extensions():
 
 
 setup(
+    # fastattn.kernels is the top-level kernels/ folder, reached through the fastattn/kernels symlink. It has no
+    # __init__.py, so that `import kernels` from the repository root still finds an installed package of that
+    # name (transformers depends on one) instead of this folder.
     packages=find_packages(include=["fastattn", "fastattn.*"]) + ["fastattn.kernels"],
-    package_dir={"fastattn.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": build_ext},
     zip_safe=False,
