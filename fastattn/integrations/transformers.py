@@ -95,7 +95,8 @@ def _make_attention_forward(backend: str | None):
                                                  backend=backend)
             if seed is not None:
                 weights = _weights.apply_dropout(weights, float(dropout), seed)
-        # The kernels write (B, L, H, Ev) memory: this transpose is already contiguous.
+        # The output follows the query's layout; transformers' projections give (B, L, H, E)-strided queries,
+        # so this transpose is usually already contiguous (no copy).
         return out.transpose(1, 2).contiguous(), weights
 
     return attention_forward
@@ -104,16 +105,37 @@ def _make_attention_forward(backend: str | None):
 attention_forward = _make_attention_forward(None)
 
 
+def _registries():
+    """transformers' AttentionInterface and AttentionMaskInterface, or an ImportError that names the real
+    cause: transformers missing, too old to have them, or failing to import (a broken dependency)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("fastattn.integrations.transformers needs transformers >= 5 "
+                          f"(pip install 'transformers>=5'); importing transformers failed: {type(e).__name__}: {e}"
+                          ) from e
+    version = getattr(transformers, "__version__", "unknown")
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = None
+    if major is not None and major < 5:
+        raise ImportError("fastattn.integrations.transformers needs transformers >= 5 (AttentionInterface and "
+                          f"masking_utils.AttentionMaskInterface); found transformers {version}")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError(f"transformers {version} is installed, but importing its attention registries failed: "
+                          f"{type(e).__name__}: {e}") from e
+    return AttentionInterface, AttentionMaskInterface
+
+
 def register(name: str = NAME, *, backend: str | None = None) -> str:
     """Register fastattn with transformers under ``name`` (attention function and mask function), so that
     ``from_pretrained(..., attn_implementation=name)`` / ``model.set_attn_implementation(name)`` use it.
     ``backend`` is passed to fastattn (None: the default per device). Idempotent; returns ``name``."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError as e:  # older transformers: no attention / mask registries
-        raise ImportError("fastattn.integrations.transformers needs a transformers release with "
-                          f"AttentionInterface and masking_utils.AttentionMaskInterface (tested: 5.x) ({e})") from e
+    AttentionInterface, AttentionMaskInterface = _registries()
     fn = attention_forward if backend is None else _make_attention_forward(backend)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, attention_mask)
