@@ -1,4 +1,4 @@
-"""The ``fastattn`` command: ``info``, ``check``, ``kernels`` (and ``bench``)."""
+"""The ``fastattn`` command: ``info``, ``check``, ``kernels``, ``bench`` and ``explain``."""
 from __future__ import annotations
 
 import argparse
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="speed table against torch (quick by default, --full for everything), "
                                      "JSON, plots, --compare")
     bench.add_arguments(b)
+    from fastattn.explain import command as explain_command
+    x = sub.add_parser("explain", help="attention heatmaps (PNG) and a head view (HTML) of a text through a "
+                                       "transformers encoder; --bench: memory and time at 512 tokens")
+    explain_command.add_arguments(x)
     a = p.parse_args(argv)
     if a.cmd == "info":
         return _info()
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return aot.main(tuple(a.arch) if a.arch else (80, 90))
     if a.cmd == "bench":
         return bench.main(a)
+    if a.cmd == "explain":
+        return explain_command.main(a)
     return 2
 
 
