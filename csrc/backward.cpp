@@ -22,7 +22,8 @@
 // buffers so the GEMM micro-kernels need no tails. bf16 inputs on AVX512-BF16 builds compute S = QK^T
 // and dP = dO V^T with vdpbf16ps (exact bf16 products, fp32 sums); the other three GEMMs take fp32
 // P / dS. float64 recomputes lse in double (the float32 lse would cap gradcheck's accuracy at ~1e-7).
-// Masked or causally hidden tiles are skipped, as in the forward.
+// Causal: key j is visible to query i iff j <= i + causal_offset (common.h). Masked or causally hidden tiles
+// are skipped, as in the forward; hidden keys of a partly visible tile get exactly P = dS = 0.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -422,9 +423,10 @@ void load_kblock(const Ctx<Acc>& cx, int64_t b, int64_t hk, int64_t jb, KBlock<A
   if (with_k) load_rows<T, Acc>(p.k, b, hk, kb.j0, kb.nc, p.E, kb.K, cx.Ep, kBc);
 }
 
-// Whether causality alone hides the whole tile (query block qb, key block starting at j0).
+// Whether causality alone hides the whole tile (query rows [i0, i0 + nr), key block starting at j0): its
+// first key lies past the last row's diagonal.
 FASTATTN_INLINE bool causal_hidden(const Params& p, int64_t i0, int64_t nr, int64_t j0) {
-  return p.is_causal && j0 > i0 + nr - 1;
+  return p.is_causal && j0 > i0 + nr - 1 + p.causal_offset;
 }
 
 // The tile's P (in t.S), dS (in t.dP) and P o Z (t.PZ, dropout only) for query head h.
@@ -450,9 +452,11 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
       mstride = mi.rows_shared ? 0 : kBc;
     }
   }
-  // Causal: row r sees columns c < i0 + r - j0 + 1; rows before r0 see none.
-  const int64_t r0 = p.is_causal ? std::max<int64_t>(0, j0 - i0) : 0;
-  const int64_t kc = p.is_causal ? std::min(nc, i0 + nr - j0) : nc;
+  // Causal: row r sees columns c < i0 + r + off - j0 + 1; rows before r0 see none (r0 < nr and kc > 0: the
+  // tile is not hidden).
+  const int64_t off = p.causal_offset;
+  const int64_t r0 = p.is_causal ? std::max<int64_t>(0, j0 - i0 - off) : 0;
+  const int64_t kc = p.is_causal ? std::min(nc, i0 + nr + off - j0) : nc;
   const int64_t ncv = round_up(kc, N);  // computed columns
   const int64_t rb = r0 / kMR * kMR, re = round_up(nr, kMR);
   if constexpr (std::is_same<Acc, float>::value) {
@@ -470,7 +474,7 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
   for (int64_t r = 0; r < re; ++r) {
     Acc* s = t.S + r * kBc;
     Acc* dp = t.dP + r * kBc;
-    const int64_t lim = r < nr ? (p.is_causal ? std::min(kc, i0 + r - j0 + 1) : kc) : 0;
+    const int64_t lim = r < nr ? (p.is_causal ? std::min(kc, i0 + r + off - j0 + 1) : kc) : 0;
     if (lim <= 0) {
       std::memset(static_cast<void*>(s), 0, ncv * sizeof(Acc));
       std::memset(static_cast<void*>(dp), 0, ncv * sizeof(Acc));
@@ -503,9 +507,12 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
         VT::store(dp + c, VT::mul(VT::load(dp + c), z));
       }
     }
-    // dS = P o (dP - delta)
+    // dS = P o (dP - delta) on the row's visible columns, exactly 0 past them (P = 0 there, but the dP of a
+    // hidden key may be inf / NaN).
     const V vdelta = VT::set1(qb.delta[r]);
-    for (int64_t c = 0; c < ncv; c += N) VT::store(dp + c, VT::mul(VT::load(s + c), VT::sub(VT::load(dp + c), vdelta)));
+    for (int64_t c = 0; c < limv; c += N)
+      VT::store(dp + c, VT::mul(VT::load(s + c), VT::sub(VT::load(dp + c), vdelta)));
+    for (int64_t c = lim; c < ncv; ++c) dp[c] = Acc(0);
   }
   *kc_out = kc;
   *r0_out = r0;
@@ -714,7 +721,7 @@ void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
         load_cols<T, Acc>(p.k, b, hk, j0, nc, p.E, cx.Ep, u.kb.KT, kBc);
         gemm<Acc>(nrp, kBc / Vec<Acc>::N, cx.Ep, u.qb.Q, cx.Ep, 1, u.kb.KT, kBc, u.t.S, kBc, false);
         for (int64_t r = 0; r < nr; ++r) {
-          const int64_t lim = p.is_causal ? std::min(nc, i0 + r - j0 + 1) : nc;
+          const int64_t lim = p.is_causal ? std::min(nc, i0 + r + p.causal_offset - j0 + 1) : nc;
           const Acc* m = (p.mask_dtype != kNone && !mi.all_zero) ? u.t.mask + (mi.rows_shared ? 0 : r * kBc) : nullptr;
           for (int64_t c = 0; c < lim; ++c) {
             // A -inf mask hides the key even when its score is NaN (NaN + -inf would be NaN).
@@ -797,7 +804,8 @@ void pass_dkdv(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
       load_kblock<T, Acc>(cx, b, hk, jb, u.kb, false);
       std::memset(static_cast<void*>(u.dK), 0, kBc * cx.Ep * sizeof(Acc));
       std::memset(static_cast<void*>(u.dV), 0, kBc * cx.Evp * sizeof(Acc));
-      const int64_t ib0 = p.is_causal ? u.kb.j0 / kBr : 0;
+      // The first query block with a row that sees key j0: rows i >= j0 - causal_offset.
+      const int64_t ib0 = p.is_causal ? std::max<int64_t>(0, u.kb.j0 - p.causal_offset) / kBr : 0;
       for (int64_t h = hk * cx.G; h < (hk + 1) * cx.G; ++h) {
         for (int64_t ib = ib0; ib < cx.nqb; ++ib) {
           load_qblock<T, Acc>(cx, b, h, ib, u.qb);
@@ -963,6 +971,7 @@ void check_backward_params(const Params& p) {
 
 void backward(const Params& p, int mode) {
   if (p.B == 0 || p.L == 0 || p.S == 0) return;  // the caller fills the empty / zero gradients
+  if (!causal_offset_in_range(p)) return backward(with_causal_offset_in_range(p), mode);
   switch (p.dtype) {
     case kF32: backward_impl<float, float>(p, mode); break;
     case kBF16: backward_impl<bf16_t, float>(p, mode); break;

@@ -56,6 +56,7 @@ void bind_params(py::module_& m) {
       .def_readwrite("Ev", &Params::Ev)
       .def_readwrite("scale", &Params::scale)
       .def_readwrite("is_causal", &Params::is_causal)
+      .def_readwrite("causal_offset", &Params::causal_offset)
       .def_readwrite("dropout_p", &Params::dropout_p)
       .def_readwrite("thr", &Params::thr)
       .def_readwrite("seed", &Params::seed)
@@ -88,12 +89,12 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   // The forward in one call: the launcher's per-call path (~1 us of argument conversion instead of a
   // Params object and ~25 attribute writes). Tensors as (address, sb, sh, sl, se), mask and out_lo
   // address 0 = none; ints = (dtype, mask_dtype, B, H, Hk, L, S, E, Ev, is_causal, dropout threshold,
-  // num_threads).
+  // num_threads, causal_offset).
   m.def("fwd_direct",
         [](const std::array<int64_t, 5>& q, const std::array<int64_t, 5>& k, const std::array<int64_t, 5>& v,
            const std::array<int64_t, 5>& mask, const std::array<int64_t, 5>& out,
            const std::array<int64_t, 5>& out_lo, const std::array<int64_t, 5>& lse,
-           const std::array<int64_t, 12>& ints, double scale, double dropout_p, uint64_t seed) {
+           const std::array<int64_t, 13>& ints, double scale, double dropout_p, uint64_t seed) {
           auto t4 = [](const std::array<int64_t, 5>& a) {
             Tensor4 t;
             t.ptr = static_cast<uintptr_t>(a[0]);
@@ -109,6 +110,7 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
           p.is_causal = ints[9] != 0;
           p.thr = static_cast<uint32_t>(ints[10]);
           p.num_threads = static_cast<int>(ints[11]);
+          p.causal_offset = ints[12];
           p.scale = scale;
           p.dropout_p = dropout_p;
           p.seed = seed;

@@ -98,6 +98,10 @@ struct Params {
   int64_t B = 0, H = 0, Hk = 0, L = 0, S = 0, E = 0, Ev = 0;
   double scale = 1.0;
   bool is_causal = false;
+  // With is_causal, key j is visible to query i iff j <= i + causal_offset (0: top-left, torch's is_causal;
+  // S - L: lower-right, the query block at the end of the keys, torch's causal_lower_right). It may be
+  // negative (L > S lower-right: the first L - S rows see no key) or larger than needed.
+  int64_t causal_offset = 0;
   double dropout_p = 0.0;                 // 0: no RNG at all
   uint32_t thr = 0;                       // keep iff philox word >= thr (brief)
   uint64_t seed = 0;
@@ -133,6 +137,16 @@ inline Params item_params(const Params& p, int64_t b) {
   for (Tensor4* t : {&s.k, &s.v, &s.dk, &s.dv}) shift(*t, k0, es);
   shift(s.lse, q0, 4);
   return s;
+}
+
+// p with causal_offset limited to [-L, S]: the same visible keys (an offset >= S - 1 shows every query every
+// key, one <= -L shows no query any), and i + causal_offset stays small (no int64 overflow, exact as a float).
+// Varlen: L and S are the maxima, so the limits hold for every item too.
+inline bool causal_offset_in_range(const Params& p) { return p.causal_offset >= -p.L && p.causal_offset <= p.S; }
+inline Params with_causal_offset_in_range(const Params& p) {
+  Params c = p;
+  c.causal_offset = std::min(std::max(p.causal_offset, -p.L), p.S);
+  return c;
 }
 
 // The backward kernel's bindings (csrc/backward.cpp); bindings.cpp calls it from PYBIND11_MODULE.

@@ -14,7 +14,9 @@
 // updated by broadcasting P^T entries against V rows. With AVX512-BF16 (bf16 inputs) both products
 // use vdpbf16ps on pair-interleaved operands: Q^T and P^T as (query, key/e pair) words, V packed once
 // per key block as (key pair, ev) words.
-// Key blocks beyond the causal diagonal or fully hidden by the mask are skipped (no QK^T, no PV).
+// Causal: key j is visible to query i iff j <= i + causal_offset (common.h). Key blocks beyond that diagonal
+// for every query of a group, or fully hidden by the mask, are skipped (no QK^T, no PV); keys past the last
+// row's diagonal are never read.
 #include "forward.h"
 
 #include <stdexcept>
@@ -48,7 +50,7 @@ constexpr int kAccBudget = 8;
 // ------------------------------------------------------------------------------------ lane helpers
 
 #if defined(FASTATTN_HAVE_AVX512)
-// s where j <= i (lane-wise), -inf where key j is after query i (causal).
+// s where j <= iq (lane-wise; iq = i + causal_offset, the last key query i sees), -inf past it (causal).
 FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
   return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(iq, _mm512_set1_ps(j), _CMP_LT_OQ), _mm512_set1_ps(kNegInf));
 }
@@ -175,8 +177,8 @@ struct ScoreCtx {
   const float* mt = nullptr;  // mask tile column base for this group (nullptr: no mask)
   int64_t mt_ld = 0;          // mask tile row (key) stride
   bool mt_shared = false;     // one value per key (mask row stride 0): broadcast it to every lane
-  bool causal = false;        // some key of the block may follow some query of the group
-  vf iq[QV];                  // query index of each lane (as float)
+  bool causal = false;        // some key of the block lies past some query's diagonal
+  vf iq[QV];                  // each lane's query index plus causal_offset: its last visible key (as float)
   int64_t j0 = 0;             // first key of the block
 };
 
@@ -923,9 +925,12 @@ FASTATTN_INLINE bool group_ctx(const Params& p, const Blocking& c, const Bufs& b
                                ScoreCtx& sc) {
   const int64_t gi0 = i0 + g * QG;
   const int64_t glast = std::min(i0 + nq, gi0 + QG) - 1;
-  if (p.is_causal && j0 > glast) return false;
-  sc.causal = p.is_causal && j0 + nk - 1 > gi0;
-  for (int v = 0; v < QV; ++v) sc.iq[v] = iota_f(static_cast<float>(gi0 + v * W));
+  // Query i sees keys j <= i + off: skip a block that starts past the group's last diagonal; per-lane hiding is
+  // needed only where the block ends past its first.
+  const int64_t off = p.causal_offset;
+  if (p.is_causal && j0 > glast + off) return false;
+  sc.causal = p.is_causal && j0 + nk - 1 > gi0 + off;
+  for (int v = 0; v < QV; ++v) sc.iq[v] = iota_f(static_cast<float>(gi0 + off + v * W));
   sc.j0 = j0;
   if (has_mask && !mi.all_zero) {
     sc.mt_shared = mi.rows_shared;
@@ -935,6 +940,12 @@ FASTATTN_INLINE bool group_ctx(const Params& p, const Blocking& c, const Bufs& b
     sc.mt = nullptr;
   }
   return true;
+}
+
+// End of the keys query rows [.., i_end) may see: S, or with is_causal the last row's diagonal plus one
+// (i_end + causal_offset, at least 0: 0 when no row sees a key).
+FASTATTN_INLINE int64_t key_end(const Params& p, int64_t i_end) {
+  return p.is_causal ? std::min(p.S, std::max<int64_t>(0, i_end + p.causal_offset)) : p.S;
 }
 
 // The mask tile is never written for the padding lanes (queries past the end): keep them finite.
@@ -948,7 +959,7 @@ void item_f32(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t h
   const int64_t i0 = qb * c.BM, nq = std::min(c.BM, p.L - i0);
   const int64_t ngroups = (nq + QG - 1) / QG;
   const int64_t hk = p.kv_head(h);
-  const int64_t kend = p.is_causal ? std::min(p.S, i0 + nq) : p.S;
+  const int64_t kend = key_end(p, i0 + nq);
   const bool k_direct = std::is_same<T, float>::value && p.k.se == 1;
   const bool v_direct = std::is_same<T, float>::value && p.v.se == 1 && p.Ev % W == 0;
   const MaskView mv = mask_view(p, b, h);
@@ -1180,7 +1191,7 @@ void item_bf16(const Params& p, const Blocking& c, Bufs& bf, int64_t b, int64_t 
   const int64_t i0 = qb * c.BM, nq = std::min(c.BM, p.L - i0);
   const int64_t ngroups = (nq + QG - 1) / QG;
   const int64_t hk = p.kv_head(h);
-  const int64_t kend = p.is_causal ? std::min(p.S, i0 + nq) : p.S;
+  const int64_t kend = key_end(p, i0 + nq);
   const int64_t E2 = c.E2;
   const bool k_direct = p.k.se == 1 && p.E % 2 == 0;
   const MaskView mv = mask_view(p, b, h);
@@ -1258,7 +1269,7 @@ void forward_f64(const Params& p) {
       const int64_t hk = p.kv_head(h);
       const MaskView mv = mask_view(p, b, h);
       const double* q = p.q.at<double>(b, h, i);
-      const int64_t kend = p.is_causal ? std::min(p.S, i + 1) : p.S;
+      const int64_t kend = key_end(p, i + 1);
       double m = ninf;
       for (int64_t j = 0; j < kend; ++j) {
         double x = mv.dtype == kNone ? 0.0 : mask_value<double>(mv, i, j, 1.0);
@@ -1313,8 +1324,8 @@ void run_items(const Params& p, Item item) {
       plan_bufs(p, c, a, bf);
     }
     for (int64_t t = t0; t < t1; ++t) {
-      // Items ordered (b, h, query block); a causal mask makes later blocks heavier, so hand out
-      // the heavy ones first for a better dynamic balance.
+      // Items ordered (b, h, query block); a causal mask makes later blocks heavier (row i sees i + 1 +
+      // causal_offset keys, clipped to [0, S]), so hand out the heavy ones first for a better dynamic balance.
       const int64_t qb = p.is_causal ? c.nqb - 1 - t % c.nqb : t % c.nqb;
       const int64_t bh = t / c.nqb, b = bh / p.H;
       if (p.cu_q == 0) {
@@ -1346,6 +1357,7 @@ void check_forward_params(const Params& p) {
 
 void forward(const Params& p) {
   if (p.B == 0 || p.L == 0) return;
+  if (!causal_offset_in_range(p)) return forward(with_causal_offset_in_range(p));
   switch (p.dtype) {
     case kF64: return forward_f64(p);
     case kF32: return run_items(p, item_f32<float>);

@@ -98,9 +98,11 @@ def _t4(mod, t: Tensor, broadcast: bool = False):
 
 
 def make_params(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                dropout_p: float, seed: int, sizes: tuple[int, ...] | None = None, t4=None):
+                dropout_p: float, seed: int, sizes: tuple[int, ...] | None = None, t4=None,
+                causal_offset: int = 0):
     """A Params with the inputs, sizes and scalars filled in (outputs are the caller's). ``sizes`` (B, H, Hk,
-    L, S, E, Ev) and ``t4`` (how q/k/v travel) default to 4-D (B, H, L, E) tensors; varlen passes its own."""
+    L, S, E, Ev) and ``t4`` (how q/k/v travel) default to 4-D (B, H, L, E) tensors; varlen passes its own.
+    ``causal_offset``: with ``is_causal``, key j is visible to query i iff j <= i + causal_offset."""
     if sizes is None:
         B, H, L, E = q.shape
         _, Hk, S, _ = k.shape
@@ -115,6 +117,7 @@ def make_params(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, sc
     p.B, p.H, p.Hk, p.L, p.S, p.E, p.Ev = sizes
     p.scale = float(scale)
     p.is_causal = bool(is_causal)
+    p.causal_offset = int(causal_offset)
     p.dropout_p = float(dropout_p)
     if dropout_p > 0.0:
         p.thr = _philox.threshold(dropout_p)
@@ -140,13 +143,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
 # ============================================================================================ forward
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                  dropout_p: float, seed: int, return_lo: bool = False):
+                  dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
     """(out, lse): out (B, H, L, Ev) in q's dtype (memory layout (B, L, H, Ev)), lse (B, H, L) float32.
     ``return_lo`` (float16 / bfloat16, for training): (out, lse, out_lo), out_lo int16 laid out as out: the
     rounding residual of the fp32 result O in units of out's exponent (csrc/common.h, encode_lo), from which
-    :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O)."""
+    :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O).
+    ``causal_offset`` (with ``is_causal``): key j is visible to query i iff j <= i + causal_offset; 0 (the
+    default) is top-left alignment (torch's ``is_causal``), S - L lower-right (torch's ``causal_lower_right``).
+    Any int: rows that see no key (i + causal_offset < 0) give out = 0 and lse = -inf, as fully masked rows do."""
     return _attention_fwd(module(), q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                          seed=seed, return_lo=return_lo)
+                          seed=seed, return_lo=return_lo, causal_offset=causal_offset)
 
 
 def _lo_like(out: Tensor) -> Tensor:
@@ -157,7 +163,7 @@ def _lo_like(out: Tensor) -> Tensor:
 
 
 def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                   dropout_p: float, seed: int, return_lo: bool = False):
+                   dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
     """attention_fwd with an explicit kernel module (tests run every ISA)."""
     _check(q, k, v, mask)
     B, H, L, _ = q.shape
@@ -185,7 +191,7 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
         (out.data_ptr(), *out.stride()), _NO_TENSOR if lo is None else (lo.data_ptr(), *lo.stride()),
         (lse.data_ptr(), *lse.stride(), 0),
         (DTYPE_CODES[q.dtype], mdt, B, H, k.shape[1], L, S, q.shape[3], Ev, int(is_causal),
-         _philox.threshold(dropout_p) if drop else 0, torch.get_num_threads()),
+         _philox.threshold(dropout_p) if drop else 0, torch.get_num_threads(), int(causal_offset)),
         float(scale), float(dropout_p), (int(seed) & (2**64 - 1)) if drop else 0)
     return res
 
@@ -209,16 +215,19 @@ def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_nee
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, *,
                   scale: float, is_causal: bool, dropout_p: float, seed: int, mask_needs_grad: bool,
-                  out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                  out_lo: Tensor | None = None, causal_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`attention_fwd`: (dq, dk, dv, dmask or None), contiguous, in the inputs' dtypes.
 
     dout and out (B, H, L, Ev), q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides; lse (B, H, L)
     float32 from the forward (-inf rows get zero gradients). With ``mask_needs_grad`` (float masks only),
     dmask has the mask's 4-D shape and dtype, its size-1 dims summed over. ``out_lo`` (float16 / bfloat16):
     the forward's int16 residual code (``return_lo``); delta = rowsum(dout * O) then uses the fp32 output O,
-    as dP does, instead of out. Deterministic: bit-identical from run to run and for any thread count."""
+    as dP does, instead of out. ``causal_offset``: the forward's (with ``is_causal``, key j is visible to query
+    i iff j <= i + causal_offset); rows that see no key get dq = 0 and add nothing to dk / dv.
+    Deterministic: bit-identical from run to run and for any thread count."""
     return _attention_bwd(module(), dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal,
-                          dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad, out_lo=out_lo)
+                          dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad, out_lo=out_lo,
+                          causal_offset=causal_offset)
 
 
 def _check_out_lo(out_lo: Tensor | None, out: Tensor) -> None:
@@ -231,8 +240,8 @@ def _check_out_lo(out_lo: Tensor | None, out: Tensor) -> None:
 
 def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
-                   mask_needs_grad: bool, mode: int = 0,
-                   out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                   mask_needs_grad: bool, mode: int = 0, out_lo: Tensor | None = None,
+                   causal_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """attention_bwd with an explicit kernel module; ``mode`` (tests): 0 auto, 1 fused (a task per (b, kv
     head)), 2 split (tasks per key block and per query block). Every mode gives the same bits."""
     _check(q, k, v, mask)
@@ -247,7 +256,8 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         for g in (dq, dk, dv):
             g.zero_()
         return dq, dk, dv, dmask
-    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed)
+    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
+                    causal_offset=causal_offset)
     p.out, p.dout, p.lse = _t4(mod, out), _t4(mod, dout), _t4(mod, lse)
     if out_lo is not None:
         p.out_lo = _t4(mod, out_lo)

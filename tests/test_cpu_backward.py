@@ -57,30 +57,32 @@ def _mask(kind, B, H, L, S, dtype, gen):
     raise ValueError(kind)
 
 
-def _reference_grads(q, k, v, mask, dout, *, causal, p, seed, scale, upcast):
-    """(out, lse, (dq, dk, dv, dmask|None)) by autograd through fastattn.reference."""
+def _reference_grads(q, k, v, mask, dout, *, causal, p, seed, scale, upcast, offset=0):
+    """(out, lse, (dq, dk, dv, dmask|None)) by autograd through fastattn.reference; ``offset``: the causal
+    diagonal offset (key j visible to query i iff j <= i + offset)."""
     dt = F64 if upcast else q.dtype
     leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
     out, lse = reference.scaled_dot_product_attention(*leaves, mask, p, causal, scale, True, upcast=upcast,
-                                                      dropout_seed=seed, return_lse=True)
+                                                      dropout_seed=seed, return_lse=True, causal_offset=offset)
     m = mask
     if mask is not None and mask.dtype != torch.bool:
         # Autograd through softmax gives NaN for a row whose float mask is -inf at every visible key
         # (exp(-inf - -inf)); the true gradient of such a row is 0 and it adds nothing to dk/dv. So the
         # gradients come from a copy whose dead rows have mask 0 and dout 0 (then their dS is exactly 0).
-        L, S = mask.shape[-2], mask.shape[-1]
+        # (A mask broadcast over the queries cannot be filled per row: it is left as it is.)
+        L, S = q.shape[-2], k.shape[-2]
         seen = mask != float("-inf")
         if causal:
-            seen = seen & torch.ones(L, S, dtype=torch.bool).tril()
+            seen = seen & torch.ones(L, S, dtype=torch.bool).tril(diagonal=offset)
         dead = ~seen.any(-1, keepdim=True)
         m = mask.detach()
-        if dead.any():
+        if dead.any() and mask.shape[-2] == L:
             m = m.masked_fill(dead, 0.0)
             dout = dout.masked_fill(dead, 0.0)
         m = m.to(dt if upcast else mask.dtype).requires_grad_()
         leaves = [t.detach().requires_grad_() for t in leaves] + [m]
         out_g = reference.scaled_dot_product_attention(*leaves[:3], m, p, causal, scale, True, upcast=upcast,
-                                                       dropout_seed=seed)
+                                                       dropout_seed=seed, causal_offset=offset)
     else:
         out_g = out
     grads = torch.autograd.grad(out_g, leaves, dout.to(out_g.dtype))
@@ -96,21 +98,26 @@ def _check(name, got, ref64, reflp, dtype):
 
 
 def _case(B, H, Hk, L, S, E, Ev, *, dtype=F32, layout="bhsd", mask=None, causal=False, p=0.0, mask_dtype=None,
-          seed=1234, module=None, mode=0):
+          seed=1234, module=None, mode=0, offset=0):
     # crc32, not hash(): str hashes change from process to process.
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((B, H, Hk, L, S, E, Ev, mask, causal, p)).encode()))
+    key = (B, H, Hk, L, S, E, Ev, mask, causal, p) + ((offset,) if offset else ())
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
     q = _randn(B, H, L, E, dtype=dtype, gen=gen, layout=layout)
     k = _randn(B, Hk, S, E, dtype=dtype, gen=gen, layout=layout)
     v = _randn(B, Hk, S, Ev, dtype=dtype, gen=gen, layout=layout)
     m = _mask(mask, B, H, L, S, mask_dtype or dtype, gen)
     dout = _randn(B, H, L, Ev, dtype=dtype, gen=gen, layout=layout)
     scale = 1.0 / math.sqrt(E)
-    out64, lse, g64 = _reference_grads(q, k, v, m, dout, causal=causal, p=p, seed=seed, scale=scale, upcast=True)
+    out64, lse, g64 = _reference_grads(q, k, v, m, dout, causal=causal, p=p, seed=seed, scale=scale, upcast=True,
+                                       offset=offset)
     glp = (None,) * 4
     if dtype in (F16, BF16):
-        _, _, glp = _reference_grads(q, k, v, m, dout, causal=causal, p=p, seed=seed, scale=scale, upcast=False)
+        _, _, glp = _reference_grads(q, k, v, m, dout, causal=causal, p=p, seed=seed, scale=scale, upcast=False,
+                                     offset=offset)
     mask_grad = m is not None and m.dtype != torch.bool
     kwargs = dict(scale=scale, is_causal=causal, dropout_p=p, seed=seed, mask_needs_grad=mask_grad)
+    if offset:
+        kwargs["causal_offset"] = offset
     args = (dout, q, k, v, out64.to(dtype), lse, m)
     if module is None and mode == 0:
         got = _cpu.attention_bwd(*args, **kwargs)
@@ -302,6 +309,136 @@ def test_isa_modules(isa, dtype):
         got, g64, glp, _, _ = _case(2, 4, 2, 97, 70, 40, 24, dtype=dtype, layout="bshd", mask="float_LS",
                                     causal=True, p=0.2, module=mod, mode=mode)
         _assert_grads(got, g64, glp, dtype)
+
+
+# ----------------------------------------------------------------------------- causal diagonal offset
+# is_causal with causal_offset: key j is visible to query i iff j <= i + causal_offset (0: top-left, S - L:
+# lower-right). (L, S, offset): lower-right for L < S, L == S and L > S (the first L - S rows see no key),
+# lengths that are multiples of no block (tiles are 64 x 64), several key / query blocks, whole tiles and query
+# blocks that see no key; then other offsets: negative, past S, and ones under which no row sees a key.
+OFFSET_CASES = [
+    (3, 97, 94), (1, 300, 299), (40, 300, 260), (70, 70, 0), (97, 33, -64), (200, 50, -150), (130, 97, -33),
+    (97, 130, -40), (97, 130, 7), (33, 70, 500), (33, 70, -33), (33, 70, -1000),
+]
+
+
+def _off_id(case):
+    L, S, off = case
+    return f"L{L}-S{S}-off{off}"
+
+
+def _assert_offset_zeros(got, L, S, offset):
+    """dq = 0 on rows that see no key (i + offset < 0); dk = dv = 0 on keys no row sees (j > L - 1 + offset)."""
+    dq, dk, dv, _ = got
+    dead = torch.arange(L) + offset < 0
+    unseen = torch.arange(S) > L - 1 + offset
+    assert torch.equal(dq[:, :, dead], torch.zeros_like(dq[:, :, dead]))
+    for g in (dk, dv):
+        assert torch.equal(g[:, :, unseen], torch.zeros_like(g[:, :, unseen]))
+
+
+@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=_off_id)
+def test_causal_offset(case, dtype, isa):
+    """GQA over (B, L, H, E) views, the fused and the split schedules: the reference, and the same bits."""
+    L, S, off = case
+    mod = importlib.import_module(f"fastattn._C_{isa}")
+    runs = []
+    for mode in (1, 2):
+        got, g64, glp, _, _ = _case(2, 4, 2, L, S, 40, 24, dtype=dtype, layout="bshd", causal=True, offset=off,
+                                    module=mod, mode=mode)
+        _assert_grads(got, g64, glp, dtype)
+        _assert_offset_zeros(got, L, S, off)
+        runs.append(got)
+    for a, b in zip(*runs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+OFFSET_MASK_CASES = [
+    # (mask kind, dropout_p)
+    ("bool_pad", 0.0),
+    ("bool_pad", 0.2),
+    ("bool_rows", 0.0),
+    ("float_LS", 0.0),
+    ("float_LS", 0.2),
+    ("float_BS", 0.0),
+    ("float_full", 0.0),
+    ("float_ninf", 0.2),
+    (None, 0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mc", OFFSET_MASK_CASES, ids=lambda c: _mask_id((c[0], True, c[1])))
+@pytest.mark.parametrize("case", [(3, 97, 94), (97, 33, -64), (40, 300, 260), (200, 50, -150), (97, 130, 7)],
+                         ids=_off_id)
+def test_causal_offset_masks(case, mc, dtype):
+    """A mask (and its gradient) and dropout together with the diagonal; rows both leave without a key get
+    zero gradients."""
+    L, S, off = case
+    kind, p = mc
+    got, g64, glp, _, _ = _case(2, 4, 2, L, S, 40, 24, dtype=dtype, layout="bshd", mask=kind, causal=True, p=p,
+                                offset=off)
+    _assert_grads(got, g64, glp, dtype)
+    _assert_offset_zeros(got, L, S, off)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mc", [("bool_pad", 0.2), ("float_LS", 0.0), (None, 0.0)],
+                         ids=lambda c: _mask_id((c[0], True, c[1])))
+@pytest.mark.parametrize("case", [(3, 97, 94), (97, 33, -64), (40, 300, 260), (200, 50, -150)], ids=_off_id)
+def test_causal_offset_low_precision(case, mc, dtype):
+    """The training path: the kernel's own forward with out_lo, then the backward (delta from the fp32 output,
+    csrc/common.h encode_lo), against the reference gradients."""
+    L, S, off = case
+    kind, p = mc
+    _, g64, glp, args, kw = _case(2, 4, 2, L, S, 40, 24, dtype=dtype, layout="bshd", mask=kind, causal=True, p=p,
+                                  offset=off)
+    dout, q, k, v, _, _, m = args
+    out, lse, lo = _cpu.attention_fwd(q, k, v, m, scale=kw["scale"], is_causal=True, dropout_p=p, seed=kw["seed"],
+                                      return_lo=True, causal_offset=off)
+    assert torch.isneginf(lse[:, :, torch.arange(L) + off < 0]).all()
+    got = _cpu.attention_bwd(dout, q, k, v, out, lse, m, out_lo=lo, **kw)
+    _assert_grads(got, g64, glp, dtype)
+    _assert_offset_zeros(got, L, S, off)
+
+
+@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", [(3, 97, 94), (40, 300, 260), (97, 130, 0), (70, 70, 0), (97, 33, -64),
+                                  (200, 50, -150), (33, 70, -33), (33, 70, 500)], ids=_off_id)
+def test_causal_offset_unseen_keys_never_read(case, dtype, isa):
+    """NaN in the keys and values past every row's diagonal (j > L - 1 + offset): every schedule gives the
+    same bits as on the clean inputs (tiles past the diagonal are skipped; partly visible tiles give those
+    keys P = dS = 0 exactly), and those keys get dk = dv = 0."""
+    L, S, off = case
+    mod = importlib.import_module(f"fastattn._C_{isa}")
+    gen = torch.Generator().manual_seed(23)
+    B, H, Hk, E = 2, 4, 2, 40
+    q = _randn(B, H, L, E, dtype=dtype, gen=gen)
+    k, v = (_randn(B, Hk, S, E, dtype=dtype, gen=gen) for _ in range(2))
+    dout = _randn(B, H, L, E, dtype=dtype, gen=gen)
+    scale = E ** -0.5
+    out64, lse, g64 = _reference_grads(q, k, v, None, dout, causal=True, p=0.0, seed=0, scale=scale, upcast=True,
+                                       offset=off)
+    glp = (None,) * 4
+    if dtype == BF16:
+        _, _, glp = _reference_grads(q, k, v, None, dout, causal=True, p=0.0, seed=0, scale=scale, upcast=False,
+                                     offset=off)
+    unseen = torch.arange(S) > L - 1 + off
+    kn, vn = k.clone(), v.clone()
+    kn[:, :, unseen] = float("nan")
+    vn[:, :, unseen] = float("nan")
+    kw = dict(scale=scale, is_causal=True, dropout_p=0.0, seed=0, mask_needs_grad=False, causal_offset=off)
+    for mode in (1, 2):
+        clean = _cpu._attention_bwd(mod, dout, q, k, v, out64.to(dtype), lse, None, mode=mode, **kw)
+        got = _cpu._attention_bwd(mod, dout, q, kn, vn, out64.to(dtype), lse, None, mode=mode, **kw)
+        for name, a, b in zip(("dq", "dk", "dv"), got[:3], clean[:3]):
+            assert torch.isfinite(a).all(), f"{name} (mode {mode}) has non-finite values"
+            assert torch.equal(a, b), f"{name} (mode {mode}) differs from the clean run"
+        _assert_grads(got, g64, glp, dtype)
+        _assert_offset_zeros(got, L, S, off)
 
 
 # ------------------------------------------------------------------------------------------ out_lo

@@ -69,22 +69,26 @@ def _mask(kind, B, H, L, S, dtype, gen):
 
 
 def _check(B, H, Hk, L, S, E, Ev, *, dtype=F32, layout="bhsd", mask=None, causal=False, p=0.0, isa=None,
-           scale=None, seed=1234):
-    gen = torch.Generator().manual_seed(hash((B, H, Hk, L, S, E, Ev, str(dtype), mask, causal, p)) % 2**31)
+           scale=None, seed=1234, offset=0):
+    """Kernel vs reference; ``offset``: the causal diagonal offset (key j visible to query i iff j <= i + offset)."""
+    key = (B, H, Hk, L, S, E, Ev, str(dtype), mask, causal, p) + ((offset,) if offset else ())
+    gen = torch.Generator().manual_seed(hash(key) % 2**31)
     q = _randn(B, H, L, E, dtype=dtype, gen=gen, layout=layout)
     k = _randn(B, Hk, S, E, dtype=dtype, gen=gen, layout=layout)
     v = _randn(B, Hk, S, Ev, dtype=dtype, gen=gen, layout=layout)
     m = _mask(mask, B, H, L, S, dtype, gen)
     scale = 1.0 / math.sqrt(E) if scale is None else scale
-    out, lse = _cpu._attention_fwd(_module(isa), q, k, v, m, scale=scale, is_causal=causal, dropout_p=p, seed=seed)
+    out, lse = _cpu._attention_fwd(_module(isa), q, k, v, m, scale=scale, is_causal=causal, dropout_p=p, seed=seed,
+                                   causal_offset=offset)
     assert out.shape == (B, H, L, Ev) and out.dtype == dtype
     assert lse.shape == (B, H, L) and lse.dtype == F32
     ref, ref_lse = reference.scaled_dot_product_attention(
-        q, k, v, m, p, causal, scale, enable_gqa=True, upcast=True, dropout_seed=seed, return_lse=True)
+        q, k, v, m, p, causal, scale, enable_gqa=True, upcast=True, dropout_seed=seed, return_lse=True,
+        causal_offset=offset)
     ref_lp = None
     if dtype in (F16, BF16):
         ref_lp = reference.scaled_dot_product_attention(q, k, v, m, p, causal, scale, enable_gqa=True, upcast=False,
-                                                        dropout_seed=seed)
+                                                        dropout_seed=seed, causal_offset=offset)
     testing.assert_close("out", out, ref, ref_lp)
     # lse is float32 in every dtype: compare with a float32-level tolerance (inf pattern must match).
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse -inf pattern differs"
@@ -351,3 +355,126 @@ def test_single_key_block_writes_output_from_pv(isa, dtype, L, S, Ev):
     # S <= 132 runs as one key block, whose PV tiles store the output rows themselves (OutRows): the Ev tail,
     # the (B, L, H, Ev) output rows and whole row groups that see no key (written by write_output) must agree.
     _check(2, 3, 3, L, S, 48, Ev, dtype=dtype, isa=isa, mask="bool_group_hidden")
+
+
+# ----------------------------------------------------------------------------- causal diagonal offset
+# is_causal with causal_offset: key j is visible to query i iff j <= i + causal_offset (0: top-left, S - L:
+# lower-right). (L, S, offset): lower-right for L < S, L == S and L > S (the first L - S rows see no key);
+# lengths that are multiples of no block, several key blocks of every ISA (32 to 96 keys, or one block of up to
+# 11 micro-tiles), whole query row groups / items that see no key; then other offsets: negative, past S, and
+# ones under which no row sees a key.
+OFFSET_CASES = [
+    (3, 97, 94), (1, 300, 299), (40, 300, 260), (70, 70, 0), (97, 33, -64), (200, 50, -150), (130, 97, -33),
+    (97, 130, 0), (97, 130, -40), (97, 130, 7), (33, 70, 500), (33, 70, -33), (33, 70, -1000),
+]
+
+
+def _off_id(case):
+    L, S, off = case
+    return f"L{L}-S{S}-off{off}"
+
+
+def _check_no_key_rows(out, lse, offset):
+    """Rows i with i + offset < 0 see no key: out exactly 0 and lse -inf; nothing is NaN."""
+    L = out.shape[2]
+    dead = torch.arange(L) + offset < 0
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(out[:, :, dead], torch.zeros_like(out[:, :, dead]))
+    assert torch.isneginf(lse[:, :, dead]).all()
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=_off_id)
+def test_causal_offset(case, dtype, isa):
+    L, S, off = case
+    # GQA over (B, L, H, E) views; and B1 H2, whose few heads split L into several query-block items.
+    out, lse = _check(2, 4, 2, L, S, 40, 24, dtype=dtype, layout="bshd", causal=True, offset=off, isa=isa)
+    _check_no_key_rows(out, lse, off)
+    out, lse = _check(1, 2, 1, L, S, 64, 40, dtype=dtype, causal=True, offset=off, isa=isa)
+    _check_no_key_rows(out, lse, off)
+
+
+_OFFSET_MASK_CASES = [(3, 97, 94), (97, 33, -64), (40, 300, 260), (97, 130, -40), (200, 50, -150)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", ["bool_pad", "float_LS", "float32_B1LS", "bool_rows_hidden", "bool_group_hidden"])
+@pytest.mark.parametrize("case", _OFFSET_MASK_CASES, ids=_off_id)
+def test_causal_offset_masks(case, mask, dtype):
+    # A mask hides more keys; rows the diagonal and the mask together leave without a key give 0 / -inf.
+    L, S, off = case
+    if mask == "bool_group_hidden" and L < 64:
+        pytest.skip("the mask hides rows 32..63")
+    out, lse = _check(2, 4, 2, L, S, 40, 40, dtype=dtype, mask=mask, causal=True, offset=off, layout="bshd")
+    _check_no_key_rows(out, lse, off)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", [(3, 97, 94), (97, 33, -64), (40, 300, 260), (97, 130, 7)], ids=_off_id)
+def test_causal_offset_dropout(case, dtype, isa):
+    # The reference rebuilds the kernels' keep mask from the seed; dropout does not depend on the diagonal.
+    L, S, off = case
+    out, lse = _check(2, 3, 1, L, S, 40, 24, dtype=dtype, p=0.3, mask="bool_pad", causal=True, offset=off, isa=isa,
+                      seed=2**62 + 777)
+    _check_no_key_rows(out, lse, off)
+
+
+@pytest.mark.parametrize("dot", ["1", "0"], ids=["vdpbf16ps", "widen-to-f32"])
+@pytest.mark.parametrize("case", [(3, 97, 94), (97, 33, -64), (40, 300, 260), (200, 50, -150), (33, 70, -1000)],
+                         ids=_off_id)
+def test_causal_offset_bf16_both_paths(monkeypatch, dot, case):
+    if _cpu._unusable_reason("avx512") is not None or not _module("avx512").isa()[1]:
+        pytest.skip("needs the AVX512-BF16 module")
+    monkeypatch.setenv("FASTATTN_BF16_DOT", dot)
+    L, S, off = case
+    out, lse = _check(1, 4, 2, L, S, 64, 40, dtype=BF16, isa="avx512", causal=True, offset=off, mask="bool_pad")
+    _check_no_key_rows(out, lse, off)
+    out, lse = _check(2, 2, 2, L, S, 64, 64, dtype=BF16, isa="avx512", causal=True, offset=off, p=0.2)
+    _check_no_key_rows(out, lse, off)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", [(97, 33, -64), (40, 300, 260), (33, 70, -1000)], ids=_off_id)
+def test_causal_offset_out_lo(case, dtype, isa):
+    # With out_lo the output goes through the O buffer even for one key block: the same out and lse bits.
+    L, S, off = case
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(2, 2, n, 32, generator=gen).to(dtype) for n in (L, S, S))
+    kw = dict(scale=0.2, is_causal=True, dropout_p=0.0, seed=0, causal_offset=off)
+    out, lse, lo = _cpu._attention_fwd(_module(isa), q, k, v, None, return_lo=True, **kw)
+    out0, lse0 = _cpu._attention_fwd(_module(isa), q, k, v, None, **kw)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    dead = torch.arange(L) + off < 0
+    assert torch.equal(lo[:, :, dead], torch.zeros_like(lo[:, :, dead]))
+    _check_no_key_rows(out, lse, off)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", [(3, 97, 94), (1, 300, 299), (40, 300, 260), (97, 130, 0), (97, 33, -64),
+                                  (200, 50, -150), (33, 70, -33), (33, 70, 500)], ids=_off_id)
+def test_causal_offset_unseen_keys_never_read(case, dtype, isa):
+    # Keys j > L - 1 + offset are past every row's diagonal: NaN there must change no bit of out / lse (their
+    # key blocks are skipped, and no partly visible block reads them either).
+    L, S, off = case
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(2, 4, L, 40, generator=gen).to(dtype)
+    k, v = (torch.randn(2, 2, S, 40, generator=gen).to(dtype) for _ in range(2))
+    unseen = torch.arange(S) > L - 1 + off
+    kn, vn = k.clone(), v.clone()
+    kn[:, :, unseen] = float("nan")
+    vn[:, :, unseen] = float("nan")
+    kw = dict(scale=0.3, is_causal=True, dropout_p=0.0, seed=0, causal_offset=off)
+    out, lse = _cpu._attention_fwd(_module(isa), q, kn, vn, None, **kw)
+    clean, clean_lse = _cpu._attention_fwd(_module(isa), q, k, v, None, **kw)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, clean) and torch.equal(lse, clean_lse)
+    ref = reference.scaled_dot_product_attention(q, k, v, None, 0.0, True, 0.3, enable_gqa=True, causal_offset=off)
+    ref_lp = None
+    if dtype in (F16, BF16):
+        ref_lp = reference.scaled_dot_product_attention(q, k, v, None, 0.0, True, 0.3, enable_gqa=True, upcast=False,
+                                                        causal_offset=off)
+    testing.assert_close("out", out, ref, ref_lp)

@@ -40,9 +40,12 @@ def scores(query: torch.Tensor, key: torch.Tensor, scale: float | None = None) -
     return (query @ key.transpose(-2, -1)) * scale
 
 
-def apply_mask(s: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+def apply_mask(s: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+               causal_offset: int = 0) -> torch.Tensor:
     """Bool mask: False hides a key (score -> -inf); float mask: added to the scores.
-    ``is_causal``: key j is visible to query i iff j <= i (top-left aligned); combines with the mask."""
+    ``is_causal``: key j is visible to query i iff j <= i + causal_offset; combines with the mask.
+    ``causal_offset`` 0 is top-left alignment (torch's ``is_causal``), S - L lower-right (the query block
+    sits at the end of the keys: torch's ``causal_lower_right``)."""
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
@@ -50,7 +53,7 @@ def apply_mask(s: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal
             s = s + attn_mask.to(s.dtype)
     if is_causal:
         L, S = s.shape[-2], s.shape[-1]
-        visible = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        visible = torch.ones(L, S, dtype=torch.bool, device=s.device).tril(diagonal=causal_offset)
         s = s.masked_fill(~visible, float("-inf"))
     return s
 
@@ -116,20 +119,22 @@ def scaled_dot_product_attention(
     dropout_seed: int | None = None,
     return_lse: bool = False,
     dropout_batch_offset: int = 0,
+    causal_offset: int = 0,
 ):
     """Textbook attention with torch SDPA semantics (see ``fastattn.scaled_dot_product_attention``).
 
     Returns the output in float64 when ``upcast`` else in the input dtype; with ``return_lse`` also the
     float32 log-sum-exp (..., L). ``dropout_seed``: the seed fastattn's kernels used (rebuilds their mask);
     ``dropout_batch_offset``: the kernels' batch index of the first item (varlen sequences).
-    Differentiable (autograd through the formulas), which gives the reference gradients."""
+    ``causal_offset``: with ``is_causal``, key j is visible to query i iff j <= i + causal_offset (S - L:
+    lower-right). Differentiable (autograd through the formulas), which gives the reference gradients."""
     dt = _compute_dtype(query, upcast)
     q, k, v = query.to(dt), key.to(dt), value.to(dt)
     k, v = _repeat_kv(q, k, v, enable_gqa)
     mask = attn_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dt)
-    s = apply_mask(scores(q, k, scale), mask, is_causal)
+    s = apply_mask(scores(q, k, scale), mask, is_causal, causal_offset)
     p = softmax(s)
     out = weighted_sum(dropout(p, dropout_p, dropout_seed, dropout_batch_offset), v)
     if return_lse:
@@ -146,16 +151,17 @@ def attention_weights(
     enable_gqa: bool = False,
     *,
     upcast: bool = True,
+    causal_offset: int = 0,
 ) -> torch.Tensor:
     """The softmax probabilities (..., L, S) (no dropout), rows with no visible key all zero."""
     dt = _compute_dtype(query, upcast)
     q, k = query.to(dt), key.to(dt)
     k, _ = _repeat_kv(q, k, k, enable_gqa)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dt)
-    return softmax(apply_mask(scores(q, k, scale), mask, is_causal))
+    return softmax(apply_mask(scores(q, k, scale), mask, is_causal, causal_offset))
 
 
-# Naive references of the other operations (issue 5), one module each, re-exported here.
+# Naive references of the other operations, one module each, re-exported here.
 from fastattn.reference.varlen import *  # noqa: E402,F401,F403
 from fastattn.reference.additive import *  # noqa: E402,F401,F403
 from fastattn.reference.hard import *  # noqa: E402,F401,F403
