@@ -16,6 +16,17 @@
   2-D padding mask viewed as (B, 1, L, S) with stride 0 along L: nothing (B, L, S)-sized is built, and
   the kernels skip the padded key blocks. Every other pattern (causal, sliding window, packed
   sequences, ...) uses transformers' boolean SDPA mask, which fastattn reads as is.
+
+Packed (padding-free) inputs: where transformers passes sequence boundaries to the attention function
+(``cu_seq_lens_q`` / ``cu_seq_lens_k``, optionally ``max_length_q`` / ``max_length_k``: the keywords of its
+flash-attention path, e.g. from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), the
+attention function runs :func:`fastattn.varlen_attention` on the (1, total) batch: each sequence attends to
+its own tokens, causal within each sequence when the module is causal, a ``sliding_window`` keyword as
+flash-attention reads it (key j visible to query i iff |i - j| < sliding_window). As in transformers'
+flash-attention path, the mask argument is then not read (the boundaries replace it).
+
+:func:`packed` makes a whole BERT-family encoder run on the real tokens only (padded batch in, padded
+outputs back; ``fastattn.integrations.packed``).
 """
 from __future__ import annotations
 
@@ -24,9 +35,11 @@ from torch import Tensor
 
 from fastattn import weights as _weights
 
-__all__ = ["register", "attention_forward", "attention_mask", "NAME"]
+__all__ = ["register", "register_packed", "attention_forward", "attention_mask", "packed", "unpacked", "NAME",
+           "PACKED_NAME"]
 
 NAME = "fastattn"
+PACKED_NAME = "fastattn_packed"  # see fastattn.integrations.packed
 
 
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -55,7 +68,86 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
     return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
 
 
-def _make_attention_forward(backend: str | None):
+def _band_mask(sliding_window, max_q: int, max_k: int, device) -> Tensor | None:
+    """Flash-attention's reading of ``sliding_window`` w: key j visible to query i iff |i - j| <= w - 1, and
+    no band at all when no key is that far (max_k <= w). Bool (1, 1, max_q, max_k), True = attend; varlen
+    reads its top-left corner for each sequence, so positions are local to the sequence."""
+    if sliding_window is None or max_k <= int(sliding_window):
+        return None
+    i = torch.arange(max_q, device=device)[:, None]
+    j = torch.arange(max_k, device=device)[None, :]
+    return ((i - j).abs() <= int(sliding_window) - 1)[None, None]
+
+
+def _varlen_attention_forward(query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling: float | None,
+                              is_causal: bool, need_weights: bool, backend: str | None,
+                              kwargs: dict) -> tuple[Tensor, Tensor | None]:
+    """Packed batch: query (B, H, L, E), key/value (B, Hk, S, E/Ev), whose B*L (B*S) tokens are the
+    sequences that cu_seq_lens_q (cu_seq_lens_k) delimit -> ((B, L, H, Ev), weights or None). Weights are
+    per sequence, padded: (n, H, max_length_q, max_length_k) for n sequences, zero outside each sequence."""
+    from fastattn import varlen as _varlen
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None:
+        raise ValueError("packed attention needs both cu_seq_lens_q and cu_seq_lens_k, got "
+                         f"cu_seq_lens_q={'None' if cu_q is None else 'a tensor'}, "
+                         f"cu_seq_lens_k={'None' if cu_k is None else 'a tensor'}")
+    for name, cu in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a 1-D integer tensor of cumulative lengths")
+    cu_q, cu_k = cu_q.to(query.device, torch.int32), cu_k.to(query.device, torch.int32)
+    B, H, L, E = query.shape
+    Hk, S, Ev = key.shape[1], key.shape[2], value.shape[-1]
+    q = query.transpose(1, 2).reshape(B * L, H, E)  # a view for the (B, L, H, E)-strided projections
+    k = key.transpose(1, 2).reshape(B * S, Hk, E)
+    v = value.transpose(1, 2).reshape(B * S, Hk, Ev)
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    max_q = int((cu_q[1:] - cu_q[:-1]).max()) if max_q is None and cu_q.numel() > 1 else int(max_q or 0)
+    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if max_k is None and cu_k.numel() > 1 else int(max_k or 0)
+    if is_causal and cu_q is not cu_k and not torch.equal(cu_q, cu_k):
+        raise ValueError("fastattn packed attention: is_causal with query and key sequences of different "
+                         "lengths (a key/value cache) is not supported; causal attention is top-left aligned "
+                         "within each sequence")
+    band = _band_mask(kwargs.get("sliding_window"), max_q, max_k, query.device)
+    enable_gqa = H != Hk
+    seed = None
+    if need_weights and dropout > 0.0:
+        # varlen_attention draws its Philox seed from the default generator: replay that draw.
+        g = torch.Generator()
+        g.set_state(torch.get_rng_state())
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=g))
+    out = _varlen.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, attn_mask=band, dropout_p=float(dropout),
+                                   is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, backend=backend)
+    out = out.reshape(B, L, H, Ev)
+    weights = None
+    if need_weights:
+        n = cu_q.numel() - 1
+        len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+        idx_q, idx_k = _local_indices(cu_q, max_q), _local_indices(cu_k, max_k)
+        qp = _varlen.pad(q, idx_q, n, max_q).transpose(1, 2)  # (n, H, max_q, E)
+        kp = _varlen.pad(k, idx_k, n, max_k).transpose(1, 2)
+        keep = (torch.arange(max_k, device=q.device)[None, :] < len_k[:, None])[:, None, None, :]
+        if band is not None:
+            keep = keep & band
+        weights = _weights.attention_weights(qp, kp, keep, is_causal, scaling, enable_gqa, backend=backend)
+        rows = (torch.arange(max_q, device=q.device)[None, :] < len_q[:, None])[:, None, :, None]
+        weights = weights * rows
+        if seed is not None:
+            weights = _weights.apply_dropout(weights, float(dropout), seed)
+    return out, weights
+
+
+def _local_indices(cu: Tensor, max_len: int) -> Tensor:
+    """For packed token t of sequence b: b * max_len + (t - cu[b]), its index in the (n, max_len) padded
+    layout (what :func:`fastattn.pad` takes)."""
+    n = cu.numel() - 1
+    lens = (cu[1:] - cu[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(n, device=cu.device), lens)
+    t = torch.arange(int(cu[-1]) if n else 0, device=cu.device)
+    return seq * max_len + (t - cu.long()[seq])
+
+
+def _make_attention_forward(backend: str | None, packed_only: bool = False):
     def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                           attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, position_bias: Tensor | None = None,
@@ -67,6 +159,19 @@ def _make_attention_forward(backend: str | None):
             raise ValueError("fastattn attention does not support attention sinks (`s_aux`); use 'eager'")
         if kwargs.get("cache") is not None:
             raise ValueError("fastattn attention does not support paged caches; use 'sdpa' or 'eager'")
+        config = getattr(module, "config", None)
+        need_weights = bool(kwargs.get("output_attentions", getattr(config, "output_attentions", False)))
+        if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+            if position_bias is not None:
+                raise ValueError("fastattn packed attention does not support a position bias")
+            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            return _varlen_attention_forward(query, key, value, float(dropout), scaling, causal, need_weights,
+                                             backend, kwargs)
+        if packed_only:
+            raise ValueError(f"attn_implementation={PACKED_NAME!r} runs packed batches only (sequence boundaries "
+                             "in cu_seq_lens_q / cu_seq_lens_k), as a model prepared by "
+                             "fastattn.integrations.transformers.packed(model) passes them; this call had none. "
+                             "Call the packed model itself, or unpacked(model) to go back to padded batches")
         q_length, kv_length = query.shape[2], key.shape[2]
         enable_gqa = query.shape[1] != key.shape[1]  # the kernels read key head h // (H // Hk): no repeat_kv
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -85,8 +190,6 @@ def _make_attention_forward(backend: str | None):
                 and attention_mask.dtype not in (query.dtype, torch.float32)):
             attention_mask = attention_mask.to(query.dtype)
 
-        config = getattr(module, "config", None)
-        need_weights = bool(kwargs.get("output_attentions", getattr(config, "output_attentions", False)))
         out, seed = _weights.draw_seed_and_attend(query, key, value, attention_mask, float(dropout), is_causal,
                                                   scaling, enable_gqa, backend, need_seed=need_weights)
         weights = None
@@ -140,3 +243,25 @@ def register(name: str = NAME, *, backend: str | None = None) -> str:
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, attention_mask)
     return name
+
+
+def register_packed(name: str = PACKED_NAME, *, backend: str | None = None) -> str:
+    """Register the attention function for packed models under ``name``, with no mask function: transformers
+    then builds no mask (the sequence boundaries come as ``cu_seq_lens_*``), and a call without boundaries
+    raises instead of attending across padding. Used by :func:`packed`. Idempotent; returns ``name``."""
+    AttentionInterface, _ = _registries()
+    AttentionInterface.register(name, _make_attention_forward(backend, packed_only=True))
+    return name
+
+
+def packed(model, *, backend: str | None = None):
+    """Make a BERT-family model compute on real tokens only; returns ``model`` (changed in place).
+    See :func:`fastattn.integrations.packed.packed`."""
+    from fastattn.integrations import packed as _packed
+    return _packed.packed(model, backend=backend)
+
+
+def unpacked(model):
+    """Undo :func:`packed`; returns ``model``."""
+    from fastattn.integrations import packed as _packed
+    return _packed.unpacked(model)
