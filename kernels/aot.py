@@ -16,16 +16,18 @@ Each config is compiled in the feature variants it can run with, which bracket i
 ``plain`` (no mask, no dropout, not causal: the hot path), ``causal-bool`` (causal with a full
 (B, H, L, S) bool mask: the heaviest call without dropout or float masks) and, for rows usable with
 every feature (``TileConfig.features == "all"``), ``full`` (causal, dropout and a float mask that needs
-a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for the dmask kernel).
+a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for the dmask kernel). The
+causal offset (``causal_offset``: lower-right and shifted diagonals) is a runtime i32 the JIT never
+specialises, so the causal variants, compiled with offset 0, are the code every offset runs.
 fp16 / bf16 forward and preprocess kernels are compiled as training calls, storing / reading ``out_lo`` (the
 output's rounding residual, kernels/attention.py): a few more registers in the epilogue than inference. The
 first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
 mask: the key-range path that skips padded key blocks). On request (``VARLEN_VARIANTS``) the first config
 of each bucket is compiled as ``varlen`` (a packed batch read through cu_seqlens, causal with a full bool
 mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient). Known (fp16,
-bf16, fp32, sm_80 + sm_90: 72 of 90 cells clean): the varlen dmask kernel spills 24-304 B in 13 cells at
+bf16, fp32, sm_80 + sm_90: 73 of 90 cells clean): the varlen dmask kernel spills 36-304 B in 11 cells at
 the 255-register limit; the varlen-full fwd spills 12 B (E=128 fp16/bf16, sm_80) and 32 B (E=256 fp32,
-sm_90); the varlen preprocess spills 8 B (fp16, sm_80).
+sm_90), the varlen-full dQ 36 B (E=256 fp16/bf16, sm_90) and dK/dV 8 B (E=256 fp32, sm_80).
 
 Compilation runs in one worker process per core, spawned with TRITON_INTERPRET=0 so the report also
 works from an interpreted test session. On 2 cores a cold run (empty Triton cache) of fp16 + bf16
@@ -34,6 +36,7 @@ works from an interpreted test session. On 2 cores a cold run (empty Triton cach
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import importlib
 import multiprocessing as mp
 import os
@@ -203,6 +206,22 @@ def _init_worker() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
+@contextlib.contextmanager
+def _compiled_env():
+    """TRITON_INTERPRET=0 in this process's environment while the pool spawns its workers: a worker imports
+    fastattn (to unpickle its job) before its initializer runs, and that import can already import Triton
+    (torch's dynamo does), which fixes the interpreter mode for the worker's lifetime."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def compile_one(kernel: str, bucket: int, dtype: str, variant: str, config_index: int, arch: int) -> dict:
     """Compile one kernel configuration for ``arch`` and measure it (runs in a worker process)."""
     import triton
@@ -271,8 +290,8 @@ def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), *, kernels=None, buc
         return []
     workers = workers or max(1, min(os.cpu_count() or 1, len(todo)))
     rows = []
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                initializer=_init_worker) as pool:
+    with _compiled_env(), cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                                 initializer=_init_worker) as pool:
         for f in cf.as_completed([pool.submit(compile_one, *j) for j in todo]):
             rows.append(f.result())
             if progress:

@@ -5,14 +5,19 @@ L query length, S key length, E query/key head dim, Ev value head dim (both 1..2
 
 Launcher contract (shared with the C++ CPU kernels, see fastattn/_cpu.py):
 
-    attention_fwd(q, k, v, mask, *, scale, is_causal, dropout_p, seed, return_lo=False)
+    attention_fwd(q, k, v, mask, *, scale, is_causal, dropout_p, seed, return_lo=False, causal_offset=0)
         -> (out, lse), or (out, lse, out_lo) with return_lo
     attention_bwd(dout, q, k, v, out, lse, mask, *, scale, is_causal, dropout_p, seed,
-                  mask_needs_grad, out_lo=None) -> (dq, dk, dv, dmask | None)
+                  mask_needs_grad, out_lo=None, causal_offset=0) -> (dq, dk, dv, dmask | None)
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides (read in place). mask: None or 4-D
 with every dim full or 1 (size-1 dims broadcast through stride 0); bool (True = attend) or float
-(added to the scaled scores, -inf hides). ``is_causal``: key j visible to query i iff j <= i (top-left).
+(added to the scaled scores, -inf hides). ``is_causal``: key j visible to query i iff j <= i + causal_offset
+(0: top-left, torch's ``is_causal``; S - L: lower-right, torch's ``causal_lower_right``; any int, negative
+too). The offset is a runtime argument of the kernels (one compiled kernel serves every offset); every causal
+bound below is ``offs_m + causal_offset``: a query block [m, m + BLOCK_M) sees keys [0, m + BLOCK_M + offset),
+a key block [n, n + BLOCK_N) is seen by queries [n - offset, L). A block whose key range is empty (rows with
+i + offset < 0) runs its loop zero times and stores out = 0, lse = -inf, dq = 0 like any row with no key.
 out (B, H, L, Ev) in q's dtype, stored (B, L, H, Ev) and returned as a transposed view; lse (B, H, L)
 float32, natural log, -inf (and out = 0) for rows that see no key. out_lo (fp16 / bf16 training): int16,
 laid out as out, the rounding residual of the fp32 result O in units of out's exponent,
@@ -43,6 +48,7 @@ row for sm_80 / sm_90 and checks registers, spills, shared memory and tensor-cor
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +65,9 @@ _PHILOX_B = tl.constexpr(0xCD9E8D57)
 _PHILOX_W0 = tl.constexpr(0x9E3779B9)
 _PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
-# Dropout key and threshold are plain runtime ints: the JIT would otherwise turn a value of 1 into a
-# constexpr (and compile another variant per seed).
-_RNG_ARGS = ["seed_lo", "seed_hi", "drop_threshold"]
+# Dropout key, threshold and causal offset are plain runtime ints: the JIT would otherwise turn a value of 1
+# into a constexpr and mark multiples of 16 as divisible (and compile another variant per value).
+_RUNTIME_INTS = ["seed_lo", "seed_hi", "drop_threshold", "causal_offset"]
 
 # Mask kinds (the MASK_KIND constexpr).
 _NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
@@ -313,22 +319,22 @@ def _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m):
 
 
 @triton.jit
-def _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm, stride_mn,
+def _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm, stride_mn, causal_offset,
             MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr, CAUSAL: tl.constexpr,
             TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores x @ yt in log2 units (qk_scale has log2(e) folded in), masked (M_tile: see _mask_tile),
-    causal and with keys past the bound hidden: a (query, key) tile (x = q, yt = k^T), or with TRANSPOSED
-    a (key, query) tile (x = k, yt = q^T) whose keys past the bound are left as they are (the dK/dV
-    kernel never stores those rows)."""
+    causal (key j hidden from query i unless j <= i + causal_offset) and with keys past the bound hidden:
+    a (query, key) tile (x = q, yt = k^T), or with TRANSPOSED a (key, query) tile (x = k, yt = q^T) whose
+    keys past the bound are left as they are (the dK/dV kernel never stores those rows)."""
     s = _dot(x, yt, None, UPCAST_DOT, DOT_PRECISION) * qk_scale
     if MASK_KIND != 0:
         mv = _mask_tile(M_tile, rows, cols, in_m, in_n, stride_mm, stride_mn, KEYS_ONLY, TRANSPOSED)
         s = _apply_mask(s, mv, MASK_KIND)
     if TRANSPOSED:
         if CAUSAL:
-            s = tl.where(offs_n[:, None] <= offs_m[None, :], s, float("-inf"))
+            s = tl.where(offs_n[:, None] <= (offs_m + causal_offset)[None, :], s, float("-inf"))
     elif CAUSAL:
-        s = tl.where(in_n[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
+        s = tl.where(in_n[None, :] & (offs_n[None, :] <= (offs_m + causal_offset)[:, None]), s, float("-inf"))
     else:
         s = tl.where(in_n[None, :], s, float("-inf"))
     return s
@@ -336,7 +342,7 @@ def _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, str
 
 @triton.jit
 def _recompute_p(x, yt, u, wt, M_tile, lse2, b, h, rows, cols, offs_m, offs_n, start_n, in_m, in_n,
-                 qk_scale, stride_mm, stride_mn, seed_lo, seed_hi, drop_threshold, drop_scale,
+                 qk_scale, stride_mm, stride_mn, causal_offset, seed_lo, seed_hi, drop_threshold, drop_scale,
                  MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr, CAUSAL: tl.constexpr,
                  DROPOUT: tl.constexpr, TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -346,7 +352,7 @@ def _recompute_p(x, yt, u, wt, M_tile, lse2, b, h, rows, cols, offs_m, offs_n, s
     rescaled probabilities the forward multiplied V by) and dp = dP o Z, Z the dropout keep mask times
     drop_scale; without dropout pd = p and dp = dP."""
     s = _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm, stride_mn,
-                MASK_KIND, KEYS_ONLY, CAUSAL, TRANSPOSED, UPCAST_DOT, DOT_PRECISION)
+                causal_offset, MASK_KIND, KEYS_ONLY, CAUSAL, TRANSPOSED, UPCAST_DOT, DOT_PRECISION)
     if TRANSPOSED:
         p = tl.math.exp2(s - lse2[None, :])
     else:
@@ -378,12 +384,13 @@ def _ds(p, dp, delta, TRANSPOSED: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn, S, qk_scale,
-               seed_lo, seed_hi, drop_threshold,
+               causal_offset, seed_lo, seed_hi, drop_threshold,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
                DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr):
-    """Online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N); scores in log2 units."""
+    """Online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N; none when hi <= lo); scores in
+    log2 units; APPLY_CAUSAL hides key j from query i unless j <= i + causal_offset."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -403,7 +410,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                             KEYS_ONLY, False)
             s = _apply_mask(s, mv, MASK_KIND)
         if APPLY_CAUSAL:
-            s = tl.where(in_n[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
+            s = tl.where(in_n[None, :] & (offs_n[None, :] <= (offs_m + causal_offset)[:, None]), s, float("-inf"))
         else:
             s = tl.where(in_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -438,7 +445,7 @@ def _encode_lo(o, out, LO_SHIFT: tl.constexpr):
     return tl.where((ex >= 1) & (ex <= 253), m, 0.0).to(tl.int16)
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
               stride_qb, stride_qh, stride_qm, stride_qe,
               stride_kb, stride_kh, stride_kn, stride_ke,
@@ -447,7 +454,7 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
               stride_rb, stride_rh,
               stride_ob, stride_oh, stride_om, stride_oe,
               stride_lb, stride_lh,
-              H, GROUP, L, S, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+              H, GROUP, L, S, causal_offset, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
               TUNE_HEAD, TUNE_LEN,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
@@ -467,6 +474,8 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
     # frame in the compiled kernel).
     q0, L = _seq_bounds(CuQ, b, L, VARLEN)
     k0, S = _seq_bounds(CuK, b, S, VARLEN)
+    if VARLEN:
+        causal_offset = 0  # packed batches are top-left causal (the varlen launchers pass 0)
     m64 = start_m.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -486,20 +495,22 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
     qk_scale = sm_scale * _LOG2E
 
-    # Visible key blocks: the key-only mask's [lo, hi) range, cut by causality at the block's last row.
+    # Visible key blocks: the key-only mask's [lo, hi) range, cut by causality at the block's last row
+    # (keys j <= start_m + BLOCK_M - 1 + causal_offset). hi <= lo (every row of the block has
+    # i + causal_offset < 0, or the mask leaves no key): no iteration, the epilogue stores out = 0, lse = -inf.
     lo, hi = _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY)
     lo = (lo // BLOCK_N) * BLOCK_N
     if VARLEN:
         hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
     if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
     if VARLEN:
         # Keys in [hi, S) are hidden anyway (causal / key-range), so hi bounds the keys: one register
         # less in the loop than S (the varlen variant otherwise spills at 255 registers).
         S = hi
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
-                               S, qk_scale, seed_lo, seed_hi, drop_threshold,
+                               S, qk_scale, causal_offset, seed_lo, seed_hi, drop_threshold,
                                HEAD_DIM, HEAD_DIM_V, BLOCK_E, BLOCK_EV, MASK_KIND, KEYS_ONLY,
                                DROPOUT, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
@@ -513,6 +524,9 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     if VARLEN:
         q0 = tl.load(CuQ + b, volatile=True).to(tl.int64)  # reloaded: not kept live across the key loop
+    # The row mask again from scalars (rows < L - start_m is not CSE'd with offs_m < L), so the store
+    # layout's copy of it is not held across the key loop: the full-feature variants sit at 255 registers.
+    in_m = rows < L - start_m
     tl.store(Lse + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=in_m)
     o_blk = b * stride_ob + h * stride_oh + (q0 + m64) * stride_om
     o_tile = rows[:, None] * stride_om + offs_ev[None, :] * stride_oe
@@ -563,7 +577,7 @@ def _attn_bwd_preprocess(Out, OutLo, DO, Delta, CuQ,
     tl.store(Delta + b * stride_lb + h * stride_lh + q0 + offs_m, delta, mask=offs_m < L)
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
                    stride_qb, stride_qh, stride_qm, stride_qe,
                    stride_kb, stride_kh, stride_kn, stride_ke,
@@ -574,7 +588,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
                    stride_dkb, stride_dkh, stride_dkn, stride_dke,
                    stride_dvb, stride_dvh, stride_dvn, stride_dve,
                    stride_lb, stride_lh,
-                   H, GROUP, L, S, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+                   H, GROUP, L, S, causal_offset, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
                    TUNE_HEAD, TUNE_LEN,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
@@ -592,6 +606,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
     k0, S = _seq_bounds(CuK, b, S, VARLEN)
     if VARLEN:
         L = tl.where(start_n < S, L, 0)  # a program past a short item: no query block, nothing stored
+        causal_offset = 0
     n64 = start_n.to(tl.int64) + k0
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -617,8 +632,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
         DO_bh = DO + b * stride_dob + h * stride_doh + q0 * stride_dom
         M_col = Mask + b * stride_mb + h * stride_mh + start_n.to(tl.int64) * stride_mn
         off_bhl = b * stride_lb + h * stride_lh + q0
-        # Query blocks that see this key block: causal skips those above the diagonal; a key-only
-        # mask that hides the whole block skips them all.
+        # Query blocks that see this key block: causal skips those above the diagonal (the first query
+        # that sees key start_n is start_n - causal_offset, clamped at 0 before the division so it rounds
+        # down the same way compiled and interpreted); a key-only mask that hides the whole block skips them
+        # all. lo >= hi: no query sees the block, dk = dv = 0 are stored.
         lo = 0
         hi = L
         if KEYS_ONLY:
@@ -626,7 +643,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
             if (start_n >= khi) | (start_n + BLOCK_N <= klo):
                 hi = 0
         if IS_CAUSAL:
-            lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, hi)
+            lo = tl.minimum((tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M, hi)
         # One loop for diagonal and off-diagonal blocks: the causal test is a compare per element,
         # and a second copy of this loop body costs more registers than it saves.
         for start_m in range(lo, hi, BLOCK_M):
@@ -641,8 +658,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
             lse2, delta = _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m)
             pt, pdt, dpt = _recompute_p(k, tl.trans(q), v, tl.trans(do), M_col + m64 * stride_mm, lse2, b, h,
                                         rows, cols, offs_m, offs_n, start_n, in_m, in_n, qk_scale,
-                                        stride_mm, stride_mn, seed_lo, seed_hi, drop_threshold, drop_scale,
-                                        MASK_KIND, KEYS_ONLY, IS_CAUSAL, DROPOUT, True, UPCAST_DOT,
+                                        stride_mm, stride_mn, causal_offset, seed_lo, seed_hi, drop_threshold,
+                                        drop_scale, MASK_KIND, KEYS_ONLY, IS_CAUSAL, DROPOUT, True, UPCAST_DOT,
                                         DOT_PRECISION, BLOCK_M, BLOCK_N)
             dv = _dot(pdt.to(do.dtype), do, dv, UPCAST_DOT, DOT_PRECISION)
             dst = _ds(pt, dpt, delta, True)
@@ -657,7 +674,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, KVRange, DO, Lse, Delta, DK, DV, CuQ, CuK,
              dv.to(DV.dtype.element_ty), mask=in_n[:, None] & (offs_ev[None, :] < HEAD_DIM_V))
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
                  stride_qb, stride_qh, stride_qm, stride_qe,
                  stride_kb, stride_kh, stride_kn, stride_ke,
@@ -668,7 +685,7 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqe,
                  stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                  stride_lb, stride_lh,
-                 H, GROUP, L, S, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+                 H, GROUP, L, S, causal_offset, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
                  TUNE_HEAD, TUNE_LEN,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                  BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
@@ -684,6 +701,8 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
     hk = h // GROUP
     q0, L = _seq_bounds(CuQ, b, L, VARLEN)  # programs past a short item: no key block, nothing stored
     k0, S = _seq_bounds(CuK, b, S, VARLEN)
+    if VARLEN:
+        causal_offset = 0
     m64 = start_m.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -712,7 +731,7 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
     if VARLEN:
         hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
     if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)  # as in the forward; hi <= lo: dq = 0
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n64 = start_n.to(tl.int64)
@@ -723,8 +742,8 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
         vt = tl.load(V_bh + n64 * stride_vn + vt_off, mask=in_n[None, :] & (offs_ev[:, None] < HEAD_DIM_V),
                      other=0.0)
         p, _, dp = _recompute_p(q, kt, do, vt, M_row + n64 * stride_mn, lse2, b, h, rows, cols, offs_m, offs_n,
-                                start_n, in_m, in_n, qk_scale, stride_mm, stride_mn, seed_lo, seed_hi,
-                                drop_threshold, drop_scale, MASK_KIND, KEYS_ONLY, IS_CAUSAL, DROPOUT, False,
+                                start_n, in_m, in_n, qk_scale, stride_mm, stride_mn, causal_offset, seed_lo,
+                                seed_hi, drop_threshold, drop_scale, MASK_KIND, KEYS_ONLY, IS_CAUSAL, DROPOUT, False,
                                 UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N)
         ds = _ds(p, dp, delta, False)
         if STORE_DS:
@@ -732,12 +751,13 @@ def _attn_bwd_dq(Q, K, V, Mask, KVRange, DO, Lse, Delta, DQ, DMask, CuQ, CuK,
                      ds.to(DMask.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST_DOT, DOT_PRECISION)
     dq = dq * sm_scale
+    in_m = rows < L - start_m  # recomputed after the loop, as in the forward's epilogue
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q0 + m64) * stride_dqm
              + rows[:, None] * stride_dqm + offs_e[None, :] * stride_dqe,
              dq.to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_e[None, :] < HEAD_DIM))
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
                     stride_qb, stride_qh, stride_qm, stride_qe,
                     stride_kb, stride_kh, stride_kn, stride_ke,
@@ -746,7 +766,7 @@ def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
                     stride_dob, stride_doh, stride_dom, stride_doe,
                     stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                     stride_lb, stride_lh,
-                    B, H, GROUP, L, S, Hm, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+                    B, H, GROUP, L, S, Hm, causal_offset, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
                     TUNE_HEAD, TUNE_LEN,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_EV: tl.constexpr, BCAST_B: tl.constexpr, BCAST_H: tl.constexpr,
@@ -775,6 +795,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
     m_hi = L if BCAST_M else pid_m * BLOCK_M + 1
     n_lo = 0 if BCAST_N else pid_n * BLOCK_N
     n_hi = S if BCAST_N else pid_n * BLOCK_N + 1
+    if VARLEN:
+        causal_offset = 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(b_lo, b_hi):
         b64 = tl.cast(b, tl.int64)
@@ -801,7 +823,7 @@ def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
                 do = tl.load(DO_bh + m64 * stride_dom + rows[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
                              mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V), other=0.0)
                 lse2, delta = _load_row_stats(Lse, Delta, off_bhl, offs_m, in_m)
-                n_end = tl.minimum(n_stop, start_m + BLOCK_M) if IS_CAUSAL else n_stop
+                n_end = tl.minimum(n_stop, start_m + BLOCK_M + causal_offset) if IS_CAUSAL else n_stop
                 for start_n in range(n_lo, n_end, BLOCK_N):
                     n64 = tl.cast(start_n, tl.int64)
                     offs_n = start_n + cols
@@ -812,8 +834,8 @@ def _attn_bwd_dmask(Q, K, V, Mask, DO, Lse, Delta, DMask, CuQ, CuK,
                                  mask=in_n[None, :] & (offs_ev[:, None] < HEAD_DIM_V), other=0.0)
                     p, _, dp = _recompute_p(q, kt, do, vt, M_bh + m64 * stride_mm + n64 * stride_mn, lse2, b64,
                                             h64, rows, cols, offs_m, offs_n, start_n, in_m, in_n, qk_scale,
-                                            stride_mm, stride_mn, seed_lo, seed_hi, drop_threshold, drop_scale,
-                                            2, False, IS_CAUSAL, DROPOUT, False, UPCAST_DOT,
+                                            stride_mm, stride_mn, causal_offset, seed_lo, seed_hi, drop_threshold,
+                                            drop_scale, 2, False, IS_CAUSAL, DROPOUT, False, UPCAST_DOT,
                                             DOT_PRECISION, BLOCK_M, BLOCK_N)
                     acc += _ds(p, dp, delta, False)
     # Reduce the tile over the broadcast query / key dims and store this program's part of dmask.
@@ -938,11 +960,12 @@ class _Problem:
     seed_hi: int
     drop_threshold: int
     drop_scale: float
+    causal_offset: int
     constexprs: dict
 
     def common(self, scale: float) -> dict:
-        return dict(H=self.H, GROUP=self.H // self.Hk, L=self.L, S=self.S, sm_scale=scale,
-                    seed_lo=self.seed_lo, seed_hi=self.seed_hi, drop_threshold=self.drop_threshold,
+        return dict(H=self.H, GROUP=self.H // self.Hk, L=self.L, S=self.S, causal_offset=self.causal_offset,
+                    sm_scale=scale, seed_lo=self.seed_lo, seed_hi=self.seed_hi, drop_threshold=self.drop_threshold,
                     drop_scale=self.drop_scale, TUNE_HEAD=head_bucket(self.E, self.Ev),
                     TUNE_LEN=len_bucket(max(self.L, self.S)))
 
@@ -992,7 +1015,16 @@ def _seq_args(lse: torch.Tensor, vl: _Varlen | None, dummy: torch.Tensor) -> dic
     return dict(stride_lb=0, stride_lh=lse.stride(0), CuQ=vl.cu_q, CuK=vl.cu_k, VARLEN=True)
 
 
-def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _Varlen | None = None) -> _Problem:
+def _causal_offset(causal_offset: int, is_causal: bool, L: int, S: int) -> int:
+    """The kernels' causal_offset: 0 without causality, else clamped to [-L, S]. Exact: with offset >= S - 1
+    every query sees every key, with offset <= -L none sees any; the clamp keeps offs_m + causal_offset and
+    start_m + BLOCK_M + causal_offset in int32."""
+    off = operator.index(causal_offset)
+    return min(max(off, -L), S) if is_causal else 0
+
+
+def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _Varlen | None = None,
+             causal_offset: int = 0) -> _Problem:
     B, H, Hk, L, S, E, Ev = _dims(q, k, v, vl)
     if E > 256 or Ev > 256:
         raise ValueError(f"the Triton kernels support head dims up to 256, got E={E}, Ev={Ev}")
@@ -1028,7 +1060,8 @@ def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _V
                       IS_CAUSAL=bool(is_causal), DROPOUT=dropout,
                       UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=precision)
     return _Problem(B, H, Hk, L, S, E, Ev, mask_t, mask_kind, mstr, keys_only, kv_range, rstr,
-                    seed_lo, seed_hi, threshold, drop_scale, constexprs)
+                    seed_lo, seed_hi, threshold, drop_scale, _causal_offset(causal_offset, is_causal, L, S),
+                    constexprs)
 
 
 @dataclass
@@ -1072,11 +1105,11 @@ def _lo_as_out(out_lo: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor |
 
 
 def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
-              vl: _Varlen | None = None, out_lo: torch.Tensor | None = None) -> list[_Launch]:
+              vl: _Varlen | None = None, out_lo: torch.Tensor | None = None, causal_offset: int = 0) -> list[_Launch]:
     """Launches of the forward; ``vl``: q/k/v/out are packed (see _Varlen), lse is (H, total_q). ``out_lo``
     (int16, out's strides): also store the residual code there."""
     B, H, _, L, _, _, _ = _dims(q, k, v, vl)
-    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl)
+    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset)
     return [_Launch("fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
         Q=q, K=k, V=v, Mask=pb.mask, KVRange=pb.kv_range, Out=out, Lse=lse, **_lo_args(out, out_lo),
         **_named_strides("q", _strides4(q, vl)), **_named_strides("k", _strides4(k, vl)),
@@ -1088,11 +1121,12 @@ def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
 
 
 def _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, *, scale, is_causal, dropout_p,
-              seed, vl: _Varlen | None = None, out_lo: torch.Tensor | None = None) -> list[_Launch]:
+              seed, vl: _Varlen | None = None, out_lo: torch.Tensor | None = None,
+              causal_offset: int = 0) -> list[_Launch]:
     """Launches of the backward; ``vl``: packed tensors, lse and delta (H, total_q). ``out_lo``: the forward's
     (out's strides), or None."""
     B, H, Hk, L, S, _, Ev = _dims(q, k, v, vl)
-    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl)
+    pb = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset)
     common = pb.common(scale)
     seq = _seq_args(lse, vl, pb.kv_range)
     do_st = _strides4(dout, vl)
@@ -1137,9 +1171,11 @@ def _named_strides(prefix: str, t) -> dict[str, int]:
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
-                  scale: float, is_causal: bool, dropout_p: float, seed: int, return_lo: bool = False):
+                  scale: float, is_causal: bool, dropout_p: float, seed: int, return_lo: bool = False,
+                  causal_offset: int = 0):
     """Attention forward: (out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32), and out_lo (int16, out's
-    layout) last with ``return_lo`` (fp16 / bf16 training). See the module doc."""
+    layout) last with ``return_lo`` (fp16 / bf16 training). ``causal_offset`` (with ``is_causal``): key j is
+    visible to query i iff j <= i + causal_offset (S - L: lower-right). See the module doc."""
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     # (B, L, H, Ev) storage viewed as (B, H, L, Ev): a module reshapes it to (B, L, H * Ev) for free.
@@ -1156,19 +1192,19 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             lo.zero_()
         return res
     for launch in _fwd_plan(q, k, v, mask, out, lse, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                            seed=seed, out_lo=lo):
+                            seed=seed, out_lo=lo, causal_offset=causal_offset):
         _launch(launch.name, launch.grid, **launch.args)
     return res
 
 
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: torch.Tensor | None, *, scale: float, is_causal: bool,
-                  dropout_p: float, seed: int, mask_needs_grad: bool, out_lo: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  dropout_p: float, seed: int, mask_needs_grad: bool, out_lo: torch.Tensor | None = None,
+                  causal_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention backward: (dq, dk, dv, dmask or None), contiguous. dk/dv are summed over each GQA group;
     dmask (float masks, when ``mask_needs_grad``) has the mask's shape and dtype, broadcast dims summed.
-    ``out_lo``: the forward's residual code (``return_lo``), for delta from the fp32 output. Deterministic:
-    no atomics, fixed reduction order."""
+    ``out_lo``: the forward's residual code (``return_lo``), for delta from the fp32 output. ``causal_offset``:
+    the forward's. Deterministic: no atomics, fixed reduction order."""
     out_lo = _lo_as_out(out_lo, out)
     B, H, L, _ = q.shape
     S = k.shape[2]
@@ -1186,7 +1222,8 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     lse = lse.contiguous()  # (B, H, L) float32, indexed as (b * H + h) * L + i; a no-op when it is
     delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     for launch in _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, scale=scale,
-                            is_causal=is_causal, dropout_p=dropout_p, seed=seed, out_lo=out_lo):
+                            is_causal=is_causal, dropout_p=dropout_p, seed=seed, out_lo=out_lo,
+                            causal_offset=causal_offset):
         _launch(launch.name, launch.grid, **launch.args)
     return dq, dk, dv, dmask
 

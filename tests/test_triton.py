@@ -76,7 +76,7 @@ def _mask(kind: str, shape, B, H, L, S, dtype, gen):
     return m
 
 
-def _reference(q, k, v, mask, dout, *, scale, is_causal, dropout_p, seed, upcast, mask_grad):
+def _reference(q, k, v, mask, dout, *, scale, is_causal, dropout_p, seed, upcast, mask_grad, causal_offset=0):
     """(out, lse, dq, dk, dv, dmask) of fastattn.reference in float64 (upcast) or the input precision;
     autograd sums the mask gradient over its broadcast dims."""
     dt = torch.float64 if upcast else q.dtype
@@ -86,21 +86,26 @@ def _reference(q, k, v, mask, dout, *, scale, is_causal, dropout_p, seed, upcast
         m = mask.detach().to(torch.float64 if upcast else mask.dtype).requires_grad_(mask_grad)
     out, lse = R.scaled_dot_product_attention(qr, kr, vr, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, enable_gqa=True, upcast=upcast, dropout_seed=seed,
-                                              return_lse=True)
+                                              return_lse=True, causal_offset=causal_offset)
     out.backward(dout.to(out.dtype))
     return out.detach(), lse, qr.grad, kr.grad, vr.grad, m.grad if mask_grad else None
 
 
 def _check(B=2, H=4, Hk=2, L=37, S=45, E=40, Ev=24, dtype="f32", causal=False, mask="none",
-           mask_shape=None, dropout_p=0.0, layout="bhsd", mask_grad=False, seed=1234):
+           mask_shape=None, dropout_p=0.0, layout="bhsd", mask_grad=False, seed=1234, offset=0):
     """Run the kernels' forward and backward and compare every output with the references. fp16 / bf16 run
-    as the op does for training: the forward's out_lo goes to the backward."""
+    as the op does for training: the forward's out_lo goes to the backward. ``offset``: the causal offset
+    (key j visible to query i iff j <= i + offset); "lower-right" stands for S - L."""
     gen = torch.Generator().manual_seed(0)
     dt = DT[dtype]
     q, k, v, dout = _make(B, H, Hk, L, S, E, Ev, dt, layout, gen)
     m = _mask(mask, mask_shape or (B, H, L, S), B, H, L, S, dt, gen)
     scale = 1.0 / math.sqrt(E)
+    if offset == "lower-right":
+        offset = S - L
     kw = dict(scale=scale, is_causal=causal, dropout_p=dropout_p, seed=seed)
+    if offset:
+        kw["causal_offset"] = offset
     lp16 = dt != torch.float32
     out, lse, *lo = A.attention_fwd(q, k, v, m, **kw, return_lo=lp16)
     assert out.shape == (B, H, L, Ev) and out.dtype == dt
@@ -122,6 +127,14 @@ def _check(B=2, H=4, Hk=2, L=37, S=45, E=40, Ev=24, dtype="f32", causal=False, m
         assert_close("dmask", dm.to(dt) if lp[5] is not None else dm, ref[5], lp[5], backward=True)
     else:
         assert dm is None
+    if causal:
+        # Exactly what a row with no visible key gives: rows i + offset < 0 see no key (out 0, lse -inf,
+        # dq 0), and keys j > L - 1 + offset are seen by no row (dk = dv = 0).
+        dead = min(max(-offset, 0), L)
+        assert (out[:, :, :dead] == 0).all() and torch.isneginf(lse[:, :, :dead]).all()
+        assert (dq[:, :, :dead] == 0).all()
+        unseen = min(max(L + offset, 0), S)
+        assert (dk[:, :, unseen:] == 0).all() and (dv[:, :, unseen:] == 0).all()
     return out, lse, (dq, dk, dv, dm)
 
 
@@ -206,6 +219,103 @@ def test_dropout_mask_bits(seed, p):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Causal offset: key j visible to query i iff j <= i + offset (S - L: lower-right)
+# ----------------------------------------------------------------------------------------------------
+# Interpreter tiles: forward / dQ 32 x 16, dK/dV 16 x 32, dmask 32 x 32 (INTERPRETER_CONFIGS). "LR" is the
+# lower-right offset S - L; with L > S it is negative and the first L - S rows see no key (at L - S >= 32 a
+# whole forward / dQ query block has an empty key range).
+_SMALL = dict(B=1, H=2, Hk=1, E=24, Ev=16)
+OFFSET_CASES = [
+    ("B1-H2-Hk1-L20-S50-E24-f32-LR30", dict(L=20, S=50)),
+    ("B1-H2-Hk1-L20-S50-E24-f16-LR30", dict(L=20, S=50, dtype="f16")),
+    ("B1-H2-Hk1-L37-S37-E24-bf16-LR0", dict(L=37, S=37, dtype="bf16")),
+    ("B1-H2-Hk1-L70-S21-E24-f32-LR-49-empty-block", dict(L=70, S=21)),
+    ("B1-H2-Hk1-L45-S13-E24-bf16-LR-32-empty-block", dict(L=45, S=13, dtype="bf16")),
+    ("B1-H2-Hk1-L37-S45-E24-bf16-off-5", dict(L=37, S=45, dtype="bf16", offset=-5)),
+    ("B1-H2-Hk1-L29-S41-E24-f32-off100", dict(L=29, S=41, offset=100)),
+    ("B1-H2-Hk1-L20-S30-E24-f32-off-1000", dict(L=20, S=30, offset=-1000)),
+    ("B1-H4-Hk1-L29-S61-E40-Ev24-f32-LR32-gqa4", dict(H=4, E=40, Ev=24, L=29, S=61)),
+    ("B3-H2-Hk1-L21-S64-E24-bf16-LR43-pad", dict(B=3, L=21, S=64, dtype="bf16", mask="pad")),
+    ("B2-H2-Hk1-L40-S24-E24-f16-LR-16-pad0", dict(B=2, L=40, S=24, dtype="f16", mask="pad0")),
+    ("B1-H2-Hk1-L37-S45-E24-f16-LR8-bool", dict(L=37, S=45, dtype="f16", mask="bool")),
+    ("B1-H2-Hk1-L37-S45-E24-f32-off-9-dead-rows", dict(L=37, S=45, mask="dead", offset=-9)),
+]
+
+
+def _offset_case(kw: dict) -> dict:
+    return {**_SMALL, "causal": True, "offset": "lower-right", **kw}
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in OFFSET_CASES], ids=[c[0] for c in OFFSET_CASES])
+def test_causal_offset(kw):
+    _check(**_offset_case(kw))
+
+
+OFFSET_GRAD_CASES = [
+    # Full-shaped float mask: the dQ kernel stores dS; broadcast ones: the dmask kernel reduces it.
+    ("full-f32-LR-25", dict(L=45, S=20, mask="float")),
+    ("b1h1-f32-LR27", dict(L=18, S=45, mask="float", mask_shape=(1, 1, 18, 45))),
+    ("keys-only-bf16-LR-36", dict(L=50, S=14, mask="float", mask_shape=(1, 1, 1, 14), dtype="bf16")),
+    ("full-f32-dropout-LR13", dict(L=24, S=37, mask="float", dropout_p=0.25)),
+]
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in OFFSET_GRAD_CASES], ids=[c[0] for c in OFFSET_GRAD_CASES])
+def test_causal_offset_mask_gradient(kw):
+    _check(mask_grad=True, **_offset_case(kw))
+
+
+OFFSET_DROPOUT_CASES = [
+    ("f32-gqa-LR21", dict(H=4, L=24, S=45, dropout_p=0.3)),
+    ("bf16-LR-40-bshd", dict(L=56, S=16, dtype="bf16", dropout_p=0.2, layout="bshd", seed=(3 << 35) + 17)),
+]
+
+
+@pytest.mark.parametrize("kw", [c[1] for c in OFFSET_DROPOUT_CASES], ids=[c[0] for c in OFFSET_DROPOUT_CASES])
+def test_causal_offset_dropout(kw):
+    """Dropout with an offset: the kept elements are the same Philox bits (rows and keys keep their indices)."""
+    _check(**_offset_case(kw))
+
+
+def test_causal_offset_is_a_runtime_int():
+    """One compiled kernel serves every offset: the JIT signature (as kernels/aot.py derives it, the way the
+    compiled launcher specialises) has causal_offset as a plain i32, the same for 0, 1, multiples of 16 and
+    negative offsets. The launcher clamps it to [-L, S] (exact: beyond, every / no key is visible), uses 0
+    without is_causal and refuses a non-integer."""
+    from triton.runtime.jit import JITFunction
+    aot = importlib.import_module(A.__name__.rsplit(".", 1)[0] + ".aot")
+    B, H, L, S, E = 1, 2, 40, 72, 16
+    q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
+    out, lse = torch.empty(B, H, L, E), torch.empty(B, H, L)
+    mask = torch.zeros(1, 1, L, S)  # a broadcast float mask with a gradient: the dmask kernel runs too
+    sigs = []
+    for off in (0, 1, 16, -32, S - L):
+        kw = dict(scale=0.25, is_causal=True, dropout_p=0.0, seed=0, causal_offset=off)
+        plan = A._fwd_plan(q, k, v, mask, out, lse, **kw)
+        plan += A._bwd_plan(out, q, k, v, out, lse, mask, torch.empty_like(q), torch.empty_like(k),
+                            torch.empty_like(v), torch.zeros_like(mask), torch.empty_like(lse), **kw)
+        per_kernel = {}
+        for launch in plan:
+            if launch.name == "bwd_preprocess":
+                continue
+            assert launch.args["causal_offset"] == off, launch.name
+            kernel = A.KERNELS[launch.name]  # the interpreter's wrapper keeps the decorator's arguments
+            dns = kernel.kwargs["do_not_specialize"] if hasattr(kernel, "kwargs") else kernel.do_not_specialize
+            fn = JITFunction(getattr(kernel, "fn", kernel), do_not_specialize=dns)
+            args = {**launch.args, **A.INTERPRETER_CONFIGS[launch.name].kwargs()}
+            per_kernel[launch.name] = aot._signature(fn, args)
+            assert per_kernel[launch.name][0]["causal_offset"] == "i32", launch.name
+        assert set(per_kernel) == {"fwd", "bwd_dkdv", "bwd_dq", "bwd_dmask"}
+        sigs.append(per_kernel)
+    assert all(s == sigs[0] for s in sigs[1:])
+    assert A._causal_offset(7, True, 10, 20) == 7
+    assert A._causal_offset(10**12, True, 10, 20) == 20 and A._causal_offset(-10**12, True, 10, 20) == -10
+    assert A._causal_offset(-5, False, 10, 20) == 0
+    with pytest.raises(TypeError):
+        A._causal_offset(2.5, True, 10, 20)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Structure: skipped blocks, empty inputs, determinism
 # ----------------------------------------------------------------------------------------------------
 def test_padding_blocks_are_skipped():
@@ -232,24 +342,74 @@ def test_padding_blocks_are_skipped():
         assert torch.equal(got, want)
 
 
-def test_causal_blocks_are_skipped():
-    """Top-left causal with L < S: keys j >= L are visible to no query and are never read."""
-    B, H, L, S, E = 1, 2, 20, 64, 16
+def _up(x: int, n: int) -> int:
+    return -(-x // n) * n
+
+
+SKIP_CASES = [  # (L, S, offset)
+    ("top-left-L20-S64", 20, 64, 0),
+    ("LR-L40-S72", 40, 72, 32),
+    ("LR-L72-S40", 72, 40, -32),
+    ("off-7-L40-S72", 40, 72, -7),
+]
+
+
+@pytest.mark.parametrize("L,S,off", [c[1:] for c in SKIP_CASES], ids=[c[0] for c in SKIP_CASES])
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # rows that see planted NaN
+def test_causal_blocks_are_skipped(L, S, off):
+    """Key blocks past the diagonal j <= i + off are never read (NaN planted there cannot leak):
+    keys that no query sees (j >= L + off) by any kernel; keys past query block 0's diagonal by the forward
+    and dQ kernels (which then still write block 0's rows: out 0 / lse -inf where its key range is empty);
+    query blocks above the last key block's diagonal by the dK/dV kernel."""
+    B, H, E = 1, 2, 16
     q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
-    bn = max(A.INTERPRETER_CONFIGS[n].block_n for n in ("fwd", "bwd_dq"))
-    bm = A.INTERPRETER_CONFIGS["fwd"].block_m
-    first_hidden = max(-(-L // bn) * bn, -(-L // bm) * bm)
+    cfg = A.INTERPRETER_CONFIGS
+    kw = dict(scale=0.25, is_causal=True, dropout_p=0.0, seed=0, causal_offset=off)
+    ref, ref_lse = A.attention_fwd(q, k, v, None, **kw)
+    dout = torch.randn_like(ref)
+    ref_grads = A.attention_bwd(dout, q, k, v, ref, ref_lse, None, **kw, mask_needs_grad=False)
+
+    # Keys no query sees: a forward / dQ query block m reads key blocks below roundup(m + BLOCK_M + off,
+    # BLOCK_N); a dK/dV key block n runs when n < L + off.
+    first_hidden = max(max(_up(_up(L, cfg[n].block_m) + off, cfg[n].block_n) for n in ("fwd", "bwd_dq")),
+                       _up(L + off, cfg["bwd_dkdv"].block_n), 0)
+    if first_hidden < S:
+        k_nan, v_nan = k.clone(), v.clone()
+        k_nan[:, :, first_hidden:] = float("nan")
+        v_nan[:, :, first_hidden:] = float("nan")
+        out, lse = A.attention_fwd(q, k_nan, v_nan, None, **kw)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+        dq, dk, dv, _ = A.attention_bwd(dout, q, k_nan, v_nan, out, lse, None, **kw, mask_needs_grad=False)
+        assert torch.isfinite(dq).all()
+        assert (dk[:, :, L + off:] == 0).all() and (dv[:, :, L + off:] == 0).all()
+        assert torch.equal(dq, ref_grads[0]) and torch.equal(dk, ref_grads[1]) and torch.equal(dv, ref_grads[2])
+
+    # Query block 0 of the forward and dQ kernels: keys from roundup(BLOCK_M + off, BLOCK_N) on are past its
+    # diagonal. NaN in v there reaches the output through 0 * NaN if such a key block is loaded.
+    rows0 = min(L, cfg["fwd"].block_m, cfg["bwd_dq"].block_m)
+    cut = min(max(max(_up(cfg[n].block_m + off, cfg[n].block_n) for n in ("fwd", "bwd_dq")), 0), S)
+    assert cut < S
     k_nan, v_nan = k.clone(), v.clone()
-    k_nan[:, :, first_hidden:] = float("nan")
-    v_nan[:, :, first_hidden:] = float("nan")
-    kw = dict(scale=0.25, is_causal=True, dropout_p=0.0, seed=0)
+    k_nan[:, :, cut:] = float("nan")
+    v_nan[:, :, cut:] = float("nan")
     out, lse = A.attention_fwd(q, k_nan, v_nan, None, **kw)
-    ref, _ = A.attention_fwd(q, k, v, None, **kw)
-    assert torch.equal(out, ref)
-    dq, dk, dv, _ = A.attention_bwd(torch.randn_like(out), q, k_nan, v_nan, out, lse, None, **kw,
-                                    mask_needs_grad=False)
-    assert torch.isfinite(dq).all()
-    assert (dk[:, :, L:] == 0).all() and (dv[:, :, L:] == 0).all()
+    assert torch.equal(out[:, :, :rows0], ref[:, :, :rows0]) and torch.equal(lse[:, :, :rows0], ref_lse[:, :, :rows0])
+    if off + cfg["fwd"].block_m <= 0:  # an empty key range: block 0 is still written, out 0 and lse -inf
+        assert (out[:, :, :rows0] == 0).all() and torch.isneginf(lse[:, :, :rows0]).all()
+    dq = A.attention_bwd(dout, q, k_nan, v_nan, ref, ref_lse, None, **kw, mask_needs_grad=False)[0]
+    assert torch.equal(dq[:, :, :rows0], ref_grads[0][:, :, :rows0])
+
+    # The last key block of the dK/dV kernel starts at query block rounddown(n - off, BLOCK_M): NaN in dO of
+    # the rows above reaches dK / dV (0 * NaN) if such a query block is loaded.
+    bm, bn = cfg["bwd_dkdv"].block_m, cfg["bwd_dkdv"].block_n
+    last_n = _up(S, bn) - bn
+    above = min(max(last_n - off, 0) // bm * bm, L)
+    assert above > 0
+    dout_nan = dout.clone()
+    dout_nan[:, :, :above] = float("nan")
+    _, dk, dv, _ = A.attention_bwd(dout_nan, q, k, v, ref, ref_lse, None, **kw, mask_needs_grad=False)
+    assert torch.equal(dk[:, :, last_n:], ref_grads[1][:, :, last_n:])
+    assert torch.equal(dv[:, :, last_n:], ref_grads[2][:, :, last_n:])
 
 
 def test_kv_range():
