@@ -8,6 +8,7 @@
 // objects it compares against arrive once, through eager_init (fastattn/_cpu.py).
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -110,6 +111,20 @@ bool read_tensor(PyObject* t, bool grad, View& v) {
   return ok;
 }
 
+// torch's is_non_overlapping_and_dense for a 4-D view: taken in increasing stride order, every dim of size > 1
+// has as stride the product of the sizes before it (the elements tile one block of memory exactly).
+bool non_overlapping_and_dense(const View& v) {
+  int perm[4] = {0, 1, 2, 3};
+  std::stable_sort(perm, perm + 4, [&](int a, int b) { return v.stride[a] < v.stride[b]; });
+  int64_t expect = 1;
+  for (int d : perm) {
+    if (v.size[d] < 2) continue;
+    if (v.stride[d] != expect) return false;
+    expect *= v.size[d];
+  }
+  return true;
+}
+
 // t.data_ptr() of a tensor this entry allocated.
 uintptr_t data_ptr(PyObject* t) {
   py::object ptr = steal(PyObject_CallMethodNoArgs(t, g_torch->s_data_ptr));
@@ -194,13 +209,20 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
     if (!n) throw py::error_already_set();
     p.num_threads = static_cast<int>(PyLong_AsLong(n.ptr()));
   }
-  // out (B, H, L, Ev) laid out (B, L, H, Ev), as the Python path allocates it.
+  // out (B, H, L, Ev) laid out as fastattn._ops.empty_output lays it out: with q's strides (torch.empty_like of a
+  // dense q) when Ev == E and q's head dim has unit stride, else contiguous. A q that is not dense would need
+  // torch's stride inference: the Python path does that.
+  int64_t ost[4] = {H * L * Ev, L * Ev, Ev, 1};
+  if (Ev == E && q.stride[3] == 1) {
+    if (!non_overlapping_and_dense(q)) return py::none();
+    for (int d = 0; d < 4; ++d) ost[d] = q.stride[d];
+  }
   py::object out = steal(PyObject_CallMethodObjArgs(query.ptr(), T->s_new_empty_strided,
                                                     py::make_tuple(B, H, L, Ev).ptr(),
-                                                    py::make_tuple(L * H * Ev, Ev, H * Ev, 1).ptr(), nullptr));
+                                                    py::make_tuple(ost[0], ost[1], ost[2], ost[3]).ptr(), nullptr));
   if (!out) throw py::error_already_set();
   p.out.ptr = data_ptr(out.ptr());
-  p.out.sb = L * H * Ev; p.out.sh = Ev; p.out.sl = H * Ev; p.out.se = 1;
+  p.out.sb = ost[0]; p.out.sh = ost[1]; p.out.sl = ost[2]; p.out.se = ost[3];
   py::object lse;
   if (return_lse.ptr() == Py_True) {
     py::object fn = steal(PyObject_GetAttr(query.ptr(), T->s_new_empty));

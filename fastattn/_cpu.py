@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _philox
+from fastattn._ops import empty_output
 
 ISAS = ("avx512", "avx2", "portable")
 
@@ -144,7 +145,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
                   dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
-    """(out, lse): out (B, H, L, Ev) in q's dtype (memory layout (B, L, H, Ev)), lse (B, H, L) float32.
+    """(out, lse): out (B, H, L, Ev) in q's dtype (laid out by ``fastattn._ops.empty_output``), lse (B, H, L) float32.
     ``return_lo`` (float16 / bfloat16, for training): (out, lse, out_lo), out_lo int16 laid out as out: the
     rounding residual of the fp32 result O in units of out's exponent (csrc/common.h, encode_lo), from which
     :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O).
@@ -168,7 +169,7 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
     _check(q, k, v, mask)
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    out = q.new_empty_strided((B, H, L, Ev), (L * H * Ev, Ev, H * Ev, 1))  # laid out (B, L, H, Ev)
+    out = empty_output(q, v, dropout_p)
     lse = q.new_empty(B, H, L, dtype=torch.float32)
     lo = _lo_like(out) if return_lo else None
     res = (out, lse) if lo is None else (out, lse, lo)

@@ -23,11 +23,14 @@ from torch import Tensor
 from fastattn import _launchers
 
 
-def _out_like(q: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    # Output memory layout is (B, L, H, Ev) viewed as (B, H, L, Ev): what both kernels write,
-    # so a module can reshape it to (B, L, H*Ev) without a copy.
-    B, H, L, _ = q.shape
-    return q.new_empty(B, L, H, v.shape[-1], dtype=dtype).transpose(1, 2)
+def empty_output(q: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    """The forward's output buffer (B, H, L, Ev), laid out as torch's CPU SDPA lays out its own: like the
+    query (``torch.empty_like``: a (B, L, H, E)-strided query gives a (B, L, H, Ev)-strided output, which a
+    module reshapes to (B, L, H * Ev) for free) where torch's fused kernel runs (Ev == E, no dropout, unit-stride
+    head dim), else contiguous (torch's math fallback). Both kernels write through the output's strides."""
+    if v.shape[-1] == q.shape[-1] and dropout_p == 0.0 and q.stride(-1) == 1:
+        return torch.empty_like(q)
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}  # K of the out_lo code (csrc/common.h, LoCode)
@@ -76,8 +79,9 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend, return_lo):
     B, H, L, _ = q.shape
-    lo = _out_like(q, v, torch.int16) if return_lo else no_lo(q)
-    return _out_like(q, v), q.new_empty(B, H, L, dtype=torch.float32), lo
+    out = empty_output(q, v, dropout_p)
+    lo = torch.empty_like(out, dtype=torch.int16) if return_lo else no_lo(q)
+    return out, q.new_empty(B, H, L, dtype=torch.float32), lo
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())

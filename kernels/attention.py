@@ -18,7 +18,7 @@ too). The offset is a runtime argument of the kernels (one compiled kernel serve
 bound below is ``offs_m + causal_offset``: a query block [m, m + BLOCK_M) sees keys [0, m + BLOCK_M + offset),
 a key block [n, n + BLOCK_N) is seen by queries [n - offset, L). A block whose key range is empty (rows with
 i + offset < 0) runs its loop zero times and stores out = 0, lse = -inf, dq = 0 like any row with no key.
-out (B, H, L, Ev) in q's dtype, stored (B, L, H, Ev) and returned as a transposed view; lse (B, H, L)
+out (B, H, L, Ev) in q's dtype, laid out by ``fastattn._ops.empty_output`` (as torch lays out its own); lse (B, H, L)
 float32, natural log, -inf (and out = 0) for rows that see no key. out_lo (fp16 / bf16 training): int16,
 laid out as out, the rounding residual of the fp32 result O in units of out's exponent,
 round((O - out) * 2^(K - e)) (K = 22 bf16, 25 fp16; csrc/common.h ``encode_lo`` explains it); the backward
@@ -54,6 +54,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from fastattn._ops import empty_output
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_fwd", "varlen_bwd", "CONFIGS", "INTERPRETER_CONFIGS", "TileConfig", "KERNELS",
            "HEAD_BUCKETS", "head_bucket", "len_bucket", "candidate_configs"]
@@ -1178,8 +1180,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     visible to query i iff j <= i + causal_offset (S - L: lower-right). See the module doc."""
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    # (B, L, H, Ev) storage viewed as (B, H, L, Ev): a module reshapes it to (B, L, H * Ev) for free.
-    out = q.new_empty(B, L, H, Ev).transpose(1, 2)
+    out = empty_output(q, v, dropout_p)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     lo = _lo_like(out) if return_lo else None
     res = (out, lse) if lo is None else (out, lse, lo)

@@ -216,10 +216,19 @@ def test_empty_sizes():
     assert out.shape == (0, 2, 3, 4)
 
 
-def test_output_layout_is_blhe():
-    out, _ = _cpu.attention_fwd(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 4), None,
-                                scale=1.0, is_causal=False, dropout_p=0.0, seed=0)
-    assert out.transpose(1, 2).is_contiguous()
+def test_output_layout_follows_the_query():
+    """The output is laid out as torch's SDPA lays out its own (fastattn._ops.empty_output): like the query when
+    Ev == E and there is no dropout, else contiguous; the kernel writes through whatever strides it gets."""
+    kw = dict(scale=1.0, is_causal=False, seed=0)
+    k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    q_bshd = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    for q, vv, p, want in ((torch.randn(2, 3, 5, 8), v, 0.0, "contiguous"), (q_bshd, v, 0.0, "bshd"),
+                           (q_bshd, v[..., :4], 0.0, "contiguous"), (q_bshd, v, 0.5, "contiguous")):
+        out, _ = _cpu.attention_fwd(q, k, vv, None, dropout_p=p, **kw)
+        assert (out.is_contiguous() if want == "contiguous" else out.stride() == q.stride()), (want, out.stride())
+        if p == 0.0:
+            ref = reference.scaled_dot_product_attention(q, k, vv, scale=1.0)
+            testing.assert_close("out", out, ref)
 
 
 def test_large_head_dim_and_odd_strides():

@@ -438,16 +438,20 @@ def test_empty(shape):
 
 
 def test_output_layout_and_strided_mask():
-    """out is a (B, L, H, Ev) buffer viewed as (B, H, L, Ev); masks are read through any strides,
-    including stride-0 expanded dims, without copies."""
+    """out follows the query's layout (fastattn._ops.empty_output: a contiguous query here, a contiguous out);
+    masks are read through any strides, including stride-0 expanded dims, without copies."""
     B, H, L, S, E = 2, 3, 17, 23, 16
     q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
     base = torch.randn(B, S, L).transpose(1, 2)  # (B, L, S) with transposed strides
     mask = base.unsqueeze(1).expand(B, H, L, S)  # stride 0 over heads at full size
     kw = dict(scale=0.25, is_causal=False, dropout_p=0.0, seed=0)
     out, lse = A.attention_fwd(q, k, v, mask, **kw)
-    assert out.transpose(1, 2).is_contiguous()
+    assert out.is_contiguous()
     ref = R.scaled_dot_product_attention(q, k, v, attn_mask=mask.contiguous())
+    assert_close("out", out, ref)
+    q_bshd = q.transpose(1, 2).contiguous().transpose(1, 2)  # a (B, L, H, E) buffer: out is (B, L, H, Ev) too
+    out, _ = A.attention_fwd(q_bshd, k, v, mask, **kw)
+    assert out.stride() == q_bshd.stride()
     assert_close("out", out, ref)
 
 
