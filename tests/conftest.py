@@ -1,8 +1,14 @@
 import os
 import sys
 
-import pytest
-import torch
+# The Triton kernels run on CPU tensors under the interpreter. Triton chooses interpreted or compiled
+# functions when it decorates them (its own helpers at its first import, which torch may trigger), so the
+# switch is set here, before any test module imports torch or fastattn. TRITON_INTERPRET=0 in the environment
+# (a machine with a GPU) runs the compiled kernels instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -10,16 +10,13 @@ import importlib
 import os
 import sys
 
-# Like tests/test_triton.py: the Triton kernels run on CPU tensors under the interpreter.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastattn  # noqa: E402
-from fastattn import _cpu, additive, reference as R  # noqa: E402
-from fastattn.testing import assert_close  # noqa: E402
-from conftest import DTYPE_IDS  # noqa: E402
+import fastattn
+from fastattn import _cpu, additive, reference as R
+from fastattn.testing import assert_close
+from conftest import DTYPE_IDS
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 

@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
-# Must precede the first import of triton (as tests/test_triton.py): the kernels are decorated for the
-# interpreter so the "triton" backend runs on CPU tensors.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastattn  # noqa: E402
-from fastattn import _cpu, testing  # noqa: E402
-from fastattn import hard as FH  # noqa: E402
-from fastattn import reference as R  # noqa: E402
-from conftest import DTYPE_IDS  # noqa: E402
+import fastattn
+from fastattn import _cpu, testing
+from fastattn import hard as FH
+from fastattn import reference as R
+from conftest import DTYPE_IDS
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

@@ -17,11 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 
-# As tests/test_triton.py: the Triton tests run under the interpreter, which must be chosen before triton is
-# first imported (torch imports it lazily, e.g. on the first custom-op call), so set it at collection.
-os.environ["TRITON_INTERPRET"] = "1"
-
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass
 
 import pytest
 import torch

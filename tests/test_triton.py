@@ -13,11 +13,8 @@ import math
 import os
 import sys
 
-# Must precede the first import of triton: the kernels are decorated for the interpreter.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 

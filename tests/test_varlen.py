@@ -9,20 +9,15 @@ with tiny shapes.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
-# Must precede the first import of triton: the kernels are decorated for the interpreter.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastattn  # noqa: E402
-from fastattn import reference as R  # noqa: E402
-from fastattn import _cpu  # noqa: E402
-from fastattn.testing import assert_close  # noqa: E402
-from fastattn.varlen import pad, unpad  # noqa: E402
+import fastattn
+from fastattn import reference as R
+from fastattn import _cpu
+from fastattn.testing import assert_close
+from fastattn.varlen import pad, unpad
 
 DT = {"f32": torch.float32, "bf16": torch.bfloat16}
 
