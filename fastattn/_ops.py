@@ -33,6 +33,12 @@ def empty_output(q: Tensor, v: Tensor, dropout_p: float) -> Tensor:
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
+def causal_offset(q: Tensor, k: Tensor, lower_right: bool) -> int:
+    """The kernels' causal diagonal: key j is visible to query i iff j <= i + offset; S - L aligns the query
+    block with the end of the keys (lower-right), 0 with their start (top-left)."""
+    return k.shape[2] - q.shape[2] if lower_right else 0
+
+
 LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}  # K of the out_lo code (csrc/common.h, LoCode)
 
 
@@ -62,6 +68,7 @@ def attention_fwd(
     mask: Tensor | None,
     scale: float,
     is_causal: bool,
+    lower_right: bool,
     dropout_p: float,
     seed: Tensor,
     backend: str,
@@ -69,19 +76,49 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, lse, out_lo): out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32 (natural log, -inf for
     fully masked rows), out_lo int16 laid out as out when ``return_lo`` (float16 / bfloat16 only; see the
-    module doc), else empty. ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0)."""
+    module doc), else empty. ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0).
+    ``lower_right``: with ``is_causal``, key j is visible to query i iff j <= i + S - L (else j <= i)."""
     launcher = _launchers.get(backend, q.device)
     res = launcher.attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                                 seed=int(seed.item()), return_lo=return_lo)
+                                 seed=int(seed.item()), return_lo=return_lo,
+                                 causal_offset=causal_offset(q, k, lower_right))
     return res if return_lo else (*res, no_lo(q))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend, return_lo):
+def _(q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo):
     B, H, L, _ = q.shape
     out = empty_output(q, v, dropout_p)
     lo = torch.empty_like(out, dtype=torch.int16) if return_lo else no_lo(q)
     return out, q.new_empty(B, H, L, dtype=torch.float32), lo
+
+
+def _fold_vmap_dim(t: Tensor | None, bdim: int | None, n: int, broadcast: bool = False) -> Tensor | None:
+    """A 4-D op argument under vmap (its vmapped dim ``bdim`` of size n, or None) as one 4-D tensor whose batch
+    dim holds the n calls one after the other: (n * B, ...). ``broadcast``: an unbatched size-1 batch dim stays
+    1 (masks broadcast through it)."""
+    if t is None:
+        return None
+    if bdim is None:
+        if broadcast and t.shape[0] == 1:
+            return t
+        t = t.expand(n, *t.shape)
+    else:
+        t = t.movedim(bdim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+@attention_fwd.register_vmap
+def _(info, in_dims, q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo):
+    # torch.func.vmap: the mapped calls become more batch items of one call (every item is independent).
+    if in_dims[8] is not None:
+        raise ValueError("fastattn.scaled_dot_product_attention under vmap: the dropout seed cannot be vmapped")
+    n = info.batch_size
+    q4, k4, v4 = (_fold_vmap_dim(t, d, n) for t, d in zip((q, k, v), in_dims[:3]))
+    m4 = _fold_vmap_dim(mask, in_dims[3], n, broadcast=True)
+    out, lse, lo = attention_fwd(q4, k4, v4, m4, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo)
+    unfold = (lambda t: t.reshape(n, -1, *t.shape[1:]))
+    return (unfold(out), unfold(lse), unfold(lo) if return_lo else lo), (0, 0, 0 if return_lo else None)
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
@@ -96,6 +133,7 @@ def attention_bwd(
     mask: Tensor | None,
     scale: float,
     is_causal: bool,
+    lower_right: bool,
     dropout_p: float,
     seed: Tensor,
     backend: str,
@@ -106,7 +144,8 @@ def attention_bwd(
     launcher = _launchers.get(backend, q.device)
     dq, dk, dv, dmask = launcher.attention_bwd(
         dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-        seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo))
+        seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo),
+        causal_offset=causal_offset(q, k, lower_right))
     if dmask is None:
         dmask = q.new_empty(0)
     return _contig(dq), _contig(dk), _contig(dv), dmask
@@ -118,7 +157,8 @@ def _contig(t: Tensor) -> Tensor:
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, dropout_p, seed, backend, mask_needs_grad):
+def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right, dropout_p, seed, backend,
+      mask_needs_grad):
     dmask = torch.empty_like(mask, memory_format=torch.contiguous_format) if mask_needs_grad else q.new_empty(0)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -126,10 +166,10 @@ def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, dropout_p, seed, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed, backend, return_lo = inputs
+    q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo = inputs
     out, lse, out_lo = output
     ctx.save_for_backward(q, k, v, out, lse, out_lo if return_lo else None, mask, seed)
-    ctx.params = (scale, is_causal, dropout_p, backend)
+    ctx.params = (scale, is_causal, lower_right, dropout_p, backend)
     # lse is a by-product for merging partial results; it carries no gradient (its use in a loss
     # would need d lse / d s = P, which the kernels do not fold in). out_lo is the backward's own.
     ctx.mark_non_differentiable(lse, out_lo)
@@ -137,11 +177,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse, _dlo):
     q, k, v, out, lse, out_lo, mask, seed = ctx.saved_tensors
-    scale, is_causal, dropout_p, backend = ctx.params
+    scale, is_causal, lower_right, dropout_p, backend = ctx.params
     mask_needs_grad = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, dropout_p,
-                                      seed, backend, mask_needs_grad)
-    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right,
+                                      dropout_p, seed, backend, mask_needs_grad)
+    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -239,7 +239,7 @@ def hard_attention(
     H, L = query.shape[-3], query.shape[-2]
     S, Ev = key.shape[-2], value.shape[-1]
     q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
-    mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, batch, H)
+    mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, (*batch, H))
 
     if min(q4.shape[0], H, L, Ev) == 0 or S == 0:
         out4 = query.new_zeros(q4.shape[0], H, L, Ev)

@@ -33,7 +33,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     (N * num_heads, L, S) is True where attention is NOT allowed; float masks are added to the scores.
     ``is_causal`` is torch's hint that ``attn_mask`` is the causal mask (``attn_mask`` is required).
 
-    Differences from torch: a query row with every key masked gives zeros (torch gives NaN); dropout
+    Differences from torch: a query row with every key masked gives zeros (torch 2.13 gives NaN with
+    ``need_weights=True`` and on its fused inference path, zeros when it runs SDPA on the CPU); dropout
     draws fastattn's Philox mask (reproducible with ``torch.manual_seed``), not torch's.
     Nested-tensor inputs and devices fastattn has no kernel for run torch's implementation.
     """

@@ -9,15 +9,16 @@ hand-written attention modules) then runs on fastattn's kernels, unchanged::
 
     fastattn.patch(True)            # a switch: on until fastattn.patch(False)
 
-Calls fastattn cannot take (other devices, nested tensors, batch dims that broadcast between query and
-key, mask dtypes other than bool / the query's float dtype / float32) go to torch's own function, so the
+Calls fastattn cannot take (other devices, nested tensors other than jagged ones without a mask, mask dtypes
+other than bool / the query's float dtype / float32) go to torch's own function, so the
 patch never changes what a model can run; ``calls`` and ``fallbacks`` on the patch object count both
 (eager calls; a compiled graph counts when it is traced). While patched, torch's fused MultiheadAttention /
 TransformerEncoderLayer inference fast path (``torch.backends.mha``) is turned off so those layers reach
 SDPA too.
 
-The one intended difference from torch: a query row whose keys are all masked gives zeros (torch gives
-NaN). Modules that bound ``scaled_dot_product_attention`` into their own namespace at import time
+A ``torch.nn.attention.bias.CausalBias`` mask (``causal_upper_left`` / ``causal_lower_right``) runs fastattn's
+causal kernels with that alignment; other tensor subclasses with ``__torch_function__`` are offered the call
+first, as torch's own function offers it (they see the patched function as ``func``). Modules that bound ``scaled_dot_product_attention`` into their own namespace at import time
 (``from torch.nn.functional import scaled_dot_product_attention``) keep torch's function. The patch is a
 process-wide setting: do not toggle it from several threads at once.
 """
@@ -27,6 +28,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
+from torch.overrides import handle_torch_function, has_torch_function
 
 from fastattn import functional
 
@@ -42,13 +45,17 @@ def is_patched() -> bool:
 
 
 def _fastattn_can_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    if isinstance(query, torch.Tensor) and query.is_nested:  # jagged nested tensors: fastattn/nested.py's
+        return (attn_mask is None and query.layout == torch.jagged and isinstance(key, torch.Tensor)
+                and key.is_nested and isinstance(value, torch.Tensor) and value.is_nested)
     try:
-        functional._check_qkv(query, key, value, enable_gqa)
-        functional._check_mask(attn_mask, query, key)
+        functional._check_qkv(query, key, value, enable_gqa, broadcast=True)
+        if not isinstance(attn_mask, CausalBias):  # fastattn reads a CausalBias as its causal flag
+            functional._check_mask(attn_mask, query, key)
         functional._check_scalars(dropout_p, is_causal, scale, enable_gqa)
     except (TypeError, ValueError):
         return False
-    if query.is_nested or query.device.type not in ("cpu", "cuda"):
+    if query.device.type not in ("cpu", "cuda"):
         return False
     return True
 
@@ -114,6 +121,10 @@ class patch:  # noqa: N801 - used like a function: fastattn.patch()
         @functools.wraps(_TORCH_SDPA)
         def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                          *, scale=None, enable_gqa=False):
+            if not isinstance(attn_mask, CausalBias) and has_torch_function((query, key, value, attn_mask)):
+                return handle_torch_function(scaled_dot_product_attention, (query, key, value, attn_mask), query,
+                                             key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                             enable_gqa=enable_gqa)
             if _fastattn_can_run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
                 owner.calls += 1
                 return functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,

@@ -59,7 +59,7 @@ def attention_weights(
     batch = tuple(query.shape[:-3])
     H, L, S = query.shape[-3], query.shape[-2], key.shape[-2]
     q4, k4 = functional._to_4d(query), functional._to_4d(key)
-    mask4 = None if attn_mask is None else functional._mask_to_4d(attn_mask, batch, H)
+    mask4 = None if attn_mask is None else functional._mask_to_4d(attn_mask, (*batch, H))
 
     if min(q4.shape[0], H, L, S) == 0:
         p4 = query.new_zeros(q4.shape[0], H, L, S)
@@ -94,7 +94,7 @@ def _attention_weights_op(q: Tensor, k: Tensor, mask: Tensor | None, scale: floa
         _, lse = reference.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, H != k.shape[1],
                                                         upcast=False, return_lse=True)
     else:
-        _, lse, _ = _ops.attention_fwd(q, k, v, mask, scale, is_causal, 0.0, _NO_SEED, backend, False)
+        _, lse, _ = _ops.attention_fwd(q, k, v, mask, scale, is_causal, False, 0.0, _NO_SEED, backend, False)
 
     # fp16 / bf16: scores in float32 and one rounding at the end. Rounding the scores first costs
     # |s| * 2^-9 (bf16) before the exp: ~3x the naive bf16 softmax's error at unscaled scores |s| ~ 16.

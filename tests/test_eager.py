@@ -31,7 +31,7 @@ def _launcher(q, k, v, mask, is_causal, scale, enable_gqa):
     """The same call through the Python path's launcher (GQA and mask broadcast done the Python way)."""
     from fastattn.functional import _mask_to_4d
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    m4 = None if mask is None else _mask_to_4d(mask, (q.shape[0],), q.shape[1])
+    m4 = None if mask is None else _mask_to_4d(mask, tuple(q.shape[:2]))
     return _cpu.attention_fwd(q, k, v, m4, scale=scale, is_causal=is_causal, dropout_p=0.0, seed=0)
 
 

@@ -15,10 +15,6 @@ import sys
 import threading
 import time
 
-# As tests/test_triton.py: the Triton tests run under the interpreter, which must be chosen before triton is
-# first imported (torch imports it lazily, e.g. on the first custom-op call), so set it at collection.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
@@ -52,7 +48,7 @@ def _fwd_bwd(q, k, v, mask=None, *, dropout_p=0.0, seed=0, backend="cpu", **kw):
         # The public API draws the dropout seed from torch's global generator, which Python threads
         # share (a race by design): call the op with an explicit seed instead.
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, _, _ = attention_fwd(*leaves, m, scale, kw.get("is_causal", False), dropout_p,
+        out, _, _ = attention_fwd(*leaves, m, scale, kw.get("is_causal", False), False, dropout_p,
                                   torch.tensor(seed, dtype=torch.int64), backend,
                                   _needs_out_lo(q.dtype, *leaves, m))  # as the public function sets it
     else:

@@ -28,19 +28,35 @@ def _samples():
            0.25, False, 0.1, seed, "cpu", True)
 
 
+@pytest.mark.parametrize("lower_right", [False, True], ids=["top-left", "lower-right"])
 @pytest.mark.parametrize("i", range(6))
-def test_opcheck_forward(i):
-    args = list(_samples())[i]
-    torch.library.opcheck(_ops.attention_fwd, args)
+def test_opcheck_forward(i, lower_right):
+    q, k, v, mask, scale, causal, *rest = list(_samples())[i]
+    torch.library.opcheck(_ops.attention_fwd, (q, k, v, mask, scale, causal, lower_right, *rest))
+
+
+def test_vmap_of_the_forward_op():
+    """torch.func.vmap folds the mapped dim into the batch: one call, the same numbers as a loop."""
+    q, k, v = torch.randn(3, 2, 4, 9, 16), torch.randn(3, 2, 2, 11, 16), torch.randn(2, 2, 11, 8)
+    mask = torch.rand(2, 1, 9, 11) > 0.2
+    seed = torch.tensor(0, dtype=torch.int64)
+
+    def f(q, k):
+        return _ops.attention_fwd(q, k, v, mask, 0.25, True, True, 0.0, seed, "cpu", False)[:2]
+
+    out, lse = torch.func.vmap(f)(q, k)
+    for i in range(3):
+        o, l, _ = _ops.attention_fwd(q[i], k[i], v, mask, 0.25, True, True, 0.0, seed, "cpu", False)
+        assert torch.equal(out[i], o) and torch.equal(lse[i], l)
 
 
 def test_opcheck_backward():
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
     seed = torch.tensor(5, dtype=torch.int64)
     mask = torch.randn(2, 1, 9, 11)
-    out, lse, _ = _ops.attention_fwd(q, k, v, mask, 0.25, True, 0.1, seed, "cpu", False)
+    out, lse, _ = _ops.attention_fwd(q, k, v, mask, 0.25, True, False, 0.1, seed, "cpu", False)
     dout = torch.randn_like(out)
-    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, None, mask, 0.25, True, 0.1, seed, "cpu",
+    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, None, mask, 0.25, True, False, 0.1, seed, "cpu",
                                                True))
 
 
@@ -49,10 +65,10 @@ def test_opcheck_backward_out_lo():
     q, k, v = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((2, 4, 9, 16), (2, 2, 11, 16), (2, 2, 11, 8)))
     seed = torch.tensor(5, dtype=torch.int64)
     mask = torch.randn(2, 1, 9, 11, generator=g).to(torch.bfloat16)
-    out, lse, lo = _ops.attention_fwd(q, k, v, mask, 0.25, True, 0.1, seed, "cpu", True)
+    out, lse, lo = _ops.attention_fwd(q, k, v, mask, 0.25, True, False, 0.1, seed, "cpu", True)
     assert lo.dtype == torch.int16 and lo.shape == out.shape and lo.stride() == out.stride()
     dout = torch.randn(out.shape, generator=g).to(torch.bfloat16)
-    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, lo, mask, 0.25, True, 0.1, seed, "cpu",
+    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, lse, lo, mask, 0.25, True, False, 0.1, seed, "cpu",
                                                True))
 
 

@@ -283,10 +283,10 @@ def test_bad_inputs():
     _err(ValueError, "length", q, k, v[:, :, :5])
     _err(ValueError, "heads", q, k[:, :2], v[:, :2])
     _err(ValueError, "divisible", q, k[:, :3], v[:, :3], enable_gqa=True)
-    _err(ValueError, "batch", q, k[:1], v[:1])
+    _err(ValueError, "batch dims", q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]]))  # 2 vs 3: no broadcast
     _err(TypeError, "dtype", q, k.double(), v)
     _err(TypeError, "float16, bfloat16", q.int(), k.int(), v.int())
-    _err(ValueError, "at least 3 dims", q[0, 0], k[0, 0], v[0, 0])
+    _err(ValueError, "at least 2 dims", q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
     _err(TypeError, "attn_mask must be bool", q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.int32))
     _err(TypeError, "attn_mask must be bool", q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.float16))
     _err(ValueError, "does not broadcast", q, k, v, attn_mask=torch.ones(3, 8, 9, dtype=torch.bool))

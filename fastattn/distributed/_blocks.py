@@ -61,7 +61,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: Params, coo
     """(out, lse) of one block: out (B, H, L, Ev) in q's dtype from the kernel (the accumulation dtype
     from the torch path), lse (B, H, L) float32 (float64 for float64 inputs on the torch path)."""
     if p.fused and q.dtype != torch.float64:
-        out, lse, _ = attention_fwd(q, k, v, mask, p.scale, block_causal, 0.0, p.seed, p.backend, False)
+        out, lse, _ = attention_fwd(q, k, v, mask, p.scale, block_causal, False, 0.0, p.seed, p.backend, False)
         return out, lse
     return _torch_forward(q, k, v, mask, p, coords)
 
@@ -73,7 +73,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     if p.fused and q.dtype != torch.float64:
         # No out_lo (fastattn/_ops.py): out is the merge of every block's output, rounded to q's dtype once
         # (the ring keeps no residual of it), so delta sees that rounding; a single-process call does not.
-        dq, dk, dv, _ = attention_bwd(dout, q, k, v, out, lse.float(), None, mask, p.scale, block_causal, 0.0,
+        dq, dk, dv, _ = attention_bwd(dout, q, k, v, out, lse.float(), None, mask, p.scale, block_causal, False, 0.0,
                                       p.seed, p.backend, False)
         return dq, dk, dv
     return _torch_backward(dout, q, k, v, out, lse, mask, p, coords)
