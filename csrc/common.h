@@ -7,29 +7,18 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <mutex>
 #include <new>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <sched.h>
-#include <unistd.h>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 #if defined(FASTATTN_HAVE_AVX512) || defined(FASTATTN_HAVE_AVX2)
 #include <immintrin.h>
@@ -56,6 +45,8 @@
 #define FASTATTN_INLINE inline
 #define FASTATTN_RESTRICT
 #endif
+
+#include "parallel.h"  // parallel_for and the threads that run it
 
 namespace pybind11 {
 class module_;
@@ -201,248 +192,7 @@ inline bool bf16_dot_pays() {
 }
 #endif
 
-// ============================================================================================ threads
-
-// Our own persistent pool of worker threads, used where torch's OpenMP runtime cannot be (see
-// parallel_for). run(n, nt, grain, fn): items [0, n) in chunks of `grain`, handed out dynamically to nt threads
-// (the caller is thread 0). Idle workers spin for a short while (FASTATTN_SPIN_US, default 50 us)
-// before sleeping, so back-to-back calls do not pay a wake-up each (as OpenMP runtimes do).
-// Re-created lazily after fork() (the child has none of the parent's threads).
-class ThreadPool {
- public:
-  using Call = void (*)(void* ctx, int64_t begin, int64_t end, int tid);
-
-  ThreadPool() {
-    const char* env = std::getenv("FASTATTN_SPIN_US");
-    spin_us_ = env ? std::max(0L, std::atol(env)) : 50L;
-    cpu_set_t set;
-    ncpu_ = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
-                                                         : static_cast<int>(std::thread::hardware_concurrency());
-  }
-  ThreadPool(const ThreadPool&) = delete;
-  ThreadPool& operator=(const ThreadPool&) = delete;
-
-  // Runs fn over [0, n) with up to nt threads; returns after every item is done.
-  void run(int64_t n, int nt, int64_t grain, void* ctx, Call call) {
-    std::unique_lock<std::mutex> job_lock(job_mu_, std::try_to_lock);
-    if (nt <= 1 || n <= grain || in_worker() || !job_lock.owns_lock()) {
-      // Nested or concurrent calls (another Python thread is using the pool) run inline.
-      call(ctx, 0, n, 0);
-      return;
-    }
-    nt = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(nt), (n + grain - 1) / grain, kMaxThreads}));
-    ensure_workers(nt - 1);
-    // Spinning only pays when every thread has a CPU; oversubscribed, it steals the CPUs doing the work.
-    spin_ok_.store(static_cast<int>(workers_.size()) + 1 <= std::max(1, ncpu_), std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      ctx_ = ctx;
-      call_ = call;
-      n_ = n;
-      grain_ = grain;
-      next_.store(0, std::memory_order_relaxed);
-      error_ = nullptr;
-      pending_.store(nt - 1, std::memory_order_relaxed);
-      // generation and active thread count in one word: a worker reads both consistently.
-      job_.store((job_.load(std::memory_order_relaxed) / kMaxThreads + 1) * kMaxThreads + nt,
-                 std::memory_order_release);
-    }
-    cv_work_.notify_all();
-    work(0);
-    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
-    }
-    if (error_) std::rethrow_exception(error_);
-  }
-
-  static bool& in_worker() {
-    static thread_local bool flag = false;
-    return flag;
-  }
-
- private:
-  static constexpr int64_t kMaxThreads = 1024;
-
-  // Busy-waits (with pause) until pred() or spin_us_ elapse; returns pred()'s last value.
-  template <typename Pred>
-  bool spin_until(Pred pred) const {
-    if (pred()) return true;
-    if (spin_us_ <= 0 || !spin_ok_.load(std::memory_order_relaxed)) return false;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (uint32_t k = 1;; ++k) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-      if (pred()) return true;
-      if ((k & 255u) == 0 &&
-          std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_))
-        return pred();
-    }
-  }
-
-  void work(int tid) {
-    try {
-      for (;;) {
-        const int64_t b = next_.fetch_add(grain_, std::memory_order_relaxed);
-        if (b >= n_) break;
-        call_(ctx_, b, std::min(n_, b + grain_), tid);
-      }
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!error_) error_ = std::current_exception();
-      next_.store(n_, std::memory_order_relaxed);
-    }
-  }
-
-  void ensure_workers(int count) {
-    while (static_cast<int>(workers_.size()) < count) {
-      const int tid = static_cast<int>(workers_.size()) + 1;
-      // The job word is read here, before run() bumps it for the job being started: a worker that
-      // read it on its own thread could start after the bump, miss that job and hang run().
-      const uint64_t seen = job_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, tid, seen] { loop(tid, seen); });
-      workers_.back().detach();  // the pool is never destroyed (see get_pool)
-    }
-  }
-
-  void loop(int tid, uint64_t seen) {
-    in_worker() = true;
-    auto posted = [&] { return job_.load(std::memory_order_acquire) != seen; };
-    for (;;) {
-      if (!spin_until(posted)) {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_work_.wait(lk, posted);
-      }
-      seen = job_.load(std::memory_order_acquire);
-      if (tid >= static_cast<int>(seen % kMaxThreads)) continue;  // not needed for this job
-      work(tid);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lk(mu_);  // the caller may be about to sleep on cv_done_
-        cv_done_.notify_one();
-      }
-    }
-  }
-
-  std::mutex job_mu_;  // one job at a time
-  std::mutex mu_;
-  std::condition_variable cv_work_, cv_done_;
-  std::vector<std::thread> workers_;
-  std::atomic<uint64_t> job_{0};  // generation * kMaxThreads + active thread count
-  long spin_us_ = 50;
-  int ncpu_ = 1;
-  std::atomic<bool> spin_ok_{true};
-  void* ctx_ = nullptr;
-  Call call_ = nullptr;
-  int64_t n_ = 0, grain_ = 1;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
-  std::exception_ptr error_;
-};
-
-// The process's pool; a forked child (different pid) gets a fresh one (the old object is leaked on
-// purpose: its threads do not exist in the child and its mutexes may be held).
-inline ThreadPool& get_pool() {
-  static std::atomic<ThreadPool*> pool{nullptr};
-  static std::atomic<pid_t> owner{0};
-  static std::mutex create_mu;
-  const pid_t pid = getpid();
-  ThreadPool* p = pool.load(std::memory_order_acquire);
-  if (p != nullptr && owner.load(std::memory_order_acquire) == pid) return *p;
-  std::lock_guard<std::mutex> lk(create_mu);
-  p = pool.load(std::memory_order_acquire);
-  if (p == nullptr || owner.load(std::memory_order_acquire) != pid) {
-    p = new ThreadPool();
-    owner.store(pid, std::memory_order_release);
-    pool.store(p, std::memory_order_release);
-  }
-  return *p;
-}
-
-// fn(begin, end, tid) over [0, n_items) in dynamically scheduled chunks of `grain` (0: ~4 chunks per
-// thread), by up to num_threads threads incl. the caller. tid in [0, num_threads): index per-thread scratch.
-//
-// The threads are torch's own when possible: built with OpenMP, the module links libgomp.so.1, which
-// the loader resolves to the copy torch already loaded (same soname), so fastattn and torch's ops share
-// one team. A second pool would compete for the cores with torch's workers, which spin-wait for
-// milliseconds after each torch op: a B16 H12 L64 forward right after a torch op ran ~40% slower.
-// Our pool runs instead in a forked child (libgomp does not survive fork), in a build without OpenMP,
-// or with FASTATTN_POOL=own.
-inline const pid_t kLoadPid = getpid();
-
-inline bool use_openmp() {
-#if defined(_OPENMP)
-  static const bool wanted = [] {
-    const char* e = std::getenv("FASTATTN_POOL");
-    return e == nullptr || std::strcmp(e, "own") != 0;
-  }();
-  return wanted && getpid() == kLoadPid;
-#else
-  return false;
-#endif
-}
-
-#if defined(_OPENMP)
-template <typename Call>
-void omp_run(int64_t n, int nt, int64_t grain, Call&& call) {
-  // One fastattn job per process at a time, as in ThreadPool::run: a concurrent call (another Python
-  // thread) or a nested one runs inline rather than multiplying the threads.
-  static std::atomic<int> active{0};
-  nt = static_cast<int>(std::min<int64_t>(nt, (n + grain - 1) / grain));
-  if (nt <= 1 || omp_in_parallel() || active.fetch_add(1, std::memory_order_acq_rel) != 0) {
-    if (nt > 1 && !omp_in_parallel()) active.fetch_sub(1, std::memory_order_acq_rel);
-    call(int64_t(0), n, 0);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex mu;
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num();
-    try {
-      for (;;) {
-        const int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
-        if (b >= n) break;
-        call(b, std::min(n, b + grain), tid);
-      }
-    } catch (...) {  // an exception must not leave the parallel region
-      std::lock_guard<std::mutex> lk(mu);
-      if (!error) error = std::current_exception();
-      next.store(n, std::memory_order_relaxed);
-    }
-  }
-  active.fetch_sub(1, std::memory_order_acq_rel);
-  if (error) std::rethrow_exception(error);
-}
-#endif
-
-// Name of the pool parallel_for uses now ("openmp" or "own").
-inline const char* pool_name() { return use_openmp() ? "openmp" : "own"; }
-
-template <typename F>
-void parallel_for(int64_t n_items, int num_threads, F&& fn, int64_t grain = 0) {
-  if (n_items <= 0) return;
-  if (num_threads < 1) num_threads = 1;
-  if (grain <= 0) grain = std::max<int64_t>(1, n_items / (4 * static_cast<int64_t>(num_threads)));
-#if defined(_OPENMP)
-  if (use_openmp()) return omp_run(n_items, num_threads, grain, fn);
-#endif
-  using Fn = std::remove_reference_t<F>;
-  get_pool().run(n_items, num_threads, grain, const_cast<void*>(static_cast<const void*>(&fn)),
-                 [](void* ctx, int64_t b, int64_t e, int tid) { (*static_cast<Fn*>(ctx))(b, e, tid); });
-}
-
-// fn(begin, end, tid) with thread tid getting the contiguous static range tid*n/nt .. (tid+1)*n/nt
-// (deterministic assignment; same result as parallel_for when items are independent).
-template <typename F>
-void parallel_for_static(int64_t n_items, int num_threads, F&& fn) {
-  if (n_items <= 0) return;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_items)));
-  parallel_for(nt, nt, [&](int64_t b, int64_t e, int) {
-    for (int64_t t = b; t < e; ++t) fn(t * n_items / nt, (t + 1) * n_items / nt, static_cast<int>(t));
-  }, 1);
-}
+// ============================================================================================ scratch
 
 // 64-byte aligned scratch, grown (never shrunk) once per call per thread.
 class Scratch {

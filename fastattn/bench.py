@@ -1236,6 +1236,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-memory-column", action="store_true", help="skip the per-row peak-memory call")
     p.add_argument("--show-skipped", action="store_true", help="list skipped providers and why")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--contend", type=int, metavar="N",
+                   help="time each CPU case quietly, then with N processes spinning on cores (fastattn/contend.py)")
 
 
 def main(a) -> int:
@@ -1254,6 +1256,9 @@ def main(a) -> int:
     if not cases:
         print("no case matches the selection", file=sys.stderr)
         return 2
+    if a.contend is not None:
+        from fastattn import contend
+        return contend.main(a, cases)
     if a.compare:
         baseline = load_report(a.compare)  # fail before measuring, not after
     settings = FULL if a.full else QUICK
