@@ -25,7 +25,7 @@ ParallelCompile("FASTATTN_BUILD_JOBS", default=0).install()
 
 CSRC = "csrc"
 KERNEL_SOURCES = [os.path.join(CSRC, f) for f in (
-    "bindings.cpp", "forward.cpp", "backward.cpp", "additive.cpp", "hard.cpp", "eager.cpp")]
+    "bindings.cpp", "forward.cpp", "backward.cpp", "additive.cpp", "hard.cpp", "eager.cpp", "decode.cpp")]
 SANITIZE = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
 # Development only: FASTATTN_BUILD_ISAS=avx512 (comma list) builds just those kernel modules (faster rebuilds).
 BUILD_ISAS = [s.strip() for s in os.environ.get("FASTATTN_BUILD_ISAS", "").split(",") if s.strip()]
@@ -77,7 +77,7 @@ def _extensions():
             extra_link_args=_link_flags(),
         )
     ]
-    # OpenMP: the kernels run on torch's OpenMP threads (csrc/common.h parallel_for); without it, our own pool.
+    # OpenMP: the kernels run on torch's OpenMP threads (csrc/parallel.h parallel_for); without it, our own pool.
     omp = ["-fopenmp"] if _compiler_accepts(["-fopenmp"]) else []
     for name, isa_flags, defs in variants:
         if BUILD_ISAS and name not in BUILD_ISAS:

@@ -1,4 +1,4 @@
-// fastattn CPU additive (Bahdanau) attention kernels (issue 5), driven by fastattn/additive.py.
+// fastattn CPU additive (Bahdanau) attention kernels, driven by fastattn/additive.py.
 //
 //   s_ij = sum_d w[h,d] * tanh(q[b,h,i,d] + k[b,h,j,d]) + mask_ij     (no scale; causal: j <= i)
 //   p_ij = softmax_j(s_ij)   (rows with no visible key: p = 0, lse = -inf)      out_i = sum_j p_ij v_j
@@ -20,7 +20,13 @@
 
 #include <string>
 
-#include "common.h"
+#include "convert.h"
+#include "mask.h"
+#include "parallel.h"
+#include "params.h"
+#include "register.h"
+#include "scratch.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
@@ -138,15 +144,6 @@ struct OpsD {
   static FASTATTN_INLINE double reduce_add(V a) { return a; }
 };
 
-template <typename Sc, typename T> FASTATTN_INLINE Sc load_elem(const T& x) {
-  if constexpr (std::is_same_v<Sc, double>) return to_f64(x);
-  else return to_f32(x);
-}
-template <typename T, typename Sc> FASTATTN_INLINE T store_elem(Sc x) {
-  if constexpr (std::is_same_v<T, double>) return static_cast<double>(x);
-  else return from_f32<T>(static_cast<float>(x));
-}
-
 FASTATTN_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // The inputs in the layouts the loops read (per (b, h): offsets bh * size).
@@ -245,9 +242,9 @@ void forward_impl(const Params& p, const typename O::Sc* w) {
       Sc* vv = vb.data() + bh * S * Evp;
       for (int64_t j = 0; j < S; ++j) {
         const T* kr = p.k.at<T>(b, h, j);
-        for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = load_elem<Sc>(kr[d * p.k.se]);
+        for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = to_acc<Sc>(kr[d * p.k.se]);
         const T* vr = p.v.at<T>(b, h, j);
-        for (int64_t e = 0; e < Ev; ++e) vv[j * Evp + e] = load_elem<Sc>(vr[e * p.v.se]);
+        for (int64_t e = 0; e < Ev; ++e) vv[j * Evp + e] = to_acc<Sc>(vr[e * p.v.se]);
       }
     }
   }, 1);
@@ -264,7 +261,7 @@ void forward_impl(const Params& p, const typename O::Sc* w) {
       const Sc* kt = kT.data() + bh * D * Sp;
       const Sc* vv = vb.data() + bh * S * Evp;
       const T* qp = p.q.at<T>(b, h, i);
-      for (int64_t d = 0; d < D; ++d) qr[d] = load_elem<Sc>(qp[d * p.q.se]);
+      for (int64_t d = 0; d < D; ++d) qr[d] = to_acc<Sc>(qp[d * p.q.se]);
       const int64_t jend = p.is_causal ? std::min(S, i + 1) : S;
       float* lse = p.lse.at<float>(b, h, i);
       T* out = p.out.at<T>(b, h, i);
@@ -277,7 +274,7 @@ void forward_impl(const Params& p, const typename O::Sc* w) {
         for (int64_t j = 0; j < jend; ++j) m = std::max(m, s[j]);
       }
       if (m == ninf) {  // no visible key
-        for (int64_t e = 0; e < Ev; ++e) out[e * p.out.se] = store_elem<T>(Sc(0));
+        for (int64_t e = 0; e < Ev; ++e) out[e * p.out.se] = from_acc<T>(Sc(0));
         *lse = -std::numeric_limits<float>::infinity();
         continue;
       }
@@ -294,7 +291,7 @@ void forward_impl(const Params& p, const typename O::Sc* w) {
       for (int64_t e = 0; e < Evp; e += W) O::store(acc + e, O::zero());
       pv_accumulate<O>(s, vv, jend, Evp, acc);
       const Sc inv = Sc(1) / l;
-      for (int64_t e = 0; e < Ev; ++e) out[e * p.out.se] = store_elem<T>(acc[e] * inv);
+      for (int64_t e = 0; e < Ev; ++e) out[e * p.out.se] = from_acc<T>(acc[e] * inv);
       *lse = static_cast<float>(m + std::log(l));
     }
   });
@@ -323,9 +320,9 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
       Sc* vt = vT.data() + bh * Ev * Sp;
       for (int64_t j = 0; j < S; ++j) {
         const T* kr = p.k.at<T>(b, h, j);
-        for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = load_elem<Sc>(kr[d * p.k.se]);
+        for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = to_acc<Sc>(kr[d * p.k.se]);
         const T* vr = p.v.at<T>(b, h, j);
-        for (int64_t e = 0; e < Ev; ++e) vt[e * Sp + j] = vv[j * Evp + e] = load_elem<Sc>(vr[e * p.v.se]);
+        for (int64_t e = 0; e < Ev; ++e) vt[e * Sp + j] = vv[j * Evp + e] = to_acc<Sc>(vr[e * p.v.se]);
       }
       Sc* qt = qT.data() + bh * D * Lp;
       Sc* dd = dob.data() + bh * L * Evp;
@@ -334,14 +331,14 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
       Sc* dl = delta.data() + bh * Lp;
       for (int64_t i = 0; i < L; ++i) {
         const T* qr = p.q.at<T>(b, h, i);
-        for (int64_t d = 0; d < D; ++d) qt[d * Lp + i] = load_elem<Sc>(qr[d * p.q.se]);
+        for (int64_t d = 0; d < D; ++d) qt[d * Lp + i] = to_acc<Sc>(qr[d * p.q.se]);
         const T* dr = p.dout.at<T>(b, h, i);
         const T* orow = p.out.at<T>(b, h, i);
         Sc delt = 0;
         for (int64_t e = 0; e < Ev; ++e) {
-          const Sc g = load_elem<Sc>(dr[e * p.dout.se]);
+          const Sc g = to_acc<Sc>(dr[e * p.dout.se]);
           dt[e * Lp + i] = dd[i * Evp + e] = g;
-          delt += g * load_elem<Sc>(orow[e * p.out.se]);
+          delt += g * to_acc<Sc>(orow[e * p.out.se]);
         }
         dl[i] = delt;
         const float x = *p.lse.at<float>(b, h, i);
@@ -365,14 +362,14 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
       Sc& li = lse[static_cast<size_t>(bh * Lp + i)];
       const int64_t jend = p.is_causal ? std::min(S, i + 1) : S;
       if (li == inf || jend == 0) {
-        for (int64_t d = 0; d < D; ++d) dq[d * p.dq.se] = store_elem<T>(Sc(0));
+        for (int64_t d = 0; d < D; ++d) dq[d * p.dq.se] = from_acc<T>(Sc(0));
         continue;
       }
       const Sc* kt = kT.data() + bh * D * Sp;
       const Sc* vt = vT.data() + bh * Ev * Sp;
       const Sc* wh = w + h * D;
       const T* qp = p.q.at<T>(b, h, i);
-      for (int64_t d = 0; d < D; ++d) qr[d] = load_elem<Sc>(qp[d * p.q.se]);
+      for (int64_t d = 0; d < D; ++d) qr[d] = to_acc<Sc>(qp[d * p.q.se]);
       const Sc* g = dob.data() + (bh * L + i) * Evp;
       scores_vec<O>(qr, kt, Sp, wh, D, 0, jend, s, t, Sp);
       const MaskView mv = mask_view(p, b, h);
@@ -385,7 +382,7 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
         Sc m = -inf, l = 0;
         for (int64_t j = 0; j < jend; ++j) m = std::max(m, s[j]);
         if (m == -inf) {
-          for (int64_t d = 0; d < D; ++d) dq[d * p.dq.se] = store_elem<T>(Sc(0));
+          for (int64_t d = 0; d < D; ++d) dq[d * p.dq.se] = from_acc<T>(Sc(0));
           li = inf;
           continue;
         }
@@ -406,7 +403,7 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
           a = O::fmadd(ds, O::sub(O::set1(Sc(1)), O::mul(th, th)), a);
           c = O::fmadd(ds, th, c);
         }
-        dq[d * p.dq.se] = store_elem<T>(wh[d] * O::reduce_add(a));
+        dq[d * p.dq.se] = from_acc<T>(wh[d] * O::reduce_add(a));
         dwr[d] = O::reduce_add(c);
       }
     }
@@ -427,8 +424,8 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
       T* dv = p.dv.at<T>(b, h, j);
       const int64_t i0 = p.is_causal ? j : 0;
       if (i0 >= L) {
-        for (int64_t d = 0; d < D; ++d) dk[d * p.dk.se] = store_elem<T>(Sc(0));
-        for (int64_t e = 0; e < Ev; ++e) dv[e * p.dv.se] = store_elem<T>(Sc(0));
+        for (int64_t d = 0; d < D; ++d) dk[d * p.dk.se] = from_acc<T>(Sc(0));
+        for (int64_t e = 0; e < Ev; ++e) dv[e * p.dv.se] = from_acc<T>(Sc(0));
         continue;
       }
       const Sc* qt = qT.data() + bh * D * Lp;
@@ -459,11 +456,11 @@ void backward_impl(const Params& p, const typename O::Sc* w, typename O::Sc* dw)
           const V th = O::load(td + u);
           a = O::fmadd(O::load(s + u), O::sub(O::set1(Sc(1)), O::mul(th, th)), a);
         }
-        dk[d * p.dk.se] = store_elem<T>(wh[d] * O::reduce_add(a));
+        dk[d * p.dk.se] = from_acc<T>(wh[d] * O::reduce_add(a));
       }
       for (int64_t e = 0; e < Evp; e += W) O::store(acc + e, O::zero());
       pv_accumulate<O>(pb, dd + i0 * Evp, n, Evp, acc);
-      for (int64_t e = 0; e < Ev; ++e) dv[e * p.dv.se] = store_elem<T>(acc[e]);
+      for (int64_t e = 0; e < Ev; ++e) dv[e * p.dv.se] = from_acc<T>(acc[e]);
     }
   });
 

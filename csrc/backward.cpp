@@ -22,14 +22,22 @@
 // buffers so the GEMM micro-kernels need no tails. bf16 inputs on AVX512-BF16 builds compute S = QK^T
 // and dP = dO V^T with vdpbf16ps (exact bf16 products, fp32 sums); the other three GEMMs take fp32
 // P / dS. float64 recomputes lse in double (the float32 lse would cap gradcheck's accuracy at ~1e-7).
-// Causal: key j is visible to query i iff j <= i + causal_offset (common.h). Masked or causally hidden tiles
+// Causal: key j is visible to query i iff j <= i + causal_offset (params.h). Masked or causally hidden tiles
 // are skipped, as in the forward; hidden keys of a partly visible tile get exactly P = dS = 0.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
 #include <string>
 
-#include "common.h"
+#include "convert.h"
+#include "mask.h"
+#include "out_lo.h"
+#include "parallel.h"
+#include "params.h"
+#include "philox.h"
+#include "register.h"
+#include "scratch.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
@@ -49,7 +57,9 @@ FASTATTN_INLINE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) *
 
 // ============================================================================ vectors over Acc
 
-// Vec<Acc>: the SIMD vocabulary the tile code needs, over the accumulation type.
+// Vec<Acc>: the SIMD vocabulary the tile code needs, over the accumulation type, so that one tile code serves
+// float and float64 (gradcheck). Vec<float> is simd:: itself on AVX2 / AVX-512; the portable build uses raw
+// GNU vector types instead of simd::vf, and float64 has its own lane loops.
 template <typename Acc> struct Vec;
 
 #if defined(FASTATTN_HAVE_AVX2)
@@ -119,15 +129,6 @@ template <> struct Vec<double> {
 #undef FA_LANES
 };
 
-template <typename Acc> FASTATTN_INLINE Acc to_acc(float x) { return x; }
-template <typename Acc> FASTATTN_INLINE Acc to_acc(double x) { return static_cast<Acc>(x); }
-template <typename Acc> FASTATTN_INLINE Acc to_acc(bf16_t x) { return bf16_to_f32(x.x); }
-template <typename Acc> FASTATTN_INLINE Acc to_acc(f16_t x) { return f16_to_f32(x.x); }
-
-template <typename T> FASTATTN_INLINE T from_acc(float x) { return from_f32<T>(x); }
-template <typename T> FASTATTN_INLINE T from_acc(double x);
-template <> FASTATTN_INLINE double from_acc<double>(double x) { return x; }
-
 // Stores x into element `off` of a tensor of dtype `dt` (the mask gradient's dtype may differ from q's).
 template <typename Acc> FASTATTN_INLINE void store_any(int dt, void* base, int64_t off, Acc x) {
   switch (dt) {
@@ -138,7 +139,6 @@ template <typename Acc> FASTATTN_INLINE void store_any(int dt, void* base, int64
     default: break;
   }
 }
-inline int64_t dtype_size(int dt) { return dt == kBool ? 1 : dt == kF32 ? 4 : dt == kF64 ? 8 : 2; }
 
 // ============================================================================ GEMM micro-kernels
 
@@ -545,12 +545,12 @@ void write_dmask_tile(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc
   const Params& p = *cx.p;
   const Tensor4& dm = p.dmask;
   char* base = reinterpret_cast<char*>(dm.ptr);
-  const int64_t es = dtype_size(p.dmask_dtype);
+  const int64_t es = dtype_bytes(p.dmask_dtype);
   for (int64_t r = 0; r < qb.nr; ++r) {
     const int64_t row = b * dm.sb + h * dm.sh + (qb.i0 + r) * dm.sl + kb.j0 * dm.se;
     const Acc* ds = t.dP + r * kBc;
     // Columns >= kc stay 0 (causally hidden).
-    if (dm.se == 1 && dtype_size(p.dmask_dtype) == static_cast<int64_t>(sizeof(Acc)) &&
+    if (dm.se == 1 && dtype_bytes(p.dmask_dtype) == static_cast<int64_t>(sizeof(Acc)) &&
         p.dmask_dtype == (sizeof(Acc) == 4 ? kF32 : kF64)) {
       std::memcpy(base + row * es, ds, kc * sizeof(Acc));
       continue;
@@ -567,8 +567,9 @@ struct ThreadScratch {
   explicit ThreadScratch(int nt) : s(static_cast<size_t>(std::max(nt, 1))) {}
 };
 
+// One thread's buffers for a backward pass (carved from its Scratch by carve_pass_buffers).
 template <typename Acc>
-struct Bufs {
+struct PassBuffers {
   TileBuf<Acc> t;
   QBlock<Acc> qb;
   Acc* dQ = nullptr;                 // kBr x Ep
@@ -583,10 +584,11 @@ struct Bufs {
   Acc* red = nullptr;                // dmask pass: kBr x kBc reduction tile
 };
 
-// Lays out Bufs in one allocation; kv_rows = rows of K/dK/dV buffers (S_pad for fused, kBc otherwise).
+// Lays out PassBuffers in one allocation (a null base only sizes them); kv_rows = rows of K/dK/dV buffers
+// (S_pad for fused, kBc otherwise).
 template <typename Acc>
-Bufs<Acc> carve(const Ctx<Acc>& cx, Arena& a, int64_t kv_rows, bool fused) {
-  Bufs<Acc> u;
+PassBuffers<Acc> carve_pass_buffers(const Ctx<Acc>& cx, Arena& a, int64_t kv_rows, bool fused) {
+  PassBuffers<Acc> u;
   const size_t tile = kBr * kBc;
   u.t.S = a.take<Acc>(tile);
   u.t.dP = a.take<Acc>(tile);
@@ -624,26 +626,27 @@ Bufs<Acc> carve(const Ctx<Acc>& cx, Arena& a, int64_t kv_rows, bool fused) {
 }
 
 template <typename Acc>
-Bufs<Acc> thread_bufs(const Ctx<Acc>& cx, Scratch& s, int64_t kv_rows, bool fused) {
+PassBuffers<Acc> thread_pass_buffers(const Ctx<Acc>& cx, Scratch& s, int64_t kv_rows, bool fused) {
   Arena plan;
-  carve(cx, plan, kv_rows, fused);
+  carve_pass_buffers(cx, plan, kv_rows, fused);
   const size_t bytes = plan.off + 64;
   Arena a;
   a.base = static_cast<char*>(s.get(bytes));
   // No zeroing needed: every element the tile code reads is written first (padding included).
-  return carve(cx, a, kv_rows, fused);
+  return carve_pass_buffers(cx, a, kv_rows, fused);
 }
 
 // ============================================================================ passes
 
 // delta[b, h, i] = sum_e dout * out, in Acc. With p.out_lo (fp16 / bf16), out is read back as the forward's
-// fp32 result, out + out_lo * 2^(e-K) (see encode_lo): delta += 2^-K sum_e dout * 2^e * out_lo. A
-// non-finite correction (out inf / NaN: an fp16 overflow) is dropped, leaving what the rounded out gives.
+// fp32 result, out + out_lo * 2^(e-K) (out_lo.h): delta += 2^-K sum_e dout * 2^e * out_lo. A non-finite
+// correction (out inf / NaN: an fp16 overflow) is dropped, leaving what the rounded out gives.
 template <typename T, typename Acc>
 void compute_delta(const Params& p, Acc* delta) {
-  const bool lo = p.out_lo.ptr != 0;
-  float lo_unit = 1.f;
-  if constexpr (std::is_same<T, bf16_t>::value || std::is_same<T, f16_t>::value) lo_unit = 1.f / LoCode<T>::kScale;
+  const bool with_out_lo = p.out_lo.ptr != 0;
+  float out_lo_unit = 1.f;  // 2^-K
+  if constexpr (std::is_same<T, bf16_t>::value || std::is_same<T, f16_t>::value)
+    out_lo_unit = 1.f / OutLoCode<T>::kScale;
   parallel_for(p.B * p.H, p.num_threads, [&](int64_t begin, int64_t end, int) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
@@ -653,37 +656,37 @@ void compute_delta(const Params& p, Acc* delta) {
         const T* o = pb.out.at<const T>(b, h, i);
         Acc s = 0;
         bool done = false;
-        const int16_t* m = lo ? pb.out_lo.at<const int16_t>(b, h, i) : nullptr;
+        const int16_t* m = with_out_lo ? pb.out_lo.at<const int16_t>(b, h, i) : nullptr;
         float c = 0.f;  // sum_e dout * 2^e(out) * out_lo
         if constexpr (std::is_same<Acc, float>::value) {
-          if (p.dout.se == 1 && p.out.se == 1 && (!lo || p.out_lo.se == 1)) {
+          if (p.dout.se == 1 && p.out.se == 1 && (!with_out_lo || p.out_lo.se == 1)) {
             simd::vf acc = simd::zero(), accl = simd::zero();
             int64_t e = 0;
             for (; e + simd::W <= p.Ev; e += simd::W) {
               const simd::vf dv = simd::load_cvt(d + e), ov = simd::load_cvt(o + e);
               acc = simd::fmadd(dv, ov, acc);
-              if (lo) accl = simd::fmadd(dv, simd::mul(simd::pow2_of(ov), simd::load_cvt(m + e)), accl);
+              if (with_out_lo) accl = simd::fmadd(dv, simd::mul(simd::pow2_of(ov), simd::load_cvt(m + e)), accl);
             }
             if (e < p.Ev) {
               const int64_t n = p.Ev - e;
               const simd::vf dv = simd::load_cvt_n(d + e, n), ov = simd::load_cvt_n(o + e, n);
               acc = simd::fmadd(dv, ov, acc);
-              if (lo) accl = simd::fmadd(dv, simd::mul(simd::pow2_of(ov), simd::load_cvt_n(m + e, n)), accl);
+              if (with_out_lo) accl = simd::fmadd(dv, simd::mul(simd::pow2_of(ov), simd::load_cvt_n(m + e, n)), accl);
             }
             s = simd::reduce_add(acc);
-            if (lo) c = simd::reduce_add(accl);
+            if (with_out_lo) c = simd::reduce_add(accl);
             done = true;
           }
         }
         if (!done) {
           for (int64_t e = 0; e < p.Ev; ++e) s += to_acc<Acc>(d[e * p.dout.se]) * to_acc<Acc>(o[e * p.out.se]);
-          if (lo)
+          if (with_out_lo)
             for (int64_t e = 0; e < p.Ev; ++e)
               c += to_f32(d[e * p.dout.se]) *
                    (pow2_of(to_f32(o[e * p.out.se])) * static_cast<float>(m[e * p.out_lo.se]));
         }
-        if (lo) {
-          c *= lo_unit;
+        if (with_out_lo) {
+          c *= out_lo_unit;
           if (std::isfinite(c)) s += c;
         }
         delta[bh * p.L + i] = s;
@@ -697,7 +700,7 @@ void compute_delta(const Params& p, Acc* delta) {
 template <typename T, typename Acc>
 void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
   parallel_for(call.p->B * call.p->H * call.nqb, call.p->num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(call, ts.s[tid], kBc, false);
+    PassBuffers<Acc> u = thread_pass_buffers(call, ts.s[tid], kBc, false);
     Acc mx[kBr], sum[kBr];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t ib = w % call.nqb, bh = w / call.nqb, b = bh / call.p->H, h = bh % call.p->H;
@@ -749,7 +752,7 @@ void pass_fused(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
   const Params& call = *call_cx.p;
   const int64_t Sp = call_cx.nkb * kBc;
   parallel_for(call.B * call.Hk, call.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(call_cx, ts.s[tid], Sp, true);
+    PassBuffers<Acc> u = thread_pass_buffers(call_cx, ts.s[tid], Sp, true);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / call.Hk, hk = w % call.Hk;
       const Params p = item_params(call, b);
@@ -795,7 +798,7 @@ template <typename T, typename Acc>
 void pass_dkdv(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
   const Params& call = *call_cx.p;
   parallel_for(call.B * call.Hk * call_cx.nkb, call.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(call_cx, ts.s[tid], kBc, false);
+    PassBuffers<Acc> u = thread_pass_buffers(call_cx, ts.s[tid], kBc, false);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t jb = w % call_cx.nkb, bhk = w / call_cx.nkb, b = bhk / call.Hk, hk = bhk % call.Hk;
       const Params p = item_params(call, b);
@@ -825,7 +828,7 @@ template <typename T, typename Acc>
 void pass_dq(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
   const Params& call = *call_cx.p;
   parallel_for(call.B * call.H * call_cx.nqb, call.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(call_cx, ts.s[tid], kBc, false);
+    PassBuffers<Acc> u = thread_pass_buffers(call_cx, ts.s[tid], kBc, false);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t ib = w % call_cx.nqb, bh = w / call_cx.nqb, b = bh / call.H, h = bh % call.H;
       const Params p = item_params(call, b);
@@ -856,9 +859,9 @@ void pass_dmask_reduce(const Ctx<Acc>& cx, ThreadScratch& ts) {
   const bool rb = p.B > 1 && dm.sb == 0, rh = p.H > 1 && dm.sh == 0;
   const bool rl = p.L > 1 && dm.sl == 0, rs = p.S > 1 && dm.se == 0;
   const int64_t Bm = rb ? 1 : p.B, Hm = rh ? 1 : p.H, nib = rl ? 1 : cx.nqb, njb = rs ? 1 : cx.nkb;
-  const int64_t es = dtype_size(p.dmask_dtype);
+  const int64_t es = dtype_bytes(p.dmask_dtype);
   parallel_for(Bm * Hm * nib * njb, p.num_threads, [&](int64_t begin, int64_t end, int tid) {
-    Bufs<Acc> u = thread_bufs(cx, ts.s[tid], kBc, false);
+    PassBuffers<Acc> u = thread_pass_buffers(cx, ts.s[tid], kBc, false);
     for (int64_t w = begin; w < end; ++w) {
       int64_t x = w;
       const int64_t jbm = x % njb; x /= njb;

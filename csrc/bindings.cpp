@@ -9,8 +9,11 @@
 #include <string>
 #include <tuple>
 
-#include "common.h"
 #include "forward.h"
+#include "parallel.h"
+#include "params.h"
+#include "philox.h"
+#include "register.h"
 
 namespace py = pybind11;
 using namespace fastattn::FASTATTN_NS;
@@ -30,7 +33,7 @@ void bind_params(py::module_& m) {
       .def_readwrite("sh", &Tensor4::sh)
       .def_readwrite("sl", &Tensor4::sl)
       .def_readwrite("se", &Tensor4::se);
-  py::class_<Params>(m, "Params", "Arguments of one kernel call (see csrc/common.h).")
+  py::class_<Params>(m, "Params", "Arguments of one kernel call (see csrc/params.h).")
       .def(py::init<>())
       .def_readwrite("q", &Params::q)
       .def_readwrite("k", &Params::k)
@@ -86,8 +89,8 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
         py::arg("params"),
         "Forward attention: writes p.out (B,H,L,Ev) and p.lse (B,H,L) float32 from p.q, p.k, p.v, p.mask\n"
         "(and p.out_lo, fp16 / bf16, when its address is set).");
-  // The forward in one call: the launcher's per-call path (~1 us of argument conversion instead of a
-  // Params object and ~25 attribute writes). Tensors as (address, sb, sh, sl, se), mask and out_lo
+  // The forward in one call: the launcher's per-call path (positional arguments instead of a Params object
+  // and ~25 attribute writes). Tensors as (address, sb, sh, sl, se), mask and out_lo
   // address 0 = none; ints = (dtype, mask_dtype, B, H, Hk, L, S, E, Ev, is_causal, dropout threshold,
   // num_threads, causal_offset).
   m.def("fwd_direct",
@@ -134,4 +137,5 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   register_additive(m);
   register_hard(m);
   register_eager(m);
+  register_decode(m);
 }

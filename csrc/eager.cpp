@@ -1,19 +1,22 @@
 // fastattn._C_<isa>.eager_fwd: fastattn.scaled_dot_product_attention's plain eager inference call, read
 // straight from the Python objects.
 //
-// The Python path (checks, 4-D views, backend choice, two allocations, a tuple per tensor) costs ~10 us warm
-// but ~50 us right after a kernel call has evicted the interpreter from the caches: 8% of a B16 H12 L64 E32
-// bf16 forward. This entry does the same work through the CPython API, and returns None for every case it
-// does not take, so that the Python path runs and its checks raise their errors. No torch headers: the torch
-// objects it compares against arrive once, through eager_init (fastattn/_cpu.py).
+// The Python path (checks, 4-D views, backend choice, two allocations, a tuple per tensor) costs more than
+// a small kernel call, most of all right after a kernel has evicted the interpreter from the caches. This
+// entry does the same work through the CPython API. It never raises for bad input: it returns None for every
+// case it does not take, invalid ones included, so that the Python path runs and fastattn/functional.py's
+// checks, the one source of error messages, raise them. It raises only for internal errors (a torch call
+// that fails, an allocation). No torch headers: the torch objects it compares against arrive once, through
+// eager_init (fastattn/_cpu.py).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-#include "common.h"
 #include "forward.h"
+#include "params.h"
+#include "register.h"
 
 namespace py = pybind11;
 
@@ -181,8 +184,8 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
   const int64_t B = q.size[0], H = q.size[1], L = q.size[2], E = q.size[3];
   const int64_t Hk = k.size[1], S = k.size[2], Ev = v.size[3];
   if (k.size[0] != B || v.size[0] != B || v.size[1] != Hk || v.size[2] != S || k.size[3] != E) return py::none();
+  if (B == 0 || H == 0 || Hk == 0 || L == 0 || S == 0 || E == 0 || Ev == 0) return py::none();
   if (enable_gqa.ptr() == Py_True ? H % Hk != 0 : H != Hk) return py::none();
-  if (B == 0 || H == 0 || L == 0 || S == 0 || E == 0 || Ev == 0) return py::none();
   Params p;
   p.q = t4(q); p.k = t4(k); p.v = t4(v);
   p.dtype = q.dtype;
@@ -232,7 +235,7 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
     p.lse.ptr = data_ptr(lse.ptr());  // contiguous (B, H, L)
     p.lse.sb = H * L; p.lse.sh = L; p.lse.sl = 1;
   }  // else p.lse.ptr = 0: the kernel skips the lse
-  check_forward_params(p);
+  if (forward_params_error(p) != nullptr) return py::none();  // declined, never raised: Python names the problem
   {
     py::gil_scoped_release nogil;
     forward(p);

@@ -17,7 +17,13 @@
 #include <stdexcept>
 #include <string>
 
-#include "common.h"
+#include "convert.h"
+#include "mask.h"
+#include "parallel.h"
+#include "params.h"
+#include "register.h"
+#include "scratch.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
@@ -41,18 +47,13 @@ struct HardParams {
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-FASTATTN_INLINE double to_acc(double x, double) { return x; }
-template <typename T> FASTATTN_INLINE float to_acc(T x, float) { return to_f32(x); }
-template <typename T, typename Acc> FASTATTN_INLINE T from_acc(Acc x) { return from_f32<T>(static_cast<float>(x)); }
-template <> FASTATTN_INLINE double from_acc<double, double>(double x) { return x; }
-
 // dst[e] = src[e * se] * mul for e < n, converted to Acc.
 template <typename T, typename Acc>
 FASTATTN_INLINE void load_row(const T* src, int64_t se, int64_t n, Acc mul, Acc* dst) {
   if (se == 1) {
-    for (int64_t e = 0; e < n; ++e) dst[e] = to_acc(src[e], Acc(0)) * mul;
+    for (int64_t e = 0; e < n; ++e) dst[e] = to_acc<Acc>(src[e]) * mul;
   } else {
-    for (int64_t e = 0; e < n; ++e) dst[e] = to_acc(src[e * se], Acc(0)) * mul;
+    for (int64_t e = 0; e < n; ++e) dst[e] = to_acc<Acc>(src[e * se]) * mul;
   }
 }
 
@@ -166,7 +167,7 @@ void hard_forward_t(const HardParams& hp) {
         for (int64_t c = 0; c < kBN; ++c) {
           if (c < nb) {
             const T* kr = p.k.at<const T>(b, hk, j0 + c);
-            for (int64_t e = 0; e < E; ++e) kt[e * kBN + c] = to_acc(kr[e * p.k.se], Acc(0));
+            for (int64_t e = 0; e < E; ++e) kt[e * kBN + c] = to_acc<Acc>(kr[e * p.k.se]);
           } else {
             for (int64_t e = 0; e < E; ++e) kt[e * kBN + c] = Acc(0);
           }

@@ -47,9 +47,7 @@
 #include <omp.h>
 #endif
 
-#ifndef FASTATTN_NS
-#error "include common.h (it names the instruction-set namespace) rather than parallel.h"
-#endif
+#include "isa.h"  // names the instruction-set namespace, FASTATTN_NS
 
 namespace fastattn {
 namespace FASTATTN_NS {

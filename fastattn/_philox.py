@@ -1,6 +1,6 @@
 """Counter-based Philox4x32-10 in plain torch: the executable specification of fastattn's dropout.
 
-The C++ kernel (csrc/common.h) and the Triton kernel (kernels/attention.py) generate the same bits:
+The C++ kernel (csrc/philox.h) and the Triton kernel (kernels/attention.py) generate the same bits:
 
 * key ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)``;
 * the element ``(b, h, i, j)`` of the ``(B, H, L, S)`` probability matrix (``h`` is the *query* head,

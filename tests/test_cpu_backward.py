@@ -15,18 +15,15 @@ import torch
 import fastattn
 from fastattn import _cpu, reference, testing
 from fastattn._ops import out_fp32
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, padding_mask, randn_heads
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
 
 # ------------------------------------------------------------------------------------------- inputs
 def _randn(*shape, dtype, gen, layout="bhsd"):
-    """(B, H, N, D) tensor; layout "bshd" gives a transposed view of a (B, N, H, D) buffer."""
-    B, H, N, D = shape
-    if layout == "bshd":
-        return torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
-    return torch.randn(B, H, N, D, generator=gen, dtype=torch.float64).to(dtype)
+    """(B, H, N, D) tensor drawn in float64; layout "bshd" gives a transposed view of a (B, N, H, D) buffer."""
+    return randn_heads(*shape, dtype, gen=gen, bshd=layout == "bshd", draw_dtype=torch.float64)
 
 
 def _mask(kind, B, H, L, S, dtype, gen):
@@ -36,7 +33,7 @@ def _mask(kind, B, H, L, S, dtype, gen):
     if kind == "bool_pad":  # (B,1,1,S) key padding, the last batch keeps 1 key
         lens = torch.tensor([max(1, S - 3 * b) for b in range(B)])
         lens[-1] = 1
-        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+        return padding_mask(lens, S)
     if kind == "bool_full":
         return torch.rand(B, H, L, S, generator=gen) > 0.4
     if kind == "bool_rows":  # (B,1,L,S) with every other query row fully masked
@@ -390,7 +387,7 @@ def test_causal_offset_masks(case, mc, dtype):
 @pytest.mark.parametrize("case", [(3, 97, 94), (97, 33, -64), (40, 300, 260), (200, 50, -150)], ids=_off_id)
 def test_causal_offset_low_precision(case, mc, dtype):
     """The training path: the kernel's own forward with out_lo, then the backward (delta from the fp32 output,
-    csrc/common.h encode_lo), against the reference gradients."""
+    csrc/out_lo.h encode_lo), against the reference gradients."""
     L, S, off = case
     kind, p = mc
     _, g64, glp, args, kw = _case(2, 4, 2, L, S, 40, 24, dtype=dtype, layout="bshd", mask=kind, causal=True, p=p,
@@ -443,7 +440,7 @@ def test_causal_offset_unseen_keys_never_read(case, dtype, isa):
 
 # ------------------------------------------------------------------------------------------ out_lo
 # fp16 / bf16 training: the forward's int16 out_lo codes the rounding residual of its fp32 output in units of
-# out's exponent (csrc/common.h, encode_lo); the backward's delta reads the fp32 output back from out and
+# out's exponent (csrc/out_lo.h, encode_lo); the backward's delta reads the fp32 output back from out and
 # out_lo, as fastattn._ops.out_fp32 does.
 
 

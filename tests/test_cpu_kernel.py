@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastattn import _cpu, _philox, reference, testing
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, make_qkv, padding_mask
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ALL_DTYPES = [F32, BF16, F16, F64]
@@ -33,20 +33,11 @@ def _module(isa: str | None):
     return _cpu.module() if isa is None else importlib.import_module(f"fastattn._C_{isa}")
 
 
-def _randn(*shape, dtype, gen, layout="bhsd"):
-    """(B, H, S, D) tensor; layout "bshd" makes it a transposed view of a (B, S, H, D) buffer."""
-    if layout == "bshd":
-        B, H, S, D = shape
-        return torch.randn(B, S, H, D, generator=gen).to(dtype).transpose(1, 2)
-    return torch.randn(*shape, generator=gen).to(dtype)
-
-
 def _mask(kind, B, H, L, S, dtype, gen):
     if kind is None:
         return None
     if kind == "bool_pad":  # (B, 1, 1, S): a padding mask, batch element b keeps its first keys
-        lens = torch.randint(1, S + 1, (B,), generator=gen)
-        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+        return padding_mask(torch.randint(1, S + 1, (B,), generator=gen), S)
     if kind == "bool_full":
         return torch.rand(B, H, L, S, generator=gen) > 0.4
     if kind == "bool_rows_hidden":  # some query rows see no key at all
@@ -73,9 +64,7 @@ def _check(B, H, Hk, L, S, E, Ev, *, dtype=F32, layout="bhsd", mask=None, causal
     """Kernel vs reference; ``offset``: the causal diagonal offset (key j visible to query i iff j <= i + offset)."""
     key = (B, H, Hk, L, S, E, Ev, str(dtype), mask, causal, p) + ((offset,) if offset else ())
     gen = torch.Generator().manual_seed(hash(key) % 2**31)
-    q = _randn(B, H, L, E, dtype=dtype, gen=gen, layout=layout)
-    k = _randn(B, Hk, S, E, dtype=dtype, gen=gen, layout=layout)
-    v = _randn(B, Hk, S, Ev, dtype=dtype, gen=gen, layout=layout)
+    q, k, v = make_qkv(B, H, Hk, L, S, E, Ev, dtype, gen=gen, bshd=layout == "bshd")
     m = _mask(mask, B, H, L, S, dtype, gen)
     scale = 1.0 / math.sqrt(E) if scale is None else scale
     out, lse = _cpu._attention_fwd(_module(isa), q, k, v, m, scale=scale, is_causal=causal, dropout_p=p, seed=seed,
@@ -329,7 +318,7 @@ def test_bf16_both_paths(monkeypatch, dot, case):
     dict(L=40, S=150, E=96, Ev=24, mask="bool_rows_hidden"),
 ], ids=["E64-blocks-causal-bshd", "E32-pad-Ev48", "E128-oneblock-floatmask-bshd", "E96-rows-hidden"])
 def test_bf16_even_odd_packing(monkeypatch, case):
-    # bf16 with E % 32 == 0 on the widening path packs Q^T and widens K in even-odd order (csrc/forward.cpp,
+    # bf16 with E % 32 == 0 on the widening path packs Q^T and widens K in even-odd order (csrc/forward_packing.h,
     # convert_rows_eo): partial row groups, strided (B, S, H, E) rows, several key blocks and one block (Q^T
     # packed per group) must all agree with the reference.
     if _cpu._unusable_reason("avx512") is not None:
