@@ -18,8 +18,9 @@ The score tile is built as a sum over d of rank-1 tanh tiles: for each d, a (BLO
 a (BLOCK_N,) key column are loaded and ``w_d * tanh(q_d[:, None] + k_d[None, :])`` is added, so the
 registers hold (BLOCK_M, BLOCK_N) tiles only, never (BLOCK_M, BLOCK_N, D).
 
-Kernels (program ids cast to int64 before pointer arithmetic, fp32 accumulation, exp2 with log2(e)
-folded into the scores):
+Kernels (program ids cast to int64 before pointer arithmetic, fp32 accumulation, ieee dot products in every
+dtype (tf32 would miss the fp32 tolerance), exp2 with log2(e) folded into the scores; tiles: ``CONFIGS``, from
+kernels/configs.py):
 
 * ``_additive_fwd``     one program per (query block, b * h): online softmax over key blocks, P @ V by tl.dot.
 * ``_additive_bwd_dq``  one program per (query block, b * h): recomputes P from lse, dS = P (dO V^T - delta),
@@ -34,25 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import import_in_current_mode, is_interpreted
+
+# Reloading this module after TRITON_INTERPRET changed re-decorates the kernels in the new mode.
+import_in_current_mode(__package__, ("_tile", "_masking"))
+
+from ._masking import _apply_mask, _mask_tile, mask_args  # noqa: E402
+from ._tile import LN2, LOG2E, _dot, _load_row_stats  # noqa: E402
+from .configs import ADDITIVE_CONFIGS as CONFIGS  # noqa: E402 - tile configurations: kernels/configs.py
+from .configs import ADDITIVE_INTERPRETER_CONFIGS as INTERPRETER_CONFIGS  # noqa: E402
+from .configs import dtype_class, pad_dim  # noqa: E402
+
 __all__ = ["additive_fwd", "additive_bwd", "CONFIGS", "INTERPRETER_CONFIGS", "compile_check"]
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-_NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
-
-# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dtype class ("16": fp16 /
-# bf16, tensor-core dots; "32": fp32 with ieee dots, which run on the FMA units and hold their operands in
-# registers, hence smaller tiles: 64x64 fp32 tiles spill even with 8 warps): the one place they live.
-# compile_check() verifies registers / spills for sm_80 and sm_90 (D 8, Ev 64).
-CONFIGS = {
-    ("fwd", "16"): (64, 64, 4, 2),
-    ("bwd_dq", "16"): (64, 32, 4, 1),
-    ("bwd_dkdv", "16"): (32, 64, 4, 1),
-    ("fwd", "32"): (32, 32, 4, 2),
-    ("bwd_dq", "32"): (16, 32, 4, 1),
-    ("bwd_dkdv", "32"): (32, 32, 4, 1),
-}
-INTERPRETER_CONFIGS = {"fwd": (16, 16, 1, 1), "bwd_dq": (16, 16, 1, 1), "bwd_dkdv": (16, 16, 1, 1)}
 
 
 @triton.jit
@@ -64,46 +58,36 @@ def _tanh(x):
     p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
          + 1.33314422036e-1) * z - 3.33332819422e-1
     small = x + x * z * p
-    big = 1.0 - 2.0 / (tl.exp2(ax * (2.0 * _LOG2E)) + 1.0)
+    big = 1.0 - 2.0 / (tl.exp2(ax * (2.0 * LOG2E)) + 1.0)
     big = tl.where(x < 0, -big, big)
     return tl.where(ax < 0.625, small, big)
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b, fp32 accumulation, ieee fp32 products (tf32 would miss the fp32 tolerance). UPCAST:
-    the interpreter's tl.dot mishandles bfloat16, so interpreted bf16 tiles go through fp32 (exact)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+def _tanh_term(Q_bh, K_bh, W_h, d, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd):
+    """(w_d, t) with t = tanh(q[m, d] + k[n, d]) (BLOCK_M, BLOCK_N): the d-th rank-1 term of the scores is
+    w_d * t; the backward re-evaluates it for dq[:, d], dk[:, d] and dw[d]."""
+    qd = tl.load(Q_bh + offs_m * stride_ql + d * stride_qd, mask=in_m, other=0.0).to(tl.float32)
+    kd = tl.load(K_bh + offs_n * stride_kl + d * stride_kd, mask=in_n, other=0.0).to(tl.float32)
+    wd = tl.load(W_h + d)
+    return wd, _tanh(qd[:, None] + kd[None, :])
 
 
 @triton.jit
-def _scores(Q_bh, K_bh, W_h, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd, D,
+def _scores(Q_bh, K_bh, W_h, M_bh, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
+            stride_ml, stride_ms, D, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 scores sum_d w_d tanh(q[m, d] + k[n, d]) in log2 units (times log2 e)."""
+    """(BLOCK_M, BLOCK_N) fp32 scores sum_d w_d tanh(q[m, d] + k[n, d]) in log2 units (times log2 e), with
+    the mask, causality and the key bounds applied (-inf hides)."""
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d in range(D):
-        qd = tl.load(Q_bh + offs_m * stride_ql + d * stride_qd, mask=in_m, other=0.0).to(tl.float32)
-        kd = tl.load(K_bh + offs_n * stride_kl + d * stride_kd, mask=in_n, other=0.0).to(tl.float32)
-        wd = tl.load(W_h + d)
-        s += wd * _tanh(qd[:, None] + kd[None, :])
-    return s * _LOG2E
-
-
-@triton.jit
-def _masked(s, M_bh, offs_m, offs_n, in_m, in_n, stride_ml, stride_ms,
-            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Scores (log2 units) with the mask, causality and the key bounds applied (-inf hides)."""
-    if MASK_KIND == 1:
-        mv = tl.load(M_bh + offs_m[:, None] * stride_ml + offs_n[None, :] * stride_ms,
-                     mask=in_m[:, None] & in_n[None, :], other=0)
-        s = tl.where(mv != 0, s, float("-inf"))
-    elif MASK_KIND == 2:
-        mv = tl.load(M_bh + offs_m[:, None] * stride_ml + offs_n[None, :] * stride_ms,
-                     mask=in_m[:, None] & in_n[None, :], other=0.0)
-        s = s + mv.to(tl.float32) * _LOG2E
+        wd, t = _tanh_term(Q_bh, K_bh, W_h, d, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl,
+                           stride_kd)
+        s += wd * t
+    s = s * LOG2E
+    if MASK_KIND != 0:
+        mv = _mask_tile(M_bh, offs_m, offs_n, in_m, in_n, stride_ml, stride_ms, False, False)
+        s = _apply_mask(s, mv, MASK_KIND)
     keep = in_n[None, :]
     if IS_CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -143,9 +127,8 @@ def _additive_fwd(Q, K, V, Wt, Mask, Out, Lse,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < S
-        s = _scores(Q_bh, K_bh, W_h, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
-                    D, BLOCK_M, BLOCK_N)
-        s = _masked(s, M_bh, offs_m, offs_n, in_m, in_n, stride_ml, stride_ms, MASK_KIND, IS_CAUSAL)
+        s = _scores(Q_bh, K_bh, W_h, M_bh, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
+                    stride_ml, stride_ms, D, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
@@ -153,24 +136,14 @@ def _additive_fwd(Q, K, V, Wt, Mask, Out, Lse,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_bh + offs_n[:, None] * stride_vl + offs_e[None, :] * stride_ve,
                     mask=in_n[:, None] & in_e[None, :], other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, "ieee")
         m_i = m_new
     alive = l_i > 0.0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_e[None, :] * stride_oe,
              out.to(Out.dtype.element_ty), mask=in_m[:, None] & in_e[None, :])
-    lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * _LN2, float("-inf"))
+    lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(Lse + bh * L + offs_m, lse, mask=in_m)
-
-
-@triton.jit
-def _row_stats(Lse, Delta, bh, L, offs_m, in_m):
-    """(lse in log2 units, delta) of rows offs_m; rows with no key (lse -inf) and rows past L get
-    lse = +inf, so exp2(s - lse) is exactly 0 there."""
-    lse = tl.load(Lse + bh * L + offs_m, mask=in_m, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    delta = tl.load(Delta + bh * L + offs_m, mask=in_m, other=0.0)
-    return lse2, delta
 
 
 @triton.jit
@@ -199,7 +172,7 @@ def _additive_bwd_dq(Q, K, V, Wt, Mask, DO, Lse, Delta, DQ, DWp,
     offs_e = tl.arange(0, BLOCK_EV)
     in_e = offs_e < EV
     offs_d = tl.arange(0, BLOCK_D)
-    lse2, delta = _row_stats(Lse, Delta, bh, L, offs_m, in_m)
+    lse2, delta = _load_row_stats(Lse, Delta, bh * L, offs_m, in_m)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dl + offs_e[None, :] * stride_de,
                  mask=in_m[:, None] & in_e[None, :], other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -210,19 +183,16 @@ def _additive_bwd_dq(Q, K, V, Wt, Mask, DO, Lse, Delta, DQ, DWp,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < S
-        s = _scores(Q_bh, K_bh, W_h, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
-                    D, BLOCK_M, BLOCK_N)
-        s = _masked(s, M_bh, offs_m, offs_n, in_m, in_n, stride_ml, stride_ms, MASK_KIND, IS_CAUSAL)
+        s = _scores(Q_bh, K_bh, W_h, M_bh, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
+                    stride_ml, stride_ms, D, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse2[:, None])
         v = tl.load(V_bh + offs_n[:, None] * stride_vl + offs_e[None, :] * stride_ve,
                     mask=in_n[:, None] & in_e[None, :], other=0.0)
-        dp = _dot(do, tl.trans(v), None, UPCAST)
+        dp = _dot(do, tl.trans(v), None, UPCAST, "ieee")
         ds = p * (dp - delta[:, None])
         for d in range(D):
-            qd = tl.load(Q_bh + offs_m * stride_ql + d * stride_qd, mask=in_m, other=0.0).to(tl.float32)
-            kd = tl.load(K_bh + offs_n * stride_kl + d * stride_kd, mask=in_n, other=0.0).to(tl.float32)
-            wd = tl.load(W_h + d)
-            t = _tanh(qd[:, None] + kd[None, :])
+            wd, t = _tanh_term(Q_bh, K_bh, W_h, d, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl,
+                               stride_kd)
             col = wd * tl.sum(ds * (1.0 - t * t), 1)
             dq += tl.where(offs_d[None, :] == d, col[:, None], 0.0)
             dw += tl.where(offs_d == d, tl.sum(tl.sum(ds * t, 1), 0), 0.0)
@@ -267,21 +237,18 @@ def _additive_bwd_dkdv(Q, K, V, Wt, Mask, DO, Lse, Delta, DK, DV,
     for start_m in range(lo, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_m = offs_m < L
-        lse2, delta = _row_stats(Lse, Delta, bh, L, offs_m, in_m)
+        lse2, delta = _load_row_stats(Lse, Delta, bh * L, offs_m, in_m)
         do = tl.load(DO_bh + offs_m[:, None] * stride_dl + offs_e[None, :] * stride_de,
                      mask=in_m[:, None] & in_e[None, :], other=0.0)
-        s = _scores(Q_bh, K_bh, W_h, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
-                    D, BLOCK_M, BLOCK_N)
-        s = _masked(s, M_bh, offs_m, offs_n, in_m, in_n, stride_ml, stride_ms, MASK_KIND, IS_CAUSAL)
+        s = _scores(Q_bh, K_bh, W_h, M_bh, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl, stride_kd,
+                    stride_ml, stride_ms, D, MASK_KIND, IS_CAUSAL, BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse2[:, None])
-        dv = _dot(tl.trans(p).to(do.dtype), do, dv, UPCAST)
-        dp = _dot(do, tl.trans(v), None, UPCAST)
+        dv = _dot(tl.trans(p).to(do.dtype), do, dv, UPCAST, "ieee")
+        dp = _dot(do, tl.trans(v), None, UPCAST, "ieee")
         ds = p * (dp - delta[:, None])
         for d in range(D):
-            qd = tl.load(Q_bh + offs_m * stride_ql + d * stride_qd, mask=in_m, other=0.0).to(tl.float32)
-            kd = tl.load(K_bh + offs_n * stride_kl + d * stride_kd, mask=in_n, other=0.0).to(tl.float32)
-            wd = tl.load(W_h + d)
-            t = _tanh(qd[:, None] + kd[None, :])
+            wd, t = _tanh_term(Q_bh, K_bh, W_h, d, offs_m, offs_n, in_m, in_n, stride_ql, stride_qd, stride_kl,
+                               stride_kd)
             col = wd * tl.sum(ds * (1.0 - t * t), 0)
             dk += tl.where(offs_d[None, :] == d, col[:, None], 0.0)
     in_d = offs_d < D
@@ -297,22 +264,18 @@ KERNELS = {"fwd": _additive_fwd, "bwd_dq": _additive_bwd_dq, "bwd_dkdv": _additi
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
+_INTERPRETED = is_interpreted(_additive_fwd)
+
+
 def _interpreting() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(_additive_fwd, InterpretedFunction)
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return _INTERPRETED
 
 
 def _config(name: str, dtype: torch.dtype):
     if _interpreting():
         return INTERPRETER_CONFIGS[name]
-    return CONFIGS[(name, "32" if dtype == torch.float32 else "16")]
+    return CONFIGS[(name, dtype_class(dtype))]
 
 
 def _check(q, k, v, weight, mask):
@@ -324,13 +287,6 @@ def _check(q, k, v, weight, mask):
         raise ValueError(f"the Triton additive kernels support value dims up to 256, got {v.shape[-1]}")
     if mask is not None and mask.dim() != 4:
         raise ValueError(f"mask must be 4-D (B|1, H|1, L|1, S|1), got shape {tuple(mask.shape)}")
-
-
-def _mask_args(mask, q):
-    if mask is None:
-        return q, (0, 0, 0, 0), _NO_MASK
-    strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
-    return mask, strides, (_BOOL_MASK if mask.dtype == torch.bool else _FLOAT_MASK)
 
 
 def _strides(t):
@@ -347,10 +303,10 @@ def _fwd_args(q, k, v, w, mask, out, lse, is_causal):
     """(positional args, constexprs) of _additive_fwd (shared by the launcher and compile_check)."""
     B, H, L, D = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    m, mstr, kind = _mask_args(mask, q)
+    m, mstr, kind = mask_args(mask, q)
     return ((q, k, v, w, m, out, lse, *_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(out),
              H, L, S, D, Ev),
-            dict(BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
+            dict(BLOCK_EV=pad_dim(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
                  UPCAST=_interpreting() and q.dtype == torch.bfloat16))
 
 
@@ -359,11 +315,11 @@ def _bwd_args(q, k, v, w, mask, dout, lse, delta, out1, out2, is_causal):
     _additive_bwd_dkdv (out1, out2 = dk, dv)."""
     B, H, L, D = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    m, mstr, kind = _mask_args(mask, q)
+    m, mstr, kind = mask_args(mask, q)
     return ((q, k, v, w, m, dout, lse, delta, out1, out2, *_strides(q), *_strides(k), *_strides(v), *mstr,
              *_strides(dout), H, L, S, D, Ev),
-            dict(BLOCK_D=_pow2(D, 1), BLOCK_EV=_pow2(Ev), MASK_KIND=kind, IS_CAUSAL=bool(is_causal),
-                 UPCAST=_interpreting() and q.dtype == torch.bfloat16))
+            dict(BLOCK_D=max(1, triton.next_power_of_2(D)), BLOCK_EV=pad_dim(Ev), MASK_KIND=kind,
+                 IS_CAUSAL=bool(is_causal), UPCAST=_interpreting() and q.dtype == torch.bfloat16))
 
 
 def additive_fwd(q, k, v, weight, mask, is_causal: bool):
@@ -428,8 +384,6 @@ def compile_check(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), D: int = 8, E
                   variants=("plain", "causal-bool", "float"), kernels=tuple(KERNELS)) -> list[dict]:
     """Compile every kernel in its CONFIGS tile for each arch / dtype / variant and report registers,
     spill bytes and shared memory (kernels/aot.py's tools: cuobjdump -res-usage, ptxas -v)."""
-    from triton.backends.compiler import GPUTarget
-
     from . import aot
 
     if _interpreting():
@@ -455,7 +409,7 @@ def compile_check(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), D: int = 8, E
                 if name not in kernels:
                     continue
                 fn = KERNELS[name]
-                cfg = CONFIGS[(name, "32" if dt == torch.float32 else "16")]
+                cfg = CONFIGS[(name, dtype_class(dt))]
                 bm, bn, nw, ns = cfg
                 args = dict(zip([p.name for p in fn.params], pos))
                 args.update(const, BLOCK_M=bm, BLOCK_N=bn)
@@ -463,13 +417,9 @@ def compile_check(archs=(80, 90), dtypes=("bf16", "fp16", "fp32"), D: int = 8, E
                     row = dict(kernel=name, dtype=dname, variant=variant, arch=arch, D=D, Ev=Ev,
                                config=cfg, error=None)
                     try:
-                        signature, constexprs, attrs = aot._signature(fn, args)
-                        ck = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs, attrs),
-                                            target=GPUTarget("cuda", arch, 32),
-                                            options=dict(num_warps=nw, num_stages=ns))
-                        regs, local, stack = aot._resource_usage(ck.asm["cubin"])
-                        row.update(registers=regs, shared=int(ck.metadata.shared),
-                                   spill_bytes=aot._ptxas_spills(ck.asm["ptx"], arch) if local + stack else 0)
+                        used = aot.resources(aot.compile_kernel(fn, args, arch, nw, ns), arch)
+                        row.update(registers=used["registers"], shared=used["shared"],
+                                   spill_bytes=used["spill_bytes"])
                     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
                         row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
                     rows.append(row)

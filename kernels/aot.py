@@ -1,5 +1,5 @@
 """Ahead-of-time compile report: every Triton attention kernel, in every tile configuration the
-autotuner can pick (``attention.CONFIGS``), for sm_80 and sm_90, without a GPU.
+autotuner can pick (``CONFIGS``, kernels/configs.py), for sm_80 and sm_90, without a GPU.
 
 For each (kernel, head-dim bucket, dtype, feature variant, config, arch) it runs
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` on the exact arguments the
@@ -20,18 +20,18 @@ a gradient: full-shaped for the dQ kernel, which then stores dS, broadcast for t
 causal offset (``causal_offset``: lower-right and shifted diagonals) is a runtime i32 the JIT never
 specialises, so the causal variants, compiled with offset 0, are the code every offset runs.
 fp16 / bf16 forward and preprocess kernels are compiled as training calls, storing / reading ``out_lo`` (the
-output's rounding residual, kernels/attention.py): a few more registers in the epilogue than inference. The
+output's rounding residual, kernels/attention_fwd.py): a few more registers in the epilogue than inference. The
 first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
 mask: the key-range path that skips padded key blocks). On request (``VARLEN_VARIANTS``) the first config
 of each bucket is compiled as ``varlen`` (a packed batch read through cu_seqlens, causal with a full bool
-mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient). Known (fp16,
-bf16, fp32, sm_80 + sm_90: 73 of 90 cells clean): the varlen dmask kernel spills 36-304 B in 11 cells at
-the 255-register limit; the varlen-full fwd spills 12 B (E=128 fp16/bf16, sm_80) and 32 B (E=256 fp32,
-sm_90), the varlen-full dQ 36 B (E=256 fp16/bf16, sm_90) and dK/dV 8 B (E=256 fp32, sm_80).
+mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient); some of those
+cells still spill (kernels/README.md lists them).
 
 Compilation runs in one worker process per core, spawned with TRITON_INTERPRET=0 so the report also
-works from an interpreted test session. On 2 cores a cold run (empty Triton cache) of fp16 + bf16
-(420 compiles) takes about 3 minutes, with fp32 about 4.5; Triton's on-disk cache makes reruns faster.
+works from an interpreted test session; Triton's on-disk cache makes reruns faster.
+
+``compile_kernel`` and ``resources`` are the compile-and-measure steps the additive and hard-attention
+reports (``additive.compile_check``, ``hard.aot_report``) share with this one.
 """
 from __future__ import annotations
 
@@ -50,13 +50,13 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
 VARIANTS = ("plain", "causal-bool", "full", "pad")
 # Packed (varlen) batches, compiled on request (variants=VARIANTS + VARLEN_VARIANTS): not yet spill-free in
-# every cell (see the module doc), so they are kept out of the default report until they are.
+# every cell (kernels/README.md), so they are kept out of the default report until they are.
 VARLEN_VARIANTS = ("varlen", "varlen-full")
 
 
 def _attention():
     # Imported lazily: the kernels must be decorated with TRITON_INTERPRET unset (see _init_worker).
-    return importlib.import_module(f"{__package__}.attention" if __package__ else "attention")
+    return importlib.import_module(f"{__package__ or 'fastattn.kernels'}.attention")
 
 
 def _variants(kernel: str, cfg, index: int, variants) -> list[str]:
@@ -201,6 +201,24 @@ def _ptxas_spills(ptx: str, arch: int) -> int:
     return sum(int(a) + int(b) for a, b in found)
 
 
+def compile_kernel(fn, args: dict, arch: int, num_warps: int, num_stages: int):
+    """``triton.compile`` of the jit function ``fn`` for sm_``arch``, specialised for ``args`` (every parameter,
+    constexprs included) exactly as the JIT would specialise that launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    signature, constexprs, attrs = _signature(fn, args)
+    return triton.compile(triton.compiler.ASTSource(fn, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resources(compiled, arch: int) -> dict:
+    """registers (per thread), local_bytes (stack frame + local memory), spill_bytes (0 unless local_bytes) and
+    shared (bytes) of a compiled kernel."""
+    regs, local, stack = _resource_usage(compiled.asm["cubin"])
+    return dict(registers=regs, local_bytes=local + stack, shared=int(compiled.metadata.shared),
+                spill_bytes=_ptxas_spills(compiled.asm["ptx"], arch) if local + stack else 0)
+
+
 def _init_worker() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -224,8 +242,6 @@ def _compiled_env():
 
 def compile_one(kernel: str, bucket: int, dtype: str, variant: str, config_index: int, arch: int) -> dict:
     """Compile one kernel configuration for ``arch`` and measure it (runs in a worker process)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     A = _attention()
     dclass = "32" if dtype == "fp32" else "16"
     cfg = A.CONFIGS[kernel][(bucket, dclass)][config_index]
@@ -240,12 +256,7 @@ def compile_one(kernel: str, bucket: int, dtype: str, variant: str, config_index
         if dtype == "fp32" and "DOT_PRECISION" in args:
             args["DOT_PRECISION"] = "tf32"  # the tensor-core path (allow_tf32); ieee runs on FMA units
         args.update(cfg.kwargs())
-        fn = A.KERNELS[kernel]
-        signature, constexprs, attrs = _signature(fn, args)
-        src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        regs, local, stack = _resource_usage(ck.asm["cubin"])
+        ck = compile_kernel(A.KERNELS[kernel], args, arch, cfg.num_warps, cfg.num_stages)
         ptx = ck.asm["ptx"]
         if "wgmma.mma_async" in ptx:
             tc = "wgmma"
@@ -253,8 +264,7 @@ def compile_one(kernel: str, bucket: int, dtype: str, variant: str, config_index
             tc = "mma"
         else:
             tc = "none"
-        row.update(registers=regs, local_bytes=local + stack, shared=int(ck.metadata.shared), tensor_cores=tc,
-                   spill_bytes=_ptxas_spills(ptx, arch) if local + stack else 0)
+        row.update(**resources(ck, arch), tensor_cores=tc)
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     row["compile_s"] = round(time.perf_counter() - t0, 2)
@@ -322,7 +332,7 @@ def main(archs=(80, 90), dtypes=DTYPES) -> int:
     `fastattn kernels` command); exit status 1 if any configuration fails to compile, spills
     registers, overflows shared memory or misses the tensor cores."""
     t0 = time.perf_counter()
-    total = len(jobs(archs, dtypes))
+    total = len(jobs(archs, dtypes)) + len(decode_jobs(archs, dtypes))
     print(f"compiling {total} kernel configurations for {', '.join(f'sm_{a}' for a in archs)} "
           f"({', '.join(dtypes)}) in {os.cpu_count()} processes; Triton's cache makes reruns fast ...",
           file=sys.stderr, flush=True)
@@ -331,11 +341,56 @@ def main(archs=(80, 90), dtypes=DTYPES) -> int:
         if done % 25 == 0 or done == total:
             print(f"  {done}/{total}", file=sys.stderr, flush=True)
 
-    rows = compile_report(archs, dtypes, progress=progress)
+    rows = compile_report(archs, dtypes, progress=progress) + decode_report(archs, dtypes, progress=progress)
     print(format_table(rows))
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} ok, {len(bad)} failed ({time.perf_counter() - t0:.0f} s)")
     return 1 if bad else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode kernels (kernels/decode.py): each (kernel, head bucket, dtype, variant, row block) case its launcher
+# can pick (``decode.aot_cases``), compiled from the launcher's own plan (``decode.aot_launch``).
+# ----------------------------------------------------------------------------------------------------
+def decode_jobs(archs=(80, 90), dtypes=DTYPES) -> list[tuple]:
+    D = importlib.import_module(f"{__package__ or 'fastattn.kernels'}.decode")
+    return [(*case, arch) for case in D.aot_cases(dtypes) for arch in archs]
+
+
+def compile_decode_one(kernel: str, bucket: int, dtype: str, variant: str, block_m: int, arch: int) -> dict:
+    """Compile one decode case for ``arch`` and measure it (runs in a worker process): a row of the report,
+    ``features`` naming the row block. The merge kernel has no dot, so no tensor cores are expected of it."""
+    D = importlib.import_module(f"{__package__ or 'fastattn.kernels'}.decode")
+    row = dict(kernel=kernel, head_dim=bucket, dtype=dtype, variant=variant, config="-", config_index=0,
+               features=f"m{block_m}", arch=arch, registers=None, spill_bytes=None, local_bytes=None, shared=None,
+               shared_limit=SMEM_LIMIT.get(arch), tensor_cores=None, compile_s=None, error=None)
+    t0 = time.perf_counter()
+    try:
+        fn, args, cfg = D.aot_launch(kernel, bucket, dtype, variant, block_m)
+        row["config"] = str(cfg)
+        ck = compile_kernel(fn, args, arch, cfg.num_warps, cfg.num_stages)
+        ptx = ck.asm["ptx"]
+        tc = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+        row.update(**resources(ck, arch), tensor_cores=tc)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a row of the report
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    row["problems"] = [p for p in _problems(row) if not (kernel == "decode_merge" and p.startswith("no tensor"))]
+    row["ok"] = not row["problems"]
+    return row
+
+
+def decode_report(archs=(80, 90), dtypes=DTYPES, *, workers: int | None = None, progress=None) -> list[dict]:
+    """Rows (as ``compile_report``'s) of every decode case, in ``decode_jobs`` order."""
+    todo = decode_jobs(archs, dtypes)
+    workers = workers or max(1, min(os.cpu_count() or 1, len(todo)))
+    with _compiled_env(), cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                                 initializer=_init_worker) as pool:
+        futures = [pool.submit(compile_decode_one, *j) for j in todo]
+        for done, f in enumerate(cf.as_completed(futures), 1):
+            if progress:
+                progress(f.result(), done, len(todo))
+        return [f.result() for f in futures]
 
 
 if __name__ == "__main__":

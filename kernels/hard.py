@@ -34,56 +34,29 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import dot_precision, import_in_current_mode, is_interpreted, named_strides
+
+# Reloading this module after TRITON_INTERPRET changed re-decorates the kernels in the new mode.
+import_in_current_mode(__package__, ("_tile",))
+
+from ._masking import mask_args  # noqa: E402
+from ._tile import LOG2E, _dot  # noqa: E402
+from .configs import HARD_INTERPRETER_CONFIG, hard_bwd_config, hard_fwd_config, pad_dim  # noqa: E402
+
 __all__ = ["hard_fwd", "hard_bwd", "fwd_config", "bwd_config", "MAX_TOP_K"]
 
 MAX_TOP_K = 64
-_LOG2E = tl.constexpr(1.4426950408889634)
 _BIG = tl.constexpr(1 << 30)  # index of unused candidate slots (> any key index; S < 2**30)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tile choices (one place). Forward: the candidate tiles (BLOCK_M x K_PAD scores + indices) join the
-# score tile in registers, so wide top-k uses shorter query tiles. Backward dk/dv: two fp32
-# (BLOCK_N x E) accumulators plus the W tiles.
-# ----------------------------------------------------------------------------------------------------
 def fwd_config(k_pad: int, head: int, fp32: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (``head``: padded max(E, Ev)).
-    Checked for sm_80 / sm_90 without spills by hand (see the report of issue 5)."""
-    if _interpreting():
-        return 16, 16, 1, 1
-    if fp32:  # fp32 tiles are twice the registers (and ieee dots run on the FMA units)
-        return (32, 32, 4, 2) if head <= 64 else (16, 32, 4, 2)
-    if head > 128:
-        return 32, 32, 4, 2
-    if k_pad <= 8:
-        return 64, 64, 4, 2
-    return (32, 64, 4, 2) if k_pad <= 32 else (16, 64, 4, 2)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (``head``: padded max(E, Ev); kernels/configs.py)."""
+    return HARD_INTERPRETER_CONFIG if _interpreting() else hard_fwd_config(k_pad, head, fp32)
 
 
 def bwd_config(head: int, fp32: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels (fp32 W tiles and dots)."""
-    if _interpreting():
-        return 16, 16, 1, 1
-    # 8 warps: the dk/dv kernel holds two fp32 (BLOCK_N x E) accumulators and two fp32 W tiles.
-    return (32, 64, 8, 1) if head <= 64 else (16, 32, 8, 1)
-
-
-def _interpreting() -> bool:
-    return _INTERPRETED
-
-
-def _pad_dim(e: int) -> int:
-    return max(16, triton.next_power_of_2(e))
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; UPCAST: bf16 tiles through fp32 (the interpreter's bf16 dot
-    is wrong, see kernels/attention.py)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels (kernels/configs.py)."""
+    return HARD_INTERPRETER_CONFIG if _interpreting() else hard_bwd_config(head, fp32)
 
 
 @triton.jit
@@ -209,7 +182,7 @@ def _hard_fwd(Q, K, V, Mask, Out, Idx, Prob,
         valid_k = col_ok & (bs > float("-inf"))
         m = tl.max(tl.where(valid_k, bs, float("-inf")), 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.where(valid_k, tl.math.exp2((bs - m_safe[:, None]) * _LOG2E), 0.0)
+        e = tl.where(valid_k, tl.math.exp2((bs - m_safe[:, None]) * LOG2E), 0.0)
         den = tl.sum(e, 1)
         p = e / tl.where(den == 0.0, 1.0, den)[:, None]
         rem = tl.where(valid_k, bs, float("-inf"))
@@ -351,15 +324,12 @@ def _hard_bwd_dkdv(Q, DO, Idx, Prob, DS, DK, DV,
              _cast(dk * sm_scale, DK.dtype.element_ty, RTNE), mask=in_n[:, None] & e_ok)
 
 
-def _is_interpreted(fn) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(fn, InterpretedFunction)
+_INTERPRETED = is_interpreted(_hard_fwd)
 
 
-_INTERPRETED = _is_interpreted(_hard_fwd)
+def _interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return _INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,14 +340,14 @@ def _fwd_args(q, k, v, mask_t, mask_kind, mstr, out, idx, prob, scale, is_causal
     B, H, L, E = q.shape
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     k_pad = triton.next_power_of_2(top_k)
-    bm, bn, nw, ns = fwd_config(k_pad, max(_pad_dim(E), _pad_dim(Ev)), q.dtype == torch.float32)
-    precision = ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee") if q.dtype == torch.float32 else "ieee"
+    bm, bn, nw, ns = fwd_config(k_pad, max(pad_dim(E), pad_dim(Ev)), q.dtype == torch.float32)
     args = dict(Q=q, K=k, V=v, Mask=mask_t, Out=out, Idx=idx, Prob=prob,
-                **_named("q", q), **_named("k", k), **_named("v", v), **_named("m", mstr), **_named("o", out),
+                **named_strides("q", q), **named_strides("k", k), **named_strides("v", v), **named_strides("m", mstr),
+                **named_strides("o", out),
                 H=H, GROUP=H // Hk, L=L, S=S, sm_scale=float(scale),
-                HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), MASK_KIND=mask_kind,
+                HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=pad_dim(E), BLOCK_EV=pad_dim(Ev), MASK_KIND=mask_kind,
                 IS_CAUSAL=bool(is_causal), TOP_K=top_k, K_PAD=k_pad,
-                UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=precision,
+                UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=dot_precision(q.dtype),
                 RTNE=_interpreting() and q.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
     return (triton.cdiv(L, bm), B * H), args
 
@@ -386,28 +356,20 @@ def _bwd_args(dout, q, k, v, idx, prob, dq, dk, dv, ds, scale, top_k, is_causal)
     """[(kernel, grid, keyword arguments)] of the backward launches."""
     B, H, L, E = q.shape
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    bm, bn, nw, ns = bwd_config(max(_pad_dim(E), _pad_dim(Ev)), q.dtype == torch.float32)
-    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=_pad_dim(E), BLOCK_EV=_pad_dim(Ev), TOP_K=top_k,
+    bm, bn, nw, ns = bwd_config(max(pad_dim(E), pad_dim(Ev)), q.dtype == torch.float32)
+    common = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=pad_dim(E), BLOCK_EV=pad_dim(Ev), TOP_K=top_k,
                   RTNE=_interpreting() and q.dtype == torch.bfloat16, num_warps=nw, num_stages=ns)
     out = []
     if top_k > 1:
         out.append((_hard_bwd_dq, (triton.cdiv(L, bm), B * H), dict(
-            K=k, V=v, DO=dout, Idx=idx, Prob=prob, DS=ds, DQ=dq, **_named("k", k), **_named("v", v),
-            **_named("do", dout), **_named("dq", dq), H=H, GROUP=H // Hk, L=L, sm_scale=float(scale), **common,
-            K_PAD=triton.next_power_of_2(top_k), BLOCK_M=bm)))
+            K=k, V=v, DO=dout, Idx=idx, Prob=prob, DS=ds, DQ=dq, **named_strides("k", k), **named_strides("v", v),
+            **named_strides("do", dout), **named_strides("dq", dq), H=H, GROUP=H // Hk, L=L, sm_scale=float(scale),
+            **common, K_PAD=triton.next_power_of_2(top_k), BLOCK_M=bm)))
     out.append((_hard_bwd_dkdv, (triton.cdiv(S, bn), B * Hk), dict(
-        Q=q, DO=dout, Idx=idx, Prob=prob, DS=ds, DK=dk, DV=dv, **_named("q", q), **_named("do", dout),
-        **_named("dk", dk), **_named("dv", dv), H=H, GROUP=H // Hk, L=L, S=S, sm_scale=float(scale), **common,
-        IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn)))
+        Q=q, DO=dout, Idx=idx, Prob=prob, DS=ds, DK=dk, DV=dv, **named_strides("q", q), **named_strides("do", dout),
+        **named_strides("dk", dk), **named_strides("dv", dv), H=H, GROUP=H // Hk, L=L, S=S, sm_scale=float(scale),
+        **common, IS_CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn)))
     return out
-
-
-def _named(prefix: str, t) -> dict[str, int]:
-    names = {"q": "qb qh qm qe", "k": "kb kh kn ke", "v": "vb vh vn ve", "o": "ob oh om oe", "m": "mb mh mm mn",
-             "do": "dob doh dom doe", "dq": "dqb dqh dqm dqe", "dk": "dkb dkh dkn dke",
-             "dv": "dvb dvh dvn dve"}[prefix].split()
-    st = t.stride() if isinstance(t, torch.Tensor) else t
-    return {f"stride_{n}": int(x) for n, x in zip(names, st)}
 
 
 def _check(q, k, v, top_k: int) -> None:
@@ -436,12 +398,7 @@ def hard_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         idx.fill_(-1)
         prob.zero_()
         return out, idx, prob
-    if mask is None:
-        mask_kind, mask_t, mstr = 0, q, (0, 0, 0, 0)
-    else:
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        mask_t = mask
-        mstr = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
+    mask_t, mstr, mask_kind = mask_args(mask, q)
     grid, args = _fwd_args(q, k, v, mask_t, mask_kind, mstr, out, idx, prob, scale, is_causal, top_k)
     _hard_fwd[grid](**args)
     return out, idx, prob
@@ -479,8 +436,6 @@ def aot_report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), heads=(64
     kernel as the launchers would call it (causal, full bool mask, BSHD views, GQA 4 -> 2)."""
     import itertools
 
-    from triton.backends.compiler import GPUTarget
-
     from . import aot
 
     if _interpreting():
@@ -489,12 +444,8 @@ def aot_report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), heads=(64
     def compile_one(fn, args, arch):
         args = dict(args)
         nw, ns = args.pop("num_warps"), args.pop("num_stages")
-        sig, cx, attrs = aot._signature(fn, args)
-        ck = triton.compile(triton.compiler.ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=nw, num_stages=ns))
-        regs, local, stack = aot._resource_usage(ck.asm["cubin"])
-        spills = aot._ptxas_spills(ck.asm["ptx"], arch) if local + stack else 0
-        return regs, spills, int(ck.metadata.shared)
+        used = aot.resources(aot.compile_kernel(fn, args, arch, nw, ns), arch)
+        return used["registers"], used["spill_bytes"], used["shared"]
 
     B, H, Hk, L, S = 2, 4, 2, 256, 256
     rows = []
