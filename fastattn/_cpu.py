@@ -1,4 +1,5 @@
-"""CPU launcher: picks the C++ kernel module for this CPU, allocates outputs, passes pointers and strides.
+"""CPU launcher of every op family: picks the C++ kernel module for this CPU, allocates outputs, passes pointers
+and strides. The only place on the Python side that allocates the CPU kernels' outputs.
 
 The kernels (csrc/) are built once per instruction set: ``fastattn._C_avx512``, ``_C_avx2`` and
 ``_C_portable``. :func:`module` imports the widest one that is built and that the running CPU supports
@@ -7,22 +8,30 @@ The kernels (csrc/) are built once per instruction set: ``fastattn._C_avx512``, 
 Tensors are read in place through their strides (no ``.contiguous()`` copies): each one travels as a
 ``Tensor4`` (address, strides in elements). Shape legend: B batch, H query heads, Hk key/value heads,
 L query length, S key length, E head dim, Ev value head dim.
+
+Each op family's launchers follow one contract on both devices (fastattn/_launchers.py): ``attention_fwd`` /
+``attention_bwd`` and ``varlen_fwd`` / ``varlen_bwd``, ``additive_fwd`` / ``additive_bwd``, ``hard_fwd`` /
+``hard_bwd``. Each has an ``_``-prefixed twin that takes the kernel module first (tests run every ISA).
+The arguments arrive checked (fastattn/_validation.py); :func:`_check_kernel_inputs` only guards what would
+make the kernel read memory wrongly.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
+import math
 import os
 
 import torch
 from torch import Tensor
 
 from fastattn import _philox
-from fastattn._ops import empty_output
+from fastattn._ops.attention import empty_output
 
 ISAS = ("avx512", "avx2", "portable")
 
-# Element dtype codes of csrc/common.h (enum DType).
+# Element dtype codes of csrc/dtype.h (enum DType).
 DTYPE_CODES = {torch.bool: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4, torch.float64: 5}
 
 # CPU features each module's instructions need (fastattn._C.cpu_features() names).
@@ -130,7 +139,17 @@ def make_params(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, sc
 _NO_TENSOR = (0, 0, 0, 0, 0)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+class BwdMode(enum.IntEnum):
+    """How the backward kernel schedules its dQ / dK / dV passes (csrc/backward.cpp, ``Mode``). Every mode gives
+    the same bits; tests force each one."""
+    AUTO = 0   # the kernel picks
+    FUSED = 1  # one task per (batch item, key/value head)
+    SPLIT = 2  # tasks per key block, then per query block
+
+
+def _check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    """What the kernels read by dtype code and rank: 4-D q, k, v of one float dtype, a bool / float32 / q-dtype
+    mask."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, L, E), got {q.dim()}, {k.dim()}, {v.dim()} dims")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -141,13 +160,64 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         raise TypeError(f"mask must be bool, float32 or {q.dtype}, got {mask.dtype}")
 
 
-# ============================================================================================ forward
+# ============================================================================================ outputs
+def _lo_like(out: Tensor) -> Tensor:
+    """An int16 out_lo buffer laid out as out (the return_lo forwards' third output)."""
+    if out.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"return_lo needs float16 or bfloat16 inputs, got {out.dtype}")
+    return torch.empty_like(out, dtype=torch.int16)  # out is dense: its strides are kept
 
+
+def _forward_outputs(out: Tensor, lse: Tensor, return_lo: bool, has_keys: bool) -> tuple[tuple, bool]:
+    """(res, run): the forward's result (out, lse) or (out, lse, out_lo) around the given buffers, and whether
+    the kernel has anything to compute. Without keys (S == 0) or value dims (Ev == 0) every row sees nothing:
+    out = 0, lse = -inf (and out_lo = 0), as the kernel gives fully masked rows."""
+    res = (out, lse, _lo_like(out)) if return_lo else (out, lse)
+    if out.numel() == 0 and lse.numel() == 0:
+        return res, False
+    if not has_keys:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        if return_lo:
+            res[2].zero_()
+        return res, False
+    return res, True
+
+
+def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, mask_needs_grad: bool = False):
+    """(dq, dk, dv, dmask or None) for the backward kernels to fill, contiguous. dmask is zero-filled (the kernel
+    skips hidden tiles); its stride 0 on size-1 dims tells the kernel to sum over them."""
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    dmask = None
+    if mask_needs_grad:
+        if mask is None or mask.dtype == torch.bool:
+            raise ValueError("mask_needs_grad needs a float mask")
+        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
+    return dq, dk, dv, dmask
+
+
+def _zero(*ts: Tensor) -> None:
+    """Gradients of a call with nothing to compute."""
+    for t in ts:
+        t.zero_()
+
+
+def _check_out_lo(out_lo: Tensor | None, out: Tensor) -> None:
+    if out_lo is None:
+        return
+    if out_lo.shape != out.shape or out_lo.dtype != torch.int16 or out.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"out_lo must be int16 of out's shape {tuple(out.shape)} (float16 / bfloat16 out, got "
+                         f"{out.dtype}), got {tuple(out_lo.shape)} {out_lo.dtype}")
+
+
+# ============================================================================================ attention
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
                   dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
     """(out, lse): out (B, H, L, Ev) in q's dtype (laid out by ``fastattn._ops.empty_output``), lse (B, H, L) float32.
     ``return_lo`` (float16 / bfloat16, for training): (out, lse, out_lo), out_lo int16 laid out as out: the
-    rounding residual of the fp32 result O in units of out's exponent (csrc/common.h, encode_lo), from which
+    rounding residual of the fp32 result O in units of out's exponent (csrc/out_lo.h, encode_lo), from which
     :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O).
     ``causal_offset`` (with ``is_causal``): key j is visible to query i iff j <= i + causal_offset; 0 (the
     default) is top-left alignment (torch's ``is_causal``), S - L lower-right (torch's ``causal_lower_right``).
@@ -156,31 +226,19 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale
                           seed=seed, return_lo=return_lo, causal_offset=causal_offset)
 
 
-def _lo_like(out: Tensor) -> Tensor:
-    """An int16 out_lo buffer laid out as out (the return_lo forwards' third output)."""
-    if out.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"return_lo needs float16 or bfloat16 inputs, got {out.dtype}")
-    return torch.empty_like(out, dtype=torch.int16)  # out is dense: its strides are kept
-
-
 def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
                    dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
-    """attention_fwd with an explicit kernel module (tests run every ISA)."""
-    _check(q, k, v, mask)
+    """attention_fwd with an explicit kernel module. The tensors travel as (address, strides) tuples
+    (``fwd_direct``): no Params object is built on this per-call path."""
+    _check_kernel_inputs(q, k, v, mask)
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
-    out = empty_output(q, v, dropout_p)
-    lse = q.new_empty(B, H, L, dtype=torch.float32)
-    lo = _lo_like(out) if return_lo else None
-    res = (out, lse) if lo is None else (out, lse, lo)
-    if out.numel() == 0 and lse.numel() == 0:
+    res, run = _forward_outputs(empty_output(q, v, dropout_p), q.new_empty(B, H, L, dtype=torch.float32),
+                                return_lo, S != 0 and Ev != 0)
+    if not run:
         return res
-    if S == 0 or Ev == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        if lo is not None:
-            lo.zero_()
-        return res
+    out, lse = res[0], res[1]
+    lo = res[2] if return_lo else None
     if mask is None:
         m5, mdt = _NO_TENSOR, 0
     else:
@@ -195,23 +253,6 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
          _philox.threshold(dropout_p) if drop else 0, torch.get_num_threads(), int(causal_offset)),
         float(scale), float(dropout_p), (int(seed) & (2**64 - 1)) if drop else 0)
     return res
-
-
-# ============================================================================================ backward
-# (owned by the backward kernel's author: attention_bwd / _attention_bwd go below this line)
-
-def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_needs_grad: bool):
-    """(dq, dk, dv, dmask or None) for the backward kernels to fill. dmask is zero-filled (the kernel skips
-    hidden tiles); its stride 0 on size-1 dims tells the kernel to sum over them."""
-    dq = torch.empty(q.shape, dtype=q.dtype)
-    dk = torch.empty(k.shape, dtype=k.dtype)
-    dv = torch.empty(v.shape, dtype=v.dtype)
-    dmask = None
-    if mask_needs_grad:
-        if mask is None or mask.dtype == torch.bool:
-            raise ValueError("mask_needs_grad needs a float mask")
-        dmask = torch.zeros(mask.shape, dtype=mask.dtype)
-    return dq, dk, dv, dmask
 
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, *,
@@ -231,21 +272,12 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                           causal_offset=causal_offset)
 
 
-def _check_out_lo(out_lo: Tensor | None, out: Tensor) -> None:
-    if out_lo is None:
-        return
-    if out_lo.shape != out.shape or out_lo.dtype != torch.int16 or out.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"out_lo must be int16 of out's shape {tuple(out.shape)} (float16 / bfloat16 out, got "
-                         f"{out.dtype}), got {tuple(out_lo.shape)} {out_lo.dtype}")
-
-
 def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
-                   mask_needs_grad: bool, mode: int = 0, out_lo: Tensor | None = None,
+                   mask_needs_grad: bool, mode: BwdMode = BwdMode.AUTO, out_lo: Tensor | None = None,
                    causal_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """attention_bwd with an explicit kernel module; ``mode`` (tests): 0 auto, 1 fused (a task per (b, kv
-    head)), 2 split (tasks per key block and per query block). Every mode gives the same bits."""
-    _check(q, k, v, mask)
+    """attention_bwd with an explicit kernel module and schedule (``mode``)."""
+    _check_kernel_inputs(q, k, v, mask)
     if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(f"dout and out must be (B, H, L, Ev) = {tuple(out.shape)} in {q.dtype}, got dout "
                          f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
@@ -254,8 +286,7 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         raise ValueError(f"lse must be float32 {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
     dq, dk, dv, dmask = _grad_buffers(q, k, v, mask, mask_needs_grad)
     if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3]) == 0:
-        for g in (dq, dk, dv):
-            g.zero_()
+        _zero(dq, dk, dv)
         return dq, dk, dv, dmask
     p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
                     causal_offset=causal_offset)
@@ -266,12 +297,12 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     if dmask is not None:
         p.dmask = _t4(mod, dmask, broadcast=True)
         p.dmask_dtype = DTYPE_CODES[dmask.dtype]
-    mod.bwd(p, mode)
+    mod.bwd(p, int(mode))
     return dq, dk, dv, dmask
 
 
 # ============================================================================================ varlen
-# Packed (variable-length) batches: the same kernels, with Params.cu_q / cu_k set (csrc/common.h,
+# Packed (variable-length) batches: the same kernels, with Params.cu_q / cu_k set (csrc/params.h,
 # item_params): q (total_q, H, E), k (total_k, Hk, E), v (total_k, Hk, Ev), int32 CPU cu_seqlens (B + 1),
 # mask None or 4-D broadcastable to (B, H, max_seqlen_q, max_seqlen_k); lse (H, total_q) float32.
 
@@ -288,7 +319,7 @@ def _lse4(mod, lse: Tensor):
 def _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p, seed):
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"packed q, k, v must be 3-D (total, heads, dim), got {q.dim()}, {k.dim()}, {v.dim()} dims")
-    _check(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask)
+    _check_kernel_inputs(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask)
     for name, cu in (("cu_q", cu_q), ("cu_k", cu_k)):
         if cu.dtype != torch.int32 or cu.device.type != "cpu" or not cu.is_contiguous():
             raise ValueError(f"{name} must be a contiguous int32 CPU tensor, got {cu.dtype} on {cu.device}")
@@ -311,23 +342,15 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_
 def _varlen_fwd(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p, seed,
                 return_lo: bool = False):
     total_q, H, _ = q.shape
-    out = q.new_empty(total_q, H, v.shape[2])
-    lse = q.new_empty(H, total_q, dtype=torch.float32)
-    lo = _lo_like(out) if return_lo else None
-    res = (out, lse) if lo is None else (out, lse, lo)
-    if out.numel() == 0 and lse.numel() == 0:
-        return res
-    if k.shape[0] == 0 or max_k == 0 or v.shape[2] == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        if lo is not None:
-            lo.zero_()
+    res, run = _forward_outputs(q.new_empty(total_q, H, v.shape[2]), q.new_empty(H, total_q, dtype=torch.float32),
+                                return_lo, k.shape[0] != 0 and max_k != 0 and v.shape[2] != 0)
+    if not run:
         return res
     p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
                        dropout_p=dropout_p, seed=seed)
-    p.out, p.lse = _packed(mod, out), _lse4(mod, lse)
-    if lo is not None:
-        p.out_lo = _packed(mod, lo)
+    p.out, p.lse = _packed(mod, res[0]), _lse4(mod, res[1])
+    if return_lo:
+        p.out_lo = _packed(mod, res[2])
     mod.fwd(p)
     return res
 
@@ -344,7 +367,7 @@ def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
 
 
 def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causal, dropout_p,
-                seed, mask_needs_grad, mode: int = 0, out_lo: Tensor | None = None):
+                seed, mask_needs_grad, mode: BwdMode = BwdMode.AUTO, out_lo: Tensor | None = None):
     if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(f"dout and out must be (total_q, H, Ev) = {tuple(out.shape)} in {q.dtype}, got dout "
                          f"{tuple(dout.shape)} {dout.dtype}, out {tuple(out.shape)} {out.dtype}")
@@ -353,8 +376,7 @@ def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *,
         raise ValueError(f"lse must be float32 {(q.shape[1], q.shape[0])}, got {lse.dtype} {tuple(lse.shape)}")
     dq, dk, dv, dmask = _grad_buffers(q, k, v, mask, mask_needs_grad)
     if min(q.shape[0], k.shape[0], max_q, max_k, v.shape[2]) == 0:
-        for g in (dq, dk, dv):
-            g.zero_()
+        _zero(dq, dk, dv)
         return dq, dk, dv, dmask
     p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
                        dropout_p=dropout_p, seed=seed)
@@ -365,5 +387,278 @@ def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *,
     if dmask is not None:
         p.dmask = _t4(mod, dmask, broadcast=True)
         p.dmask_dtype = DTYPE_CODES[dmask.dtype]
-    mod.bwd(p, mode)
+    mod.bwd(p, int(mode))
     return dq, dk, dv, dmask
+
+
+# ============================================================================================ additive
+# q (B, H, L, D), k (B, H, S, D), v (B, H, S, Ev) in any strides, weight (H, D); no scale (csrc/additive.cpp).
+
+def _kernel_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The kernels compute in float32 (float64 for float64 inputs) and read a contiguous (H, D) weight."""
+    return weight.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+
+
+def additive_fwd(q: Tensor, k: Tensor, v: Tensor, weight: Tensor, mask: Tensor | None,
+                 is_causal: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse): out (B, H, L, Ev) (memory (B, L, H, Ev)) in q's dtype, lse (B, H, L) float32."""
+    return _additive_fwd(module(), q, k, v, weight, mask, is_causal)
+
+
+def _additive_fwd(mod, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, mask: Tensor | None,
+                  is_causal: bool) -> tuple[Tensor, Tensor]:
+    _check_kernel_inputs(q, k, v, mask)
+    B, H, L, _ = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    res, run = _forward_outputs(q.new_empty(B, L, H, Ev).transpose(1, 2), q.new_empty(B, H, L, dtype=torch.float32),
+                                False, S != 0 and Ev != 0)
+    if not run:
+        return res
+    p = make_params(mod, q, k, v, mask, scale=1.0, is_causal=is_causal, dropout_p=0.0, seed=0)
+    p.out, p.lse = _t4(mod, res[0]), _t4(mod, res[1])
+    w = _kernel_weight(weight, q.dtype)  # kept alive while the kernel reads it
+    mod.additive_fwd(p, w.data_ptr())
+    return res
+
+
+def additive_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, out: Tensor, lse: Tensor,
+                 mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dweight), contiguous, in the inputs' dtypes. Deterministic (no shared accumulators; dweight
+    summed from per-row partials in a fixed order)."""
+    return _additive_bwd(module(), dout, q, k, v, weight, out, lse, mask, is_causal)
+
+
+def _additive_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, out: Tensor, lse: Tensor,
+                  mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_kernel_inputs(q, k, v, mask)
+    dq, dk, dv, _ = _grad_buffers(q, k, v)
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3]) == 0:
+        _zero(dq, dk, dv)
+        return dq, dk, dv, torch.zeros_like(weight)
+    p = make_params(mod, q, k, v, mask, scale=1.0, is_causal=is_causal, dropout_p=0.0, seed=0)
+    p.out, p.dout, p.lse = _t4(mod, out), _t4(mod, dout), _t4(mod, lse)
+    p.dq, p.dk, p.dv = _t4(mod, dq), _t4(mod, dk), _t4(mod, dv)
+    w = _kernel_weight(weight, q.dtype)
+    dw = torch.empty_like(w)
+    mod.additive_bwd(p, w.data_ptr(), dw.data_ptr())
+    return dq, dk, dv, dw.to(weight.dtype)
+
+
+# ============================================================================================ hard
+# idx (B, H, L, K) int32 (-1 unused), prob and ds (B, H, L, K) in hard_prob_dtype, contiguous (csrc/hard.cpp).
+
+def hard_prob_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Saved probabilities / ds of the C++ hard kernel: its accumulator type (float64 only for float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def hard_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool, top_k: int):
+    """(out (B, H, L, Ev) (memory (B, L, H, Ev)), idx, prob): the top_k best visible keys of each row."""
+    return _hard_fwd(module(), q, k, v, mask, scale=scale, is_causal=is_causal, top_k=top_k)
+
+
+def _hard_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
+              top_k: int):
+    B, H, L, _ = q.shape
+    Ev = v.shape[3]
+    out = q.new_empty(B, L, H, Ev).transpose(1, 2)
+    idx = torch.empty(B, H, L, top_k, dtype=torch.int32)
+    prob = torch.empty(B, H, L, top_k, dtype=hard_prob_dtype(q.dtype))
+    if B * H * L == 0:
+        return out, idx, prob
+    hp = mod.HardParams()
+    p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=0.0, seed=0)
+    p.out = _t4(mod, out)
+    hp.base = p
+    hp.idx, hp.prob = _t4(mod, idx), _t4(mod, prob)
+    hp.top_k = top_k
+    mod.hard_fwd(hp)
+    return out, idx, prob
+
+
+def hard_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, prob: Tensor, *, scale: float, top_k: int,
+             is_causal: bool = False):
+    """(dq, dk, dv, ds), contiguous. ``is_causal`` is not needed: the saved selection already respects it."""
+    return _hard_bwd(module(), dout, q, k, v, idx, prob, scale=scale, top_k=top_k)
+
+
+def _hard_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, prob: Tensor, *, scale: float,
+              top_k: int, is_causal: bool = False):
+    dq, dk, dv, _ = _grad_buffers(q, k, v)
+    ds = torch.empty(idx.shape, dtype=prob.dtype)
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        _zero(dq, dk, dv, ds)
+        return dq, dk, dv, ds
+    idx, prob = idx.contiguous(), prob.contiguous()
+    hp = mod.HardParams()
+    p = make_params(mod, q, k, v, None, scale=scale, is_causal=False, dropout_p=0.0, seed=0)
+    p.dout = _t4(mod, dout)
+    p.dq, p.dk, p.dv = _t4(mod, dq), _t4(mod, dk), _t4(mod, dv)
+    hp.base = p
+    hp.idx, hp.prob, hp.ds = _t4(mod, idx), _t4(mod, prob), _t4(mod, ds)
+    hp.top_k = top_k
+    mod.hard_bwd(hp)
+    return dq, dk, dv, ds
+
+
+# ============================================================================================ decode
+# Keys per split the launcher aims at when it splits (csrc/decode.cpp: a split is a run of whole key blocks).
+_DECODE_MIN_SPLIT_KEYS = 1024
+_DECODE_MAX_SPLITS = 64
+
+
+def decode_num_splits(items: int, keys: int, threads: int) -> int:
+    """Key splits for ``items`` (b, kv head) work items over at most ``keys`` keys each on ``threads`` threads:
+    none while the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough
+    splits for that, each of at least _DECODE_MIN_SPLIT_KEYS keys."""
+    want = 4 * max(1, threads)
+    if items >= want:
+        return 1
+    return max(1, min(-(-want // max(1, items)), -(-keys // _DECODE_MIN_SPLIT_KEYS), _DECODE_MAX_SPLITS))
+
+
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks,
+                         alibi_slopes, num_splits, out) -> None:
+    """ValueError / TypeError naming the argument, what was expected and what came (the Triton launcher's
+    checks, kernels/decode.py, plus the CPU device)."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor, got {got}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    B, L, H, E = q.shape
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype} and {v_cache.dtype}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must agree in their first three dims, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    Hk = k_cache.shape[2]
+    if k_cache.shape[3] != E:
+        raise ValueError(f"k_cache's head dim must be q's ({E}), got {k_cache.shape[3]}")
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"q's heads ({H}) must be a multiple of the cache's key/value heads ({Hk})")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens),
+                    ("block_table", block_table), ("mask", mask), ("sinks", sinks), ("alibi_slopes", alibi_slopes),
+                    ("out", out)):
+        if isinstance(t, Tensor) and t.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor for the CPU kernel, got {t.device}")
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.dtype != torch.int32:
+        got = (f"{tuple(cache_seqlens.shape)} {cache_seqlens.dtype}" if isinstance(cache_seqlens, Tensor)
+               else type(cache_seqlens).__name__)
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got {got}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache's batch dim must be q's ({B}) without block_table, got {k_cache.shape[0]}")
+    elif (not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != B
+          or block_table.dtype != torch.int32):
+        got = (f"{tuple(block_table.shape)} {block_table.dtype}" if isinstance(block_table, Tensor)
+               else type(block_table).__name__)
+        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks), got {got}")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), (B, H)])):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            want = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"{name} must be a floating tensor of shape {want}, got {got}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (chosen by the launcher) or an int >= 1, got {num_splits!r}")
+    if mask is not None:
+        if block_table is not None:
+            raise ValueError("mask is supported with a contiguous cache only, not with block_table")
+        want = (B, H, L, k_cache.shape[1])
+        if (not isinstance(mask, Tensor) or mask.dim() != 4
+                or any(m not in (1, w) for m, w in zip(mask.shape, want))):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a 4-D tensor broadcastable to (B, H, L, S_max) = {want}, got {got}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be bool (True = attend) or floating (added to the scores), got {mask.dtype}")
+    if out is not None:
+        want = (B, L, H, v_cache.shape[3])
+        if not isinstance(out, Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"out must be a tensor of shape (B, L, H, Ev) = {want}, got {got}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+
+
+def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
+               block_table: Tensor | None = None, mask: Tensor | None = None, scale: float | None = None,
+               causal: bool = True, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+               sinks: Tensor | None = None, alibi_slopes: Tensor | None = None, num_splits: int | None = None,
+               out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of the new query rows q (B, L, H, E) to each sequence's KV cache: the decode launcher contract
+    (kernels/decode.py's module doc states it; the math is fastattn/reference/decode.py's). Returns out
+    (B, L, H, Ev) in q's dtype (``out`` if given, any strides) and lse (B, H, L) float32 (natural log).
+    ``num_splits`` None: :func:`decode_num_splits` from the kv heads, the cache capacity and the threads."""
+    return _decode_fwd(module(), q, k_cache, v_cache, cache_seqlens, block_table=block_table, mask=mask,
+                       scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks,
+                       alibi_slopes=alibi_slopes, num_splits=num_splits, out=out)
+
+
+def _decode_fwd(mod, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
+                block_table: Tensor | None = None, mask: Tensor | None = None, scale: float | None = None,
+                causal: bool = True, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                sinks: Tensor | None = None, alibi_slopes: Tensor | None = None, num_splits: int | None = None,
+                out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """decode_fwd with an explicit kernel module. Every tensor is read in place through its strides; the
+    (B, L, H, *) tensors travel as Tensor4 (b, h, i, e), the caches as (batch or page, kv head, slot, e)."""
+    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks,
+                         alibi_slopes, num_splits, out)
+    B, L, H, E = q.shape
+    Hk, Ev = k_cache.shape[2], v_cache.shape[3]
+    if out is None:
+        out = q.new_empty(B, L, H, Ev)
+    lse = torch.empty(B, H, L, dtype=torch.float32)
+    if B * H * L == 0:
+        return out, lse
+
+    def bhie(t: Tensor, broadcast: bool = False):  # a (B, L, H, X) / (B, S, Hk, X) tensor as (b, h, i, e)
+        st = [0 if broadcast and n == 1 else s for n, s in zip(t.shape, t.stride())]
+        return mod.Tensor4(t.data_ptr(), st[0], st[2], st[1], st[3])
+
+    p = mod.DecodeParams()
+    p.q, p.k, p.v, p.out = bhie(q), bhie(k_cache), bhie(v_cache), bhie(out)
+    p.lse = mod.Tensor4(lse.data_ptr(), *lse.stride(), 0)
+    p.dtype = DTYPE_CODES[q.dtype]
+    if mask is not None:
+        p.mask = _t4(mod, mask, broadcast=True)
+        p.mask_dtype = DTYPE_CODES.get(mask.dtype, 0)
+        if p.mask_dtype == 0:  # another float dtype: read as float32
+            mask = mask.float()
+            p.mask, p.mask_dtype = _t4(mod, mask, broadcast=True), DTYPE_CODES[torch.float32]
+    p.B, p.H, p.Hk, p.L, p.E, p.Ev = B, H, Hk, L, E, Ev
+    seqlens = cache_seqlens.contiguous()
+    p.seqlens = seqlens.data_ptr()
+    if block_table is not None:
+        p.block_table = block_table.data_ptr()
+        p.table_sb, p.table_sj = block_table.stride()
+        p.page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(torch.float32)
+        p.alibi = alibi_slopes.data_ptr()
+        p.alibi_sb = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
+        p.alibi_sh = alibi_slopes.stride(-1)
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()
+        p.sinks = sinks.data_ptr()
+    # E = 0: every dot product is 0, whatever the scale.
+    p.scale = (1.0 / math.sqrt(E) if E else 1.0) if scale is None else float(scale)
+    p.softcap = float(softcap)
+    p.causal = bool(causal)
+    p.window_left, p.window_right = int(window[0]), int(window[1])
+    threads = torch.get_num_threads()
+    if num_splits is None:
+        keys = min(capacity, window[0] + L) if window[0] >= 0 else capacity
+        num_splits = decode_num_splits(B * Hk, keys, threads)
+    p.num_splits = int(num_splits)
+    p.num_threads = threads
+    mod.decode_fwd(p)
+    return out, lse

@@ -7,8 +7,8 @@ The kernels (C++ on CPU, Triton on CUDA) never form the (..., L, S, D) tanh tens
 matrix: memory grows with L + S. Forward returns (out, lse); the backward recomputes the scores from lse.
 
 Layers (same as the SDPA path): public function (validate, normalise to 4-D, pick the backend)
--> custom ops ``fastattn::additive_fwd`` / ``fastattn::additive_bwd`` (fake impls + one autograd formula)
--> launcher (CPU: below; Triton: ``fastattn.kernels.additive``) -> kernel (csrc/additive.cpp,
+-> custom ops ``fastattn::additive_fwd`` / ``fastattn::additive_bwd`` (fastattn/_ops/additive.py: fake impls
+and one autograd formula) -> launcher (fastattn/_cpu.py, kernels/additive.py) -> kernel (csrc/additive.cpp,
 kernels/additive.py).
 
 Shape legend: B batch (``...``: any number of leading dims), H heads, L query length, S key length,
@@ -16,159 +16,20 @@ D hidden (score) dim per head, Ev value dim per head.
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch import Tensor
 
-from fastattn import _cpu, reference
-from fastattn.functional import _check_like_query, _check_mask, _mask_to_4d, _pick_backend, _to_4d
+from fastattn import _launchers, reference
+from fastattn import _validation as check
+from fastattn._normalise import connected_zeros, mask_to_4d, no_key_lse, to_4d
+from fastattn._ops.additive import additive_fwd
 
 __all__ = ["additive_attention", "AdditiveAttention"]
 
 
-# ============================================================================================ launchers
-def _cpu_fwd(mod, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, mask: Tensor | None,
-             is_causal: bool) -> tuple[Tensor, Tensor]:
-    """C++ forward with an explicit kernel module (tests run every ISA). q (B, H, L, D), k (B, H, S, D),
-    v (B, H, S, Ev) in any strides; weight (H, D). Returns out (B, H, L, Ev) (memory (B, L, H, Ev)) and
-    lse (B, H, L) float32."""
-    _cpu._check(q, k, v, mask)
-    B, H, L, D = q.shape
-    S, Ev = k.shape[2], v.shape[3]
-    out = q.new_empty(B, L, H, Ev).transpose(1, 2)
-    lse = q.new_empty(B, H, L, dtype=torch.float32)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    if S == 0 or Ev == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    p = _cpu.make_params(mod, q, k, v, mask, scale=1.0, is_causal=is_causal, dropout_p=0.0, seed=0)
-    p.out, p.lse = _cpu._t4(mod, out), _cpu._t4(mod, lse)
-    w = _kernel_weight(weight, q.dtype)
-    mod.additive_fwd(p, w.data_ptr())
-    return out, lse
-
-
-def _cpu_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, out: Tensor, lse: Tensor,
-             mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """C++ backward: (dq, dk, dv, dweight), contiguous, in the inputs' dtypes. Deterministic (no shared
-    accumulators; dweight summed from per-row partials in a fixed order)."""
-    _cpu._check(q, k, v, mask)
-    dq = torch.empty(q.shape, dtype=q.dtype)
-    dk = torch.empty(k.shape, dtype=k.dtype)
-    dv = torch.empty(v.shape, dtype=v.dtype)
-    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3]) == 0:
-        for g in (dq, dk, dv):
-            g.zero_()
-        return dq, dk, dv, torch.zeros_like(weight)
-    p = _cpu.make_params(mod, q, k, v, mask, scale=1.0, is_causal=is_causal, dropout_p=0.0, seed=0)
-    p.out, p.dout, p.lse = _cpu._t4(mod, out), _cpu._t4(mod, dout), _cpu._t4(mod, lse)
-    p.dq, p.dk, p.dv = _cpu._t4(mod, dq), _cpu._t4(mod, dk), _cpu._t4(mod, dv)
-    w = _kernel_weight(weight, q.dtype)
-    dw = torch.empty_like(w)
-    mod.additive_bwd(p, w.data_ptr(), dw.data_ptr())
-    return dq, dk, dv, dw.to(weight.dtype)
-
-
-def _kernel_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    # The kernels compute in float32 (float64 for float64 inputs) and read a contiguous (H, D) weight.
-    return weight.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
-
-
-def _launch_fwd(backend, q, k, v, weight, mask, is_causal):
-    if q.device.type == "cuda" or backend == "triton":
-        return importlib.import_module("fastattn.kernels.additive").additive_fwd(q, k, v, weight, mask, is_causal)
-    if backend == "cpu":
-        return _cpu_fwd(_cpu.module(), q, k, v, weight, mask, is_causal)
-    raise ValueError(f"backend {backend!r} has no additive attention kernel for device {q.device}")
-
-
-def _launch_bwd(backend, dout, q, k, v, weight, out, lse, mask, is_causal):
-    if q.device.type == "cuda" or backend == "triton":
-        return importlib.import_module("fastattn.kernels.additive").additive_bwd(
-            dout, q, k, v, weight, out, lse, mask, is_causal)
-    if backend == "cpu":
-        return _cpu_bwd(_cpu.module(), dout, q, k, v, weight, out, lse, mask, is_causal)
-    raise ValueError(f"backend {backend!r} has no additive attention kernel for device {q.device}")
-
-
-# ================================================================================================ ops
-@torch.library.custom_op("fastattn::additive_fwd", mutates_args=())
-def additive_fwd(q: Tensor, k: Tensor, v: Tensor, weight: Tensor, mask: Tensor | None, is_causal: bool,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    """(out, lse): out (B, H, L, Ev) in q's dtype (memory (B, L, H, Ev)), lse (B, H, L) float32 (natural
-    log, -inf for rows with no visible key)."""
-    return _launch_fwd(backend, q, k, v, weight, mask, is_causal)
-
-
-@additive_fwd.register_fake
-def _(q, k, v, weight, mask, is_causal, backend):
-    B, H, L, _ = q.shape
-    return (q.new_empty(B, L, H, v.shape[-1]).transpose(1, 2), q.new_empty(B, H, L, dtype=torch.float32))
-
-
-@torch.library.custom_op("fastattn::additive_bwd", mutates_args=())
-def additive_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, out: Tensor, lse: Tensor,
-                 mask: Tensor | None, is_causal: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dweight), contiguous, in the inputs' dtypes."""
-    dq, dk, dv, dw = _launch_bwd(backend, dout, q, k, v, weight, out, lse, mask, is_causal)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw.contiguous()
-
-
-@additive_bwd.register_fake
-def _(dout, q, k, v, weight, out, lse, mask, is_causal, backend):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, weight))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, weight, mask, is_causal, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, weight, out, lse, mask)
-    ctx.params = (is_causal, backend)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, weight, out, lse, mask = ctx.saved_tensors
-    is_causal, backend = ctx.params
-    dq, dk, dv, dw = additive_bwd(dout, q, k, v, weight, out, lse, mask, is_causal, backend)
-    return dq, dk, dv, dw, None, None, None
-
-
-additive_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
 # ========================================================================================= public API
-def _check_inputs(query, key, value, weight, is_causal) -> None:
-    _check_like_query(query, key, value)
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key hidden dim {key.shape[-1]} does not match query hidden dim {query.shape[-1]}: "
-                         f"additive attention needs query and key projected to the same D "
-                         f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
-    if query.shape[-1] == 0:
-        raise ValueError(f"query/key hidden dim (last dim) must be at least 1, got shape {tuple(query.shape)}")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key length {key.shape[-2]} does not match value length {value.shape[-2]} "
-                         f"(key {tuple(key.shape)}, value {tuple(value.shape)})")
-    if key.shape[:-2] != value.shape[:-2] or key.shape[:-2] != query.shape[:-2]:
-        raise ValueError(f"query, key and value batch/head dims differ: query {tuple(query.shape)}, "
-                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor (H, D), got {type(weight).__name__}")
-    H, D = query.shape[-3], query.shape[-1]
-    if weight.dim() != 2 or tuple(weight.shape) != (H, D):
-        raise ValueError(f"weight must have shape (H, D) = {(H, D)}, got {tuple(weight.shape)}")
-    if weight.dtype != query.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match query dtype {query.dtype}")
-    if weight.device != query.device:
-        raise ValueError(f"weight is on {weight.device} but query is on {query.device}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-
-
 def additive_attention(
     query: Tensor,
     key: Tensor,
@@ -200,9 +61,9 @@ def additive_attention(
     (the kernels recompute scores tile by tile), not with L x S x D. Gradients flow to query, key, value
     and weight; the weight gradient is reduced deterministically. Inputs are never modified.
     """
-    _check_inputs(query, key, value, weight, is_causal)
-    _check_mask(attn_mask, query, key)
-    backend = _pick_backend(backend, query.device, query.dtype)
+    check.check_additive(query, key, value, weight, is_causal)
+    check.check_mask(attn_mask, query, check.scores_shape(query, key))
+    backend = _launchers.choose_backend(backend, query.device, query.dtype)
     if backend == "reference":
         return reference.additive_attention(query, key, value, weight, attn_mask, is_causal, upcast=False,
                                             return_lse=return_lse)
@@ -210,13 +71,11 @@ def additive_attention(
     batch = tuple(query.shape[:-3])
     H, L = query.shape[-3], query.shape[-2]
     S, Ev = key.shape[-2], value.shape[-1]
-    q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
-    mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, (*batch, H))
+    q4, k4, v4 = to_4d(query), to_4d(key), to_4d(value)
+    mask4 = None if attn_mask is None else mask_to_4d(attn_mask, (*batch, H))
     if min(q4.shape[0], H, L, S, Ev) == 0:
-        out4 = query.new_zeros(q4.shape[0], H, L, Ev)
-        lse4 = query.new_full((q4.shape[0], H, L), float("-inf"), dtype=torch.float32)
-        if any(t.requires_grad for t in (query, key, value, weight)):  # zero gradients, graph connected
-            out4 = out4 + 0 * (q4.sum() + k4.sum() + v4.sum() + weight.sum())
+        out4 = connected_zeros(query, (q4.shape[0], H, L, Ev), q4, k4, v4, weight)
+        lse4 = no_key_lse(query, (q4.shape[0], H, L))
     else:
         out4, lse4 = additive_fwd(q4, k4, v4, weight, mask4, is_causal, backend)
     out = out4.reshape(*batch, H, L, Ev) if batch else out4[0]

@@ -1,4 +1,4 @@
-"""Attention layers beyond multi-head attention (issue 5), on fastattn's fused operations.
+"""Attention layers beyond multi-head attention, on fastattn's fused operations.
 
 * :class:`MultiplicativeAttention`: Luong et al. (2015) "general" score ``q^T W k``.
 * :class:`HierarchicalAttention`: the attention of Yang et al. (2016) hierarchical attention networks,

@@ -20,58 +20,14 @@ from torch import Tensor
 
 from fastattn import functional as _functional
 from fastattn import varlen as _varlen
+from fastattn._validation import check_nested
 
 __all__ = ["nested_sdpa"]
 
 
-def _describe(t) -> str:
-    if not isinstance(t, Tensor):
-        return type(t).__name__
-    if not t.is_nested:
-        return f"a dense tensor of shape {tuple(t.shape)}"
-    return f"a nested tensor of layout {t.layout}"
-
-
-def _check(query: Tensor, key, value, attn_mask) -> None:
-    for name, t in (("key", key), ("value", value)):
-        if not isinstance(t, Tensor) or not t.is_nested:
-            raise TypeError(f"query is a nested tensor, so {name} must be one too (jagged layout, the same "
-                            f"batch); got {_describe(t)}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.layout != torch.jagged:
-            raise TypeError(f"fastattn takes nested tensors of layout torch.jagged; {name} has layout {t.layout} "
-                            f"(convert with torch.nested.nested_tensor(list(x.unbind()), layout=torch.jagged))")
-        if t.dtype not in _functional._FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-        if t.dim() != query.dim():
-            raise ValueError(f"{name} has {t.dim()} dims but query has {query.dim()} (query {tuple(query.shape)}, "
-                             f"{name} {tuple(t.shape)})")
-        if t._ragged_idx != query._ragged_idx:
-            raise ValueError(f"query, key and value must be ragged on the same dim; query is ragged on dim "
-                             f"{query._ragged_idx}, {name} on dim {t._ragged_idx}")
-        if t.size(0) != query.size(0):
-            raise ValueError(f"query has a batch of {query.size(0)} sequences but {name} has {t.size(0)}")
-    if attn_mask is not None:
-        raise ValueError("attn_mask is not supported with nested query/key/value (nor by torch's nested SDPA): "
-                         "the ragged lengths already say which keys exist. Use is_causal, or "
-                         "fastattn.varlen_attention(..., attn_mask=...) on the packed values for other masks")
-    if query.dim() not in (3, 4):
-        raise ValueError(f"nested query/key/value must be 4-D (B, H, j, E) or 3-D (B, j, E), got {query.dim()}-D "
-                         f"query {tuple(query.shape)}")
-    ragged = query._ragged_idx
-    if (query.dim(), ragged) not in ((4, 2), (4, 1), (3, 1)):
-        raise ValueError(f"nested query/key/value must be ragged along the sequence dim, (B, H, j, E) (ragged dim "
-                         f"2, e.g. nested_tensor([...(j, H, E)...], layout=torch.jagged).transpose(1, 2)) or "
-                         f"(B, j, E); got query {tuple(query.shape)} ragged on dim {ragged}")
-
-
-def _packed(t: Tensor, ragged: int) -> tuple[Tensor, Tensor, int]:
-    """(values with the ragged dim first, int32 cumulative lengths (B + 1,), longest sequence) of a jagged
+def _packed(t: Tensor, ragged: int) -> tuple[Tensor, Tensor, int, Tensor, int | None]:
+    """(values with the ragged dim first, int32 cumulative lengths (B + 1,), longest sequence, the offsets, the
+    shortest sequence if known) of a jagged
     tensor ragged on dim ``ragged``. A tensor with holes between its sequences (``lengths()`` set, e.g. from
     ``torch.nested.narrow``) is compacted first."""
     if ragged != 1:
@@ -108,7 +64,7 @@ def nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
     4-D tensors ragged on dim 1, (B, j, L, E), are a ragged batch of dense attention problems: the values
     (total, L, E) go through dense SDPA, as torch does for them.
     """
-    _check(query, key, value, attn_mask)
+    check_nested(query, key, value, attn_mask)
     ragged = query._ragged_idx
     if query.dim() == 4 and ragged == 1:
         res = _functional.scaled_dot_product_attention(query.values(), key.values(), value.values(), None,

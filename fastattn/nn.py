@@ -197,7 +197,7 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-# Layers of issue 5, defined next to their operations and re-exported here.
+# The other attention layers, defined next to their operations and re-exported here.
 from fastattn.additive import AdditiveAttention  # noqa: E402,F401
 from fastattn.layers import *  # noqa: E402,F401,F403  (Multiplicative/Hierarchical/CoAttention)
 from fastattn import layers as _layers  # noqa: E402

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 from torch.overrides import handle_torch_function, has_torch_function
 
+from fastattn import _validation as check
 from fastattn import functional
 
 __all__ = ["patch", "is_patched"]
@@ -49,10 +50,10 @@ def _fastattn_can_run(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return (attn_mask is None and query.layout == torch.jagged and isinstance(key, torch.Tensor)
                 and key.is_nested and isinstance(value, torch.Tensor) and value.is_nested)
     try:
-        functional._check_qkv(query, key, value, enable_gqa, broadcast=True)
+        check.check_qkv(query, key, value, enable_gqa, broadcast=True)
         if not isinstance(attn_mask, CausalBias):  # fastattn reads a CausalBias as its causal flag
-            functional._check_mask(attn_mask, query, key)
-        functional._check_scalars(dropout_p, is_causal, scale, enable_gqa)
+            check.check_mask(attn_mask, query, check.scores_shape(query, key))
+        check.check_scalars(dropout_p, is_causal, scale, enable_gqa)
     except (TypeError, ValueError):
         return False
     if query.device.type not in ("cpu", "cuda"):

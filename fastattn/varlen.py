@@ -1,108 +1,21 @@
-"""Variable-length (packed) attention and the pad/unpad helpers (issue 5).
+"""Variable-length (packed) attention and the pad/unpad helpers.
 
 Packed layout (as flash-attention's ``flash_attn_varlen_func`` and torch's ``varlen_attn``): the
 sequences of a batch are concatenated along the token dim, query (total_q, H, E), key (total_k, Hk, E),
-value (total_k, Hk, Ev), with int32 cumulative lengths ``cu_seqlens_q`` / ``cu_seqlens_k`` of size B + 1.
+value (total_k, Hk, Ev), with int32 cumulative lengths ``cu_seqlens_q`` / ``cu_seqlens_k`` of size B + 1. The ops,
+``fastattn::varlen_fwd`` / ``fastattn::varlen_bwd``, are in fastattn/_ops/varlen.py.
 """
 from __future__ import annotations
-
 
 import torch
 from torch import Tensor
 
-from fastattn import reference
-from fastattn.functional import _check_scalars, _FLOAT_DTYPES, _needs_out_lo, _pick_backend, _scale_and_seed
+from fastattn import _launchers, reference
+from fastattn import _validation as check
+from fastattn._normalise import connected_zeros, mask_to_4d, needs_out_lo, no_key_lse, op_seed, scale_and_seed
+from fastattn._ops.varlen import varlen_fwd
 
 __all__ = ["varlen_attention", "unpad", "pad"]
-
-
-# ----------------------------------------------------------------------------------------- validation
-def _check_packed(query, key, value, enable_gqa: bool) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be packed 3-D (total, heads, head_dim), got shape {tuple(t.shape)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match query dtype {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-    if key.shape[2] != query.shape[2]:
-        raise ValueError(f"key head dim {key.shape[2]} does not match query head dim {query.shape[2]} "
-                         f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
-    if query.shape[2] == 0:
-        raise ValueError(f"query/key head dim must be at least 1, got query {tuple(query.shape)}")
-    if key.shape[:2] != value.shape[:2]:
-        raise ValueError(f"key and value must have the same (total_k, Hk), got key {tuple(key.shape)}, "
-                         f"value {tuple(value.shape)}")
-    hq, hk = query.shape[1], key.shape[1]
-    if enable_gqa:
-        if hk == 0 or hq % hk != 0:
-            raise ValueError(f"enable_gqa=True needs query heads ({hq}) divisible by key/value heads ({hk})")
-    elif hq != hk:
-        raise ValueError(f"query has {hq} heads (dim 1) but key/value have {hk}; "
-                         f"pass enable_gqa=True for grouped-query attention")
-
-
-def _check_cu(name: str, cu, device: torch.device) -> None:
-    if not isinstance(cu, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32 (cumulative sequence lengths), got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name} must be 1-D of size batch + 1, got shape {tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but query is on {device}")
-
-
-def _check_max(name: str, m) -> int:
-    if isinstance(m, bool) or not isinstance(m, int):
-        if isinstance(m, Tensor) and m.numel() == 1 and not m.dtype.is_floating_point:
-            m = int(m)
-        else:
-            raise TypeError(f"{name} must be an int, got {type(m).__name__}")
-    if m < 0:
-        raise ValueError(f"{name} must be >= 0, got {m}")
-    return int(m)
-
-
-def _check_cu_values(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
-    """cu[0] == 0, non-decreasing, cu[-1] == total, lengths <= max_seqlen. One host copy of both arrays
-    (a device sync on CUDA; skipped while torch.compile traces)."""
-    both = torch.stack([cu_q, cu_k]).to("cpu", torch.int64)
-    for row, name, total, mx, mname in ((both[0], "cu_seqlens_q", total_q, max_q, "max_seqlen_q"),
-                                         (both[1], "cu_seqlens_k", total_k, max_k, "max_seqlen_k")):
-        if int(row[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0, got {int(row[0])}")
-        if int(row[-1]) != total:
-            raise ValueError(f"{name}[-1] must equal the packed length ({total}), got {int(row[-1])}")
-        lens = row[1:] - row[:-1]
-        if lens.numel() and int(lens.min()) < 0:
-            b = int(torch.nonzero(lens < 0)[0])
-            raise ValueError(f"{name} must be non-decreasing, but {name}[{b + 1}] < {name}[{b}]")
-        longest = int(lens.max()) if lens.numel() else 0
-        if longest > mx:
-            raise ValueError(f"{mname} ({mx}) is smaller than the longest sequence ({longest}) in {name}")
-
-
-def _mask_4d(attn_mask, query: Tensor, B: int, H: int, max_q: int, max_k: int) -> Tensor | None:
-    if attn_mask is None:
-        return None
-    if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
-        raise TypeError(f"attn_mask must be bool (True = attend) or a float mask of the query dtype "
-                        f"{query.dtype} (or float32), got {attn_mask.dtype}")
-    if attn_mask.device != query.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-    target = (B, H, max_q, max_k)
-    if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
-        raise ValueError(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to (B, H, max_seqlen_q, "
-                         f"max_seqlen_k) = {target}")
-    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
 # --------------------------------------------------------------------------------------- public API
@@ -149,26 +62,26 @@ def varlen_attention(
     query, key, value and a float attn_mask. The cu_seqlens values are checked on the host (one small copy;
     a sync for CUDA tensors) except while torch.compile traces.
     """
-    _check_packed(query, key, value, enable_gqa)
-    _check_cu("cu_seqlens_q", cu_seqlens_q, query.device)
-    _check_cu("cu_seqlens_k", cu_seqlens_k, query.device)
+    check.check_packed(query, key, value, enable_gqa)
+    check.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.device)
+    check.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, query.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    max_q = _check_max("max_seqlen_q", max_seqlen_q)
-    max_k = _check_max("max_seqlen_k", max_seqlen_k)
-    _check_scalars(dropout_p, is_causal, scale, enable_gqa)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    max_q = check.check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = check.check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    check.check_scalars(dropout_p, is_causal, scale, enable_gqa)
+    check.check_bool("return_lse", return_lse)
     total_q, H, E = query.shape
     total_k, Ev = key.shape[0], value.shape[2]
     B = cu_seqlens_q.numel() - 1
     if not torch.compiler.is_compiling():
-        _check_cu_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_q, max_k)
-    mask4 = _mask_4d(attn_mask, query, B, H, max_q, max_k)
+        check.check_cu_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_q, max_k)
+    check.check_mask(attn_mask, query, (B, H, max_q, max_k), "(B, H, max_seqlen_q, max_seqlen_k)")
+    mask4 = None if attn_mask is None else mask_to_4d(attn_mask, (B, H))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # kernels index cu[b]
-    scale, dropout_p, seed = _scale_and_seed(E, scale, dropout_p)
-    backend = _pick_backend(backend, query.device, query.dtype)
+    scale, dropout_p, seed = scale_and_seed(E, scale, dropout_p)
+    backend = _launchers.choose_backend(backend, query.device, query.dtype)
 
     if backend == "reference":
         return reference.varlen_attention(
@@ -177,19 +90,12 @@ def varlen_attention(
             dropout_seed=None if seed is None else int(seed), return_lse=return_lse)
 
     if min(total_q, H, Ev, total_k, max_q, max_k) == 0:
-        out = query.new_zeros(total_q, H, Ev)
-        lse = query.new_full((H, total_q), float("-inf"), dtype=torch.float32)
-        # Keep the graph connected so .backward() gives zero gradients.
-        if query.requires_grad or key.requires_grad or value.requires_grad:
-            out = out + 0 * (query.sum() + key.sum() + value.sum())
+        out = connected_zeros(query, (total_q, H, Ev), query, key, value)
+        lse = no_key_lse(query, (H, total_q))
     else:
-        from fastattn._varlen_ops import varlen_fwd
-
-        if seed is None:
-            seed = torch.zeros((), dtype=torch.int64)
         out, lse, _ = varlen_fwd(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, mask4, scale,
-                                 is_causal, dropout_p, seed, backend,
-                                 _needs_out_lo(query.dtype, query, key, value, mask4))
+                                 is_causal, dropout_p, op_seed(seed), backend,
+                                 needs_out_lo(query.dtype, query, key, value, mask4))
     return (out, lse) if return_lse else out
 
 

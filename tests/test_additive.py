@@ -7,8 +7,6 @@ Shape legend: B batch, H heads, L query length, S key length, D hidden (score) d
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import torch
 import fastattn
 from fastattn import _cpu, additive, reference as R
 from fastattn.testing import assert_close
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, padding_mask, randn_heads, triton_kernels
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 
@@ -26,11 +24,8 @@ F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 # ----------------------------------------------------------------------------------------------------
 def _make(B, H, L, S, D, Ev, dtype, gen, layout="bhsd"):
     """q, k, v, weight and a dout; "bshd" gives (B, H, N, D) views of (B, N, H, D) buffers."""
-    def t(n, e):
-        if layout == "bshd":
-            return torch.randn(B, n, H, e, generator=gen).to(dtype).transpose(1, 2)
-        return torch.randn(B, H, n, e, generator=gen).to(dtype)
-    q, k, v, dout = t(L, D), t(S, D), t(S, Ev), t(L, Ev)
+    q, k, v, dout = (randn_heads(B, H, n, e, dtype, gen=gen, bshd=layout == "bshd")
+                     for n, e in ((L, D), (S, D), (S, Ev), (L, Ev)))
     w = torch.randn(H, D, generator=gen).to(dtype)
     return q, k, v, w, dout
 
@@ -41,8 +36,7 @@ def _mask(kind, B, H, L, S, dtype, gen):
     if kind == "bool":  # (B, H, L, S)
         return torch.rand(B, H, L, S, generator=gen) > 0.35
     if kind == "pad":  # (B, 1, 1, S) key padding; batch element 0 keeps one key only
-        lens = torch.tensor([1] + [S] * (B - 1))
-        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+        return padding_mask([1] + [S] * (B - 1), S)
     if kind == "dead":  # (B, 1, L, S) bool, some query rows see no key at all
         m = torch.rand(B, 1, L, S, generator=gen) > 0.3
         m[:, :, ::3] = False
@@ -133,22 +127,22 @@ def test_cpu_views_batchless_float32_mask(dtype):
 @pytest.mark.parametrize("isa", _isa_params())
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=lambda d: DTYPE_IDS[d])
 def test_cpu_isa_modules(isa, dtype):
-    """Every ISA module's launcher directly (the _cpu_fwd/_cpu_bwd(mod, ...) pattern), with long rows that
+    """Every ISA module's launcher directly (_cpu._additive_fwd / _additive_bwd(mod, ...)), with long rows that
     cross several vectors and a tail; the backward is bit-identical for 1 and 2 threads."""
     mod = importlib.import_module(f"fastattn._C_{isa}")
     gen = torch.Generator().manual_seed(2)
     B, H, L, S, D, Ev = 2, 2, 67, 53, 9, 19
     q, k, v, w, dout = _make(B, H, L, S, D, Ev, dtype, gen)
     m = _mask("dead", B, H, L, S, dtype, gen)
-    out, lse = additive._cpu_fwd(mod, q, k, v, w, m, True)
-    grads = additive._cpu_bwd(mod, dout, q, k, v, w, out, lse, m, True)
+    out, lse = _cpu._additive_fwd(mod, q, k, v, w, m, True)
+    grads = _cpu._additive_bwd(mod, dout, q, k, v, w, out, lse, m, True)
     _compare((out, lse, *grads), q, k, v, w, m, True, dout)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        grads1 = additive._cpu_bwd(mod, dout, q, k, v, w, out, lse, m, True)
+        grads1 = _cpu._additive_bwd(mod, dout, q, k, v, w, out, lse, m, True)
         torch.set_num_threads(2)
-        grads2 = additive._cpu_bwd(mod, dout, q, k, v, w, out, lse, m, True)
+        grads2 = _cpu._additive_bwd(mod, dout, q, k, v, w, out, lse, m, True)
     finally:
         torch.set_num_threads(n)
     for a, b, c in zip(grads, grads1, grads2):
@@ -165,7 +159,7 @@ def test_cpu_tanh_accuracy(x):
     grid = torch.linspace(-3, 3, 601).view(1, 1, 601, 1) + x
     for qq in (q, grid):
         # With one key, lse is the score itself.
-        _, lse = additive._cpu_fwd(_cpu.module(), qq, k, torch.ones(1, 1, 1, 1), w, None, False)
+        _, lse = _cpu._additive_fwd(_cpu.module(), qq, k, torch.ones(1, 1, 1, 1), w, None, False)
         want = torch.tanh(qq.double()).view(-1)
         err = (lse.double().view(-1) - want).abs() / want.abs().clamp_min(1.0)
         assert err.max().item() < 2.5e-7, f"tanh({x}): error {err.max().item():.2e}"
@@ -219,8 +213,9 @@ def test_opcheck():
     xs = [x.requires_grad_() for x in (q, k, v, w)]
     torch.library.opcheck(additive.additive_fwd, (*xs, mask, True, "cpu"))
     out, lse = additive.additive_fwd(q.detach(), k.detach(), v.detach(), w.detach(), mask, True, "cpu")
-    torch.library.opcheck(additive.additive_bwd, (dout, q.detach(), k.detach(), v.detach(), w.detach(), out, lse,
-                                                  mask, True, "cpu"))
+    from fastattn._ops import additive as additive_ops
+    torch.library.opcheck(additive_ops.additive_bwd, (dout, q.detach(), k.detach(), v.detach(), w.detach(), out, lse,
+                                                      mask, True, "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,15 +318,7 @@ def test_nn_module_bad_input():
 # Triton kernels under the interpreter (tiny shapes: the interpreter is slow)
 # ----------------------------------------------------------------------------------------------------
 def _triton_module():
-    pytest.importorskip("triton")
-    try:
-        mod = importlib.import_module("fastattn.kernels.additive")
-    except ImportError:  # source checkout that is not installed: kernels/ is the package directory
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        mod = importlib.import_module("kernels.additive")
-    if not mod._interpreting():
-        mod = importlib.reload(mod)
-    return mod
+    return triton_kernels("additive")
 
 
 TRITON_CASES = {  # B, H, L, S, D, Ev, dtype, mask, causal

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import _cpu, _launchers
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, make_qkv
 
 ALL = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -21,17 +21,16 @@ def _eager(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, enabl
 
 
 def _qkv(B=2, H=4, Hk=4, L=19, S=23, E=40, Ev=24, dtype=torch.float32, bshd=False):
-    def t(h, n, d):
-        x = torch.randn(B, n, h, d).to(dtype)
-        return x.transpose(1, 2) if bshd else x.transpose(1, 2).contiguous()
-    return t(H, L, E), t(Hk, S, E), t(Hk, S, Ev)
+    """Drawn in the (B, N, H, D) layout either way (the same values); made contiguous unless ``bshd``."""
+    qkv = make_qkv(B, H, Hk, L, S, E, Ev, dtype, bshd=True)
+    return qkv if bshd else tuple(x.contiguous() for x in qkv)
 
 
 def _launcher(q, k, v, mask, is_causal, scale, enable_gqa):
     """The same call through the Python path's launcher (GQA and mask broadcast done the Python way)."""
-    from fastattn.functional import _mask_to_4d
+    from fastattn._normalise import mask_to_4d
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    m4 = None if mask is None else _mask_to_4d(mask, tuple(q.shape[:2]))
+    m4 = None if mask is None else mask_to_4d(mask, tuple(q.shape[:2]))
     return _cpu.attention_fwd(q, k, v, m4, scale=scale, is_causal=is_causal, dropout_p=0.0, seed=0)
 
 

@@ -24,7 +24,7 @@ import fastattn
 from fastattn import _cpu, testing
 from fastattn import hard as FH
 from fastattn import reference as R
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, padding_mask, triton_kernels
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
@@ -38,11 +38,7 @@ def _isa_params():
 
 
 def _triton_kernels():
-    triton = pytest.importorskip("triton")  # noqa: F841
-    mod = importlib.import_module("fastattn.kernels.hard")
-    if not mod._interpreting():
-        mod = importlib.reload(mod)
-    return mod
+    return triton_kernels("hard")
 
 
 def _make(B, H, Hk, L, S, E, Ev, dtype, *, seed=0, layout="bhsd", integer=True):
@@ -64,7 +60,7 @@ def _mask(kind, B, H, L, S, dtype, seed=1):
     if kind == "bool_pad":  # (B, 1, 1, S) padding; one batch element keeps no key at all
         lens = torch.randint(1, S + 1, (B,), generator=g)
         lens[-1] = 0
-        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+        return padding_mask(lens, S)
     if kind == "bool_full":  # some rows fully hidden
         m = torch.rand(B, H, L, S, generator=g) > 0.5
         m[:, :, ::4] = False
@@ -131,8 +127,8 @@ def test_cpu_kernel(isa, dtype, K, case):
     mask = _mask(mkind, B, H, L, S, dtype)
     scale = 1.0 / math.sqrt(E)
     before = [t.clone() for t in (q, k, v, dout)]
-    out, idx, prob = FH._cpu_hard_fwd(q, k, v, mask, scale=scale, is_causal=causal, top_k=K, mod=mod)
-    dq, dk, dv, ds = FH._cpu_hard_bwd(dout, q, k, v, idx, prob, scale=scale, top_k=K, mod=mod)
+    out, idx, prob = _cpu._hard_fwd(mod, q, k, v, mask, scale=scale, is_causal=causal, top_k=K)
+    dq, dk, dv, ds = _cpu._hard_bwd(mod, dout, q, k, v, idx, prob, scale=scale, top_k=K)
     _check_all(f"cpu-{isa}", (out, idx, prob, dq, dk, dv), q, k, v, mask, causal, scale, K, dout)
     for a, b in zip(before, (q, k, v, dout)):
         assert torch.equal(a, b), "inputs were modified"
@@ -150,8 +146,8 @@ def test_cpu_backward_deterministic(isa):
     try:
         for nt in (1, 2, 3, 1):
             torch.set_num_threads(nt)
-            out, idx, prob = FH._cpu_hard_fwd(q, k, v, None, scale=0.2, is_causal=True, top_k=5, mod=mod)
-            res = (out, idx, prob) + FH._cpu_hard_bwd(dout, q, k, v, idx, prob, scale=0.2, top_k=5, mod=mod)
+            out, idx, prob = _cpu._hard_fwd(mod, q, k, v, None, scale=0.2, is_causal=True, top_k=5)
+            res = (out, idx, prob) + _cpu._hard_bwd(mod, dout, q, k, v, idx, prob, scale=0.2, top_k=5)
             if ref is None:
                 ref = res
             else:
@@ -165,8 +161,8 @@ def test_cpu_random_inputs_fp32():
     """Unstructured normal inputs (no engineered separation) in float32 against float64."""
     q, k, v, dout = _make(2, 3, 3, 64, 80, 32, 16, F32, integer=False, seed=11)
     mask = torch.randn(1, 1, 64, 80)
-    out, idx, prob = FH._cpu_hard_fwd(q, k, v, mask, scale=0.3, is_causal=False, top_k=6)
-    dq, dk, dv, _ = FH._cpu_hard_bwd(dout, q, k, v, idx, prob, scale=0.3, top_k=6)
+    out, idx, prob = _cpu.hard_fwd(q, k, v, mask, scale=0.3, is_causal=False, top_k=6)
+    dq, dk, dv, _ = _cpu.hard_bwd(dout, q, k, v, idx, prob, scale=0.3, top_k=6)
     _check_all("cpu-random", (out, idx, prob, dq, dk, dv), q, k, v, mask, False, 0.3, 6, dout)
 
 
@@ -297,12 +293,13 @@ def test_bad_input():
 
 
 def test_opcheck():
+    from fastattn._ops import hard as hard_ops
     q, k, v, dout = _make(2, 4, 2, 9, 11, 16, 8, F32, seed=8, integer=False)
     mask = torch.randn(1, 1, 9, 11)
     torch.library.opcheck(FH.hard_fwd, (q, k, v, mask, 0.25, True, 3, "cpu"))
     torch.library.opcheck(FH.hard_fwd, (q.requires_grad_(), k, v, None, 0.25, False, 1, "cpu"))
     out, idx, prob = FH.hard_fwd(q.detach(), k, v, mask, 0.25, True, 3, "cpu")
-    torch.library.opcheck(FH.hard_bwd, (dout, q.detach(), k, v, idx, prob, 0.25, 3, True, "cpu"))
+    torch.library.opcheck(hard_ops.hard_bwd, (dout, q.detach(), k, v, idx, prob, 0.25, 3, True, "cpu"))
 
 
 # ============================================================================= Triton (interpreter, tiny)
@@ -326,9 +323,9 @@ def test_triton_interpreter(dtype, K, case):
     dq, dk, dv, ds = T.hard_bwd(dout, q, k, v, idx, prob, scale=scale, top_k=K, is_causal=causal)
     _check_all("triton", (out, idx, prob, dq, dk, dv), q, k, v, mask, causal, scale, K, dout)
     # Same selection and (to rounding) the same ds as the C++ kernel.
-    _, idx_c, prob_c = FH._cpu_hard_fwd(q, k, v, mask, scale=scale, is_causal=causal, top_k=K)
+    _, idx_c, prob_c = _cpu.hard_fwd(q, k, v, mask, scale=scale, is_causal=causal, top_k=K)
     assert torch.equal(idx, idx_c)
-    ds_c = FH._cpu_hard_bwd(dout, q, k, v, idx_c, prob_c, scale=scale, top_k=K)[3]
+    ds_c = _cpu.hard_bwd(dout, q, k, v, idx_c, prob_c, scale=scale, top_k=K)[3]
     assert (ds - ds_c).abs().max().item() < 1e-5
 
 

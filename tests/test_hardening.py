@@ -7,7 +7,6 @@ Shape legend: B batch, H query heads, Hk key/value heads, L query length, S key 
 """
 from __future__ import annotations
 
-import importlib
 import math
 import multiprocessing
 import os
@@ -21,20 +20,15 @@ import torch
 import fastattn
 from fastattn import _cpu, reference, testing
 from fastattn._ops import attention_fwd
-from fastattn.functional import _needs_out_lo
+from fastattn._normalise import needs_out_lo
+from conftest import make_qkv, triton_kernels
 
 F32, BF16 = torch.float32, torch.bfloat16
 SANITIZED = os.environ.get("FASTATTN_SANITIZE", "0") == "1"
 
 
 def _qkv(B, H, Hk, L, S, E, Ev, dtype=F32, seed=0, bshd=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def t(h, n, d):
-        if bshd:
-            return torch.randn(B, n, h, d, generator=g).to(dtype).transpose(1, 2)
-        return torch.randn(B, h, n, d, generator=g).to(dtype)
-    return t(H, L, E), t(Hk, S, E), t(Hk, S, Ev)
+    return make_qkv(B, H, Hk, L, S, E, Ev, dtype, gen=torch.Generator().manual_seed(seed), bshd=bshd)
 
 
 def _fwd_bwd(q, k, v, mask=None, *, dropout_p=0.0, seed=0, backend="cpu", **kw):
@@ -50,7 +44,7 @@ def _fwd_bwd(q, k, v, mask=None, *, dropout_p=0.0, seed=0, backend="cpu", **kw):
         scale = 1.0 / math.sqrt(q.shape[-1])
         out, _, _ = attention_fwd(*leaves, m, scale, kw.get("is_causal", False), False, dropout_p,
                                   torch.tensor(seed, dtype=torch.int64), backend,
-                                  _needs_out_lo(q.dtype, *leaves, m))  # as the public function sets it
+                                  needs_out_lo(q.dtype, *leaves, m))  # as the public function sets it
     else:
         out = fastattn.scaled_dot_product_attention(*leaves, m, backend=backend, **kw)
     dout = torch.randn(out.shape, generator=gen).to(out.dtype)
@@ -407,6 +401,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SANITIZED, reason="the sanitizers' quarantine grows the heap by design")
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_no_leak_over_thousands_of_calls():
@@ -444,14 +439,10 @@ def _backends():
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
+def backend(request):
     name = request.param
     if name == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # before triton's first import (its own @jit helpers)
-        pytest.importorskip("triton")
-        mod = importlib.import_module("fastattn.kernels.attention")
-        if not mod._interpreting():
-            importlib.reload(mod)
+        triton_kernels("attention")
     return name
 
 

@@ -8,17 +8,16 @@ import pytest
 import torch
 
 import fastattn
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, padding_mask, randn_heads
 from fastattn import reference
 from fastattn.testing import assert_close
 
 
 # ------------------------------------------------------------------------------- attention_weights
 def _qk(B, H, Hk, L, S, E, dtype, *, bshd=False, requires_grad=False):
-    def t(h, n):
-        x = torch.randn(B, n, h, E, dtype=dtype).transpose(1, 2) if bshd else torch.randn(B, h, n, E, dtype=dtype)
-        return x.requires_grad_(requires_grad)
-    return t(H, L), t(Hk, S)
+    """query and key from torch's global generator, drawn in ``dtype``."""
+    return tuple(randn_heads(B, h, n, E, dtype, bshd=bshd, draw_dtype=dtype).requires_grad_(requires_grad)
+                 for h, n in ((H, L), (Hk, S)))
 
 
 def _mask(kind, B, H, L, S, dtype):
@@ -28,8 +27,7 @@ def _mask(kind, B, H, L, S, dtype):
     if kind == "bool":
         return torch.rand(B, H, L, S, generator=g) > 0.3
     if kind == "bool-pad":  # (B, 1, 1, S) padding mask, read through stride 0
-        lens = torch.randint(1, S + 1, (B,), generator=g)
-        return (torch.arange(S)[None, :] < lens[:, None]).view(B, 1, 1, S)
+        return padding_mask(torch.randint(1, S + 1, (B,), generator=g), S)
     if kind == "float":
         return torch.randn(B, 1, L, S, generator=g).to(dtype)
     if kind == "float32":  # float32 bias with low-precision inputs
@@ -126,12 +124,12 @@ def test_weights_backward_fully_masked_rows_are_zero():
 
 
 def test_weights_opcheck():
-    from fastattn.weights import _attention_weights_op
+    from fastattn._ops.weights import attention_weights as attention_weights_op
     backend = "cpu"
     q, k = _qk(2, 4, 2, 7, 11, 8, torch.float32, requires_grad=True)
     mask = torch.randn(2, 1, 7, 11, requires_grad=True)
-    torch.library.opcheck(_attention_weights_op, (q, k, mask, 0.3, True, backend))
-    torch.library.opcheck(_attention_weights_op, (q.detach(), k.detach(), None, 0.3, False, backend))
+    torch.library.opcheck(attention_weights_op, (q, k, mask, 0.3, True, backend))
+    torch.library.opcheck(attention_weights_op, (q.detach(), k.detach(), None, 0.3, False, backend))
 
 
 def test_weights_bad_inputs():

@@ -196,7 +196,7 @@ def test_cpu_gradcheck_f64():
 
 @pytest.mark.parametrize("dtype,return_lo", [(torch.float32, False), (torch.bfloat16, True)], ids=["f32", "bf16-lo"])
 def test_cpu_opcheck(dtype, return_lo):
-    from fastattn._varlen_ops import varlen_fwd
+    from fastattn._ops.varlen import varlen_fwd
     lq, lk = [3, 5], [4, 2]
     q, k, v = (t.requires_grad_() for t in make(lq, lk, 2, 2, 8, 8, dtype))
     args = (q, k, v, cu_of(lq), cu_of(lk), 5, 4, None, 0.3, True, 0.0, torch.zeros((), dtype=torch.int64), "cpu",

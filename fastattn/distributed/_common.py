@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastattn import functional as F
+from fastattn import _launchers
+from fastattn import _validation as check
 from fastattn.distributed._blocks import Params
 
 
@@ -43,8 +44,8 @@ def process_group(group) -> Group:
 def check_inputs(name: str, query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p, is_causal, scale,
                  enable_gqa, zigzag, world: int) -> None:
     """The functional API's checks on the local shards, plus the distributed layout's own rules."""
-    F._check_qkv(query, key, value, enable_gqa)
-    F._check_scalars(dropout_p, is_causal, scale, enable_gqa)
+    check.check_qkv(query, key, value, enable_gqa)
+    check.check_scalars(dropout_p, is_causal, scale, enable_gqa)
     if not isinstance(zigzag, bool):
         raise TypeError(f"zigzag must be a bool, got {type(zigzag).__name__}")
     if query.dim() != 4:
@@ -67,7 +68,7 @@ def check_inputs(name: str, query: Tensor, key: Tensor, value: Tensor, attn_mask
     B, H, L, _ = query.shape
     n = L * world
     # The mask is GLOBAL (the same tensor on every rank): key padding is (B, 1, 1, N).
-    F._check_mask(attn_mask, query.new_empty(()).expand(B, H, n, 1), key.new_empty(()).expand(1, 1, n, 1))
+    check.check_mask(attn_mask, query, (B, H, n, n))
 
 
 def mask_4d(attn_mask: Tensor | None) -> Tensor | None:
@@ -78,7 +79,7 @@ def mask_4d(attn_mask: Tensor | None) -> Tensor | None:
 
 
 def pick_backend(backend, query: Tensor) -> str:
-    return F._pick_backend(backend, query.device, query.dtype)
+    return _launchers.choose_backend(backend, query.device, query.dtype)
 
 
 def make_params(grp: Group, query: Tensor, scale, is_causal: bool, dropout_p, backend: str) -> Params:

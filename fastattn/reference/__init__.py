@@ -166,4 +166,5 @@ from fastattn.reference.varlen import *  # noqa: E402,F401,F403
 from fastattn.reference.additive import *  # noqa: E402,F401,F403
 from fastattn.reference.hard import *  # noqa: E402,F401,F403
 from fastattn.reference.layers import *  # noqa: E402,F401,F403
+from fastattn.reference.decode import *  # noqa: E402,F401,F403
 

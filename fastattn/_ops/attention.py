@@ -1,19 +1,16 @@
-"""The custom ops: one forward and one backward op, each with a CPU and a CUDA kernel registered.
+"""The attention ops: ``fastattn::attention_fwd`` / ``fastattn::attention_bwd``, the core every dense call
+runs through (scaled_dot_product_attention, attention_weights, fastattn.distributed).
 
 ``fastattn::attention_fwd`` / ``fastattn::attention_bwd`` take 4-D tensors (B, H, L, E) in any
 strides and an optional 4-D mask whose size-1 dims broadcast. ``backend`` selects the launcher on
 CPU tensors ("cpu": the C++ kernel; "triton": the Triton kernel under TRITON_INTERPRET=1); CUDA
-tensors always run Triton. Fake implementations let torch.compile / torch.export trace through;
-the autograd formula is registered once, here.
+tensors always run Triton (fastattn._launchers). Fake implementations let torch.compile / torch.export
+trace through; the autograd formula is registered once, here.
 
 fp16 / bf16 training (``return_lo``): the forward also returns ``out_lo``, an int16 code of the rounding
-residual of its fp32 result in units of ``out``'s exponent (csrc/common.h, ``encode_lo``; :func:`out_fp32`
-reads it back). The backward's
-delta = rowsum(dout * O) is subtracted from a dP computed in fp32; with O rounded to bf16 the two disagree by
-~2^-9 |dout| |O|, which is all of dS where exact math gives 0 (one visible key with dropout). out_lo gives O
-back to ~2^-23 relative, about what a float32 copy would, at 2 bytes per element (a residual in the output's
-own dtype would leave ~2^-17 for bf16, still ~10x the float32 noise of dP); it is saved for the backward only
-(never returned to the user) and not produced for inference, float32 or float64.
+residual of its fp32 result in units of ``out``'s exponent (:func:`out_fp32` reads it back), which the backward's
+delta = rowsum(dout * O) uses instead of the rounded output; saved for the backward only, never produced for
+inference, float32 or float64. Why and how: docs/design/out_lo.md.
 """
 from __future__ import annotations
 
@@ -39,7 +36,7 @@ def causal_offset(q: Tensor, k: Tensor, lower_right: bool) -> int:
     return k.shape[2] - q.shape[2] if lower_right else 0
 
 
-LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}  # K of the out_lo code (csrc/common.h, LoCode)
+LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}  # K of the out_lo code (csrc/out_lo.h, OutLoCode)
 
 
 def out_fp32(out: Tensor, out_lo: Tensor) -> Tensor:
@@ -78,7 +75,7 @@ def attention_fwd(
     fully masked rows), out_lo int16 laid out as out when ``return_lo`` (float16 / bfloat16 only; see the
     module doc), else empty. ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0).
     ``lower_right``: with ``is_causal``, key j is visible to query i iff j <= i + S - L (else j <= i)."""
-    launcher = _launchers.get(backend, q.device)
+    launcher = _launchers.launcher_for("attention", backend, q.device)
     res = launcher.attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
                                  seed=int(seed.item()), return_lo=return_lo,
                                  causal_offset=causal_offset(q, k, lower_right))
@@ -141,18 +138,18 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has the mask's 4-D shape when ``mask_needs_grad`` else is empty.
     ``out_lo``: the forward's (``return_lo``), or None (or empty): delta then comes from out alone."""
-    launcher = _launchers.get(backend, q.device)
+    launcher = _launchers.launcher_for("attention", backend, q.device)
     dq, dk, dv, dmask = launcher.attention_bwd(
         dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo),
         causal_offset=causal_offset(q, k, lower_right))
     if dmask is None:
         dmask = q.new_empty(0)
-    return _contig(dq), _contig(dk), _contig(dv), dmask
+    return contiguous_grad(dq), contiguous_grad(dk), contiguous_grad(dv), dmask
 
 
-def _contig(t: Tensor) -> Tensor:
-    # Gradients are returned contiguous on both devices (the fake impl promises that layout).
+def contiguous_grad(t: Tensor) -> Tensor:
+    """A gradient as the backward ops return it: contiguous on both devices (the fake impls promise it)."""
     return t if t.is_contiguous() else t.contiguous()
 
 

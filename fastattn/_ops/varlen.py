@@ -1,14 +1,15 @@
 """The varlen custom ops: ``fastattn::varlen_fwd`` / ``fastattn::varlen_bwd`` (packed batches).
 
-Same shape as fastattn/_ops.py: one forward and one backward op, the CPU (C++) and Triton launchers behind
-them (``varlen_fwd`` / ``varlen_bwd`` of fastattn/_cpu.py and kernels/attention.py), fake implementations
-for torch.compile / torch.export, and the autograd formula registered once here.
+Same shape as the attention ops (fastattn/_ops/attention.py): one forward and one backward op, the CPU (C++)
+and Triton launchers of the "attention" family behind them (``varlen_fwd`` / ``varlen_bwd`` of fastattn/_cpu.py
+and kernels/attention.py), fake implementations for torch.compile / torch.export, and the autograd formula
+registered once here.
 
 Packed layout (B sequences, H query heads, Hk key/value heads): q (total_q, H, E), k (total_k, Hk, E),
 v (total_k, Hk, Ev), int32 cu_q / cu_k (B + 1) on q's device; mask None or 4-D with every dim 1 or full
 (B, H, max_q, max_k). Outputs: out (total_q, H, Ev) in q's dtype, lse (H, total_q) float32, and for fp16 /
 bf16 training (``return_lo``) out_lo (total_q, H, Ev) int16, saved for the backward's delta (see
-fastattn/_ops.py).
+fastattn/_ops/attention.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _launchers
-from fastattn._ops import lo_or_none, no_lo
+from fastattn._ops.attention import contiguous_grad, lo_or_none, no_lo
 
 
 @torch.library.custom_op("fastattn::varlen_fwd", mutates_args=())
@@ -39,7 +40,7 @@ def varlen_fwd(
     """(out (total_q, H, Ev), lse (H, total_q) float32, natural log, -inf for rows with no visible key,
     out_lo (total_q, H, Ev) int16 when ``return_lo`` else empty). ``seed``: int64 scalar tensor on the CPU
     (Philox key; ignored if dropout_p == 0)."""
-    launcher = _launchers.get(backend, q.device)
+    launcher = _launchers.launcher_for("attention", backend, q.device)
     res = launcher.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
                               dropout_p=dropout_p, seed=int(seed.item()), return_lo=return_lo)
     return res if return_lo else (*res, no_lo(q))
@@ -75,17 +76,13 @@ def varlen_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask), contiguous; dmask has the mask's 4-D shape when ``mask_needs_grad`` else is
     empty. ``out_lo``: the forward's (``return_lo``), or None (or empty)."""
-    launcher = _launchers.get(backend, q.device)
+    launcher = _launchers.launcher_for("attention", backend, q.device)
     dq, dk, dv, dmask = launcher.varlen_bwd(
         dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
         dropout_p=dropout_p, seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo))
     if dmask is None:
         dmask = q.new_empty(0)
-    return _contig(dq), _contig(dk), _contig(dv), dmask
-
-
-def _contig(t: Tensor) -> Tensor:
-    return t if t.is_contiguous() else t.contiguous()
+    return contiguous_grad(dq), contiguous_grad(dk), contiguous_grad(dv), dmask
 
 
 @varlen_bwd.register_fake
