@@ -1,7 +1,7 @@
 """pytest-benchmark harness for ``bench/test_bench_<op>.py``: cases and providers come from
 ``fastattn.bench`` (the registry ``fastattn bench`` uses), so both report the same numbers.
 
-    pytest bench/                                   # quick cases (issue 2 / issue 3 targets)
+    pytest bench/                                   # quick cases (the CPU / GPU target shapes)
     pytest bench/ --bench-suite full                # everything
     pytest bench/ --bench-suite memory              # the long-sequence peak-memory check
     pytest bench/ --benchmark-json out.json         # pytest-benchmark's JSON; extra_info per row
@@ -81,7 +81,7 @@ def run_bench(benchmark, _ceilings, _baseline_medians):
             pytest.skip(why)
         inputs = op.inputs(case, case.mode != "fwd")
         call = fb.make_call(op, provider, case, inputs)
-        sync = fb._synchronizer([case.device])
+        sync = fb.synchronizer([case.device])
 
         def timed():
             call()

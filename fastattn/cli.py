@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backend", action="append", choices=["cpu", "triton"], help="check only these backends")
     k = sub.add_parser("kernels", help="compile every Triton kernel configuration for sm_80/sm_90 and report")
     k.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (default both)")
-    from fastattn import bench
+    from fastattn.bench import command as bench_command
     b = sub.add_parser("bench", help="speed table against torch (quick by default, --full for everything), "
                                      "JSON, plots, --compare")
-    bench.add_arguments(b)
+    bench_command.add_arguments(b)
     from fastattn.explain import command as explain_command
     x = sub.add_parser("explain", help="attention heatmaps (PNG) and a head view (HTML) of a text through a "
                                        "transformers encoder; --bench: memory and time at 512 tokens")
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         from fastattn.kernels import aot
         return aot.main(tuple(a.arch) if a.arch else (80, 90))
     if a.cmd == "bench":
-        return bench.main(a)
+        return bench_command.main(a)
     if a.cmd == "explain":
         return explain_command.main(a)
     return 2

@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 
@@ -23,6 +24,50 @@ SENTENCES = [
 ]
 
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
+
+
+# ------------------------------------------------------------------------------------ shared input builders
+# Plain functions (``from conftest import make_qkv``): each test module keeps its own seeds, shapes and mask
+# kinds, and draws from these so that one layout convention and one padding convention serve every file.
+def randn_heads(B: int, H: int, N: int, D: int, dtype: torch.dtype = torch.float32, *,
+                gen: torch.Generator | None = None, bshd: bool = False,
+                draw_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A standard-normal (B, H, N, D) tensor in ``dtype``, drawn in ``draw_dtype`` from ``gen`` (torch's global
+    generator when None). ``bshd=True``: a transposed view of a (B, N, H, D) buffer, strided as a transformer's
+    projections leave it (the values then follow that buffer's order)."""
+    if bshd:
+        return torch.randn(B, N, H, D, generator=gen, dtype=draw_dtype).to(dtype).transpose(1, 2)
+    return torch.randn(B, H, N, D, generator=gen, dtype=draw_dtype).to(dtype)
+
+
+def make_qkv(B: int, H: int, Hk: int, L: int, S: int, E: int, Ev: int, dtype: torch.dtype = torch.float32, *,
+             gen: torch.Generator | None = None, bshd: bool = False, draw_dtype: torch.dtype = torch.float32,
+             requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query (B, H, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev), drawn in that order by :func:`randn_heads`."""
+    return tuple(randn_heads(B, h, n, d, dtype, gen=gen, bshd=bshd, draw_dtype=draw_dtype).requires_grad_(requires_grad)
+                 for h, n, d in ((H, L, E), (Hk, S, E), (Hk, S, Ev)))
+
+
+def padding_mask(lengths, S: int) -> torch.Tensor:
+    """Bool (B, 1, 1, S) key-padding mask, True = attend: batch element b sees its first ``lengths[b]`` keys."""
+    lens = torch.as_tensor(lengths)
+    return (torch.arange(S)[None, :] < lens[:, None]).view(len(lens), 1, 1, S)
+
+
+def triton_kernels(name: str):
+    """The Triton kernels module ``fastattn.kernels.<name>`` (``kernels.<name>`` in a source checkout that is
+    not installed), decorated for the interpreter: a module imported earlier in the session without it is
+    reloaded (Triton decorates a function for the interpreter or the compiler when it is defined). Skips
+    the test when Triton is not installed."""
+    pytest.importorskip("triton")
+    try:
+        mod = importlib.import_module(f"fastattn.kernels.{name}")
+    except ImportError:  # source checkout that is not installed: kernels/ is the package directory
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        mod = importlib.import_module(f"kernels.{name}")
+    if not mod._interpreting():
+        mod = importlib.reload(mod)
+    return mod
 
 
 @pytest.fixture(autouse=True)

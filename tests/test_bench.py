@@ -1,5 +1,6 @@
 """The benchmark machinery (fastattn.bench, `fastattn bench`) on tiny shapes, so it cannot rot:
-FLOP formula, timing, JSON round trip, --compare, tables, plots, the CLI, adding an operation."""
+FLOP formula, timing, JSON round trip, --compare, tables, plots, the CLI, adding an operation, and one tiny
+case of every registered operation through fastattn's own provider (the plumbing, never a timing)."""
 import dataclasses
 import json
 import os
@@ -9,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from fastattn import _launchers, cli, reference
 from fastattn import bench as fb
-from fastattn import cli, reference
+from fastattn.bench.ops import sdpa as bench_sdpa
 
 TINY = fb.Settings(warmup_s=0.0, min_round_s=0.001, rounds=3, min_rounds=3, max_case_s=0.2, ceiling_n=256)
 
@@ -62,7 +64,7 @@ def test_case_ids_and_round_trip():
 
 def test_quick_suite_covers_issue2_targets():
     quick = fb.select_cases(["sdpa"], ["quick"], devices=["cpu"])
-    for B, H, L, E in fb.ISSUE2_SHAPES:
+    for B, H, L, E in bench_sdpa.CPU_TARGET_SHAPES:
         got = {(c.dtype, c.variant) for c in quick if (c.B, c.H, c.L, c.E) == (B, H, L, E)}
         assert {("f32", "fwd"), ("bf16", "fwd"), ("f32", "fwd pad"), ("f32", "fwd+bwd")} <= got
     mem = fb.select_cases(["sdpa"], ["memory"], devices=["cpu"])
@@ -170,6 +172,51 @@ def test_memory_table_verdict():
     assert "60.0 MiB" in text and "ok" in text.split()
 
 
+# ------------------------------------------------------------------------- fastattn's own providers
+# (op, Case fields over tiny_case's, the provider fastattn-cpu's output is checked against, in float32)
+TINY_OPS = [
+    ("sdpa", dict(causal=True, mask="pad"), "reference"),
+    ("sdpa", dict(mode="fwd+bwd", Hk=1), "reference"),
+    ("additive", dict(E=8, Ev=16), "reference"),
+    ("additive", dict(E=8, Ev=16, mode="fwd+bwd"), "reference"),
+    ("varlen", dict(B=4, L=32, S=32, mask="bert"), None),
+    ("varlen", dict(B=4, L=32, S=32, mask="short", mode="fwd+bwd"), None),
+    ("hard", dict(top_k=3), "reference"),
+]
+
+
+@pytest.mark.skipif(not _launchers.cpu_available()[0], reason="the C++ CPU kernels are not built")
+@pytest.mark.parametrize("op,fields,against", TINY_OPS, ids=[tiny_case(op=o, **f).id for o, f, _ in TINY_OPS])
+def test_fastattn_provider_runs_a_tiny_case(op, fields, against):
+    """Every provider of the operation runs the case through run_case (timing, backward for fwd+bwd, memory),
+    and fastattn-cpu computes what the provider it is checked against computes on the same inputs."""
+    c = tiny_case(op=op, **fields)
+    rows = {r.provider: r for r in fb.run_case(c, None, TINY)}
+    assert "fastattn-cpu" in rows, f"{op} has no fastattn-cpu provider"
+    for name, r in rows.items():
+        assert r.ok, f"{c.id} {name}: {r.status}"
+        assert r.median_s > 0 and r.flops > 0
+        assert r.peak_bytes is not None or fb.cpu_memory_supported() is not None
+    o = fb.OPERATIONS[op]
+    x = o.inputs(c, False)
+    got = o.provider("fastattn-cpu").fn(x)
+    if against is not None:
+        torch.testing.assert_close(got, o.provider(against).fn(x), atol=1e-5, rtol=1e-5)
+    else:  # varlen: the packed output holds the padded batch's real rows
+        padded = o.provider("fastattn-cpu-padded").fn(x)
+        torch.testing.assert_close(padded, o.provider("torch").fn(x), atol=1e-5, rtol=1e-5)
+        real = x["attn_mask"].view(c.B, c.S)
+        torch.testing.assert_close(got, padded.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+
+
+def test_default_run_is_sdpa_and_case_ids_are_unique():
+    assert {c.op for c in fb.select_cases(None, ["quick", "full", "memory"])} == {"sdpa"}
+    for name in fb.OPERATIONS:
+        for suites in (["quick", "full"], ["memory"]):
+            ids = [c.id for c in fb.select_cases([name], suites)]
+            assert len(ids) == len(set(ids)), f"{name}: case ids must be unique (they key --compare)"
+
+
 # ---------------------------------------------------------------------------------- extensibility
 def test_adding_an_operation_takes_a_few_lines():
     def cases():
@@ -191,7 +238,7 @@ def test_adding_an_operation_takes_a_few_lines():
 
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_bench(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(fb, "QUICK", TINY)
+    monkeypatch.setattr(fb.timing, "QUICK", TINY)
     out = str(tmp_path / "res")
     args = ["bench", "--filter", "sdpa-cpu-B16-H12-L64-E32-f32-fwd", "--mode", "fwd", "--provider", "torch",
             "--provider", "reference", "--out", out, "--no-plot"]

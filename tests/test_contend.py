@@ -1,4 +1,4 @@
-"""Shared cores: `fastattn bench --contend N` (fastattn/contend.py) starts and stops its spinner processes,
+"""Shared cores: `fastattn bench --contend N` (fastattn/bench/contend.py) starts and stops its spinner processes,
 and the CPU kernels give the same bits while other processes hold the cores (csrc/parallel.h)."""
 import os
 import signal
@@ -12,7 +12,7 @@ import torch
 import fastattn
 from fastattn import _launchers, cli
 from fastattn import bench as fb
-from fastattn import contend
+from fastattn.bench import contend
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 
@@ -81,7 +81,7 @@ def test_zero_spinners_and_bad_counts():
 
 _ORPHAN = """
 import sys, time
-from fastattn import contend
+from fastattn.bench import contend
 with contend.spinners(2) as pids:
     print(*pids, flush=True)
     time.sleep(60)
@@ -131,7 +131,7 @@ def test_run_contended_report():
 
 
 def test_cli_contend(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(fb, "QUICK", TINY)
+    monkeypatch.setattr(fb.timing, "QUICK", TINY)
     before = _children()
     t0 = time.monotonic()
     out = str(tmp_path / "res")

@@ -266,6 +266,7 @@ def _results(world: int):
 # --------------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow  # spawns process groups of every size in WORLDS, each running every case
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("world", WORLDS, ids=lambda w: f"W{w}")
 def test_matches_single_process(world, case):

@@ -14,7 +14,6 @@ Ev value head dim.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fastattn  # noqa: E402
 from fastattn import reference, testing  # noqa: E402
+from conftest import DTYPE_IDS as DTYPE_NAMES, triton_kernels  # noqa: E402
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-DTYPE_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64"}
 
 # ------------------------------------------------------------------------------------------- profiles
 _COMMON = dict(deadline=None, print_blob=True,
@@ -239,17 +238,8 @@ def test_cpu_matches_reference_long(case):
 # ------------------------------------------------------------------------------ Triton (interpreter)
 @pytest.fixture(scope="module")
 def triton_interpreter():
-    """TRITON_INTERPRET=1 while these tests run, with the kernels decorated for the interpreter."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")  # before triton's first import (its own @jit helpers)
-        pytest.importorskip("triton")
-        try:
-            mod = importlib.import_module("fastattn.kernels.attention")
-        except ImportError as e:
-            pytest.skip(f"fastattn.kernels cannot be imported: {e}")
-        if not mod._interpreting():
-            importlib.reload(mod)
-        yield
+    """The kernels decorated for the interpreter (tests/conftest.py sets TRITON_INTERPRET)."""
+    triton_kernels("attention")
 
 
 @pytest.mark.triton

@@ -8,20 +8,16 @@ import torch
 
 import fastattn
 from fastattn import reference
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, padding_mask
+from conftest import make_qkv as _shared_qkv
 from fastattn.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_qkv(B, H, Hk, L, S, E, Ev, dtype, *, bshd=False, requires_grad=False):
-    def t(h, n, d):
-        if bshd:  # a (B, N, H, D) buffer viewed as (B, H, N, D): strided, not copied
-            x = torch.randn(B, n, h, d, dtype=dtype).transpose(1, 2)
-        else:
-            x = torch.randn(B, h, n, d, dtype=dtype)
-        return x.requires_grad_(requires_grad)
-    return t(H, L, E), t(Hk, S, E), t(Hk, S, Ev)
+    """query, key, value from torch's global generator, drawn in ``dtype``."""
+    return _shared_qkv(B, H, Hk, L, S, E, Ev, dtype, bshd=bshd, draw_dtype=dtype, requires_grad=requires_grad)
 
 
 def make_mask(kind, B, H, L, S, dtype):
@@ -31,8 +27,7 @@ def make_mask(kind, B, H, L, S, dtype):
     if kind == "bool":
         m = torch.rand(B, H, L, S, generator=g) > 0.3
     elif kind == "bool-pad":  # BERT padding mask (B, 1, 1, S)
-        lens = torch.randint(1, S + 1, (B,), generator=g)
-        m = (torch.arange(S)[None, :] < lens[:, None]).view(B, 1, 1, S)
+        m = padding_mask(torch.randint(1, S + 1, (B,), generator=g), S)
     elif kind == "float":
         m = torch.randn(B, H, L, S, generator=g).to(dtype)
     elif kind == "float-bcast":  # shared bias (1, 1, L, S) read through stride 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -22,23 +20,12 @@ from fastattn import _philox  # noqa: E402
 from fastattn._ops import LO_SHIFT, out_fp32  # noqa: E402
 from fastattn import reference as R  # noqa: E402
 from fastattn.testing import assert_close  # noqa: E402
+from conftest import padding_mask, randn_heads, triton_kernels  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 
-def _kernels_module():
-    try:
-        mod = importlib.import_module("fastattn.kernels.attention")
-    except ImportError:  # source checkout that is not installed: kernels/ is the package directory
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        mod = importlib.import_module("kernels.attention")
-    if not mod._interpreting():
-        # Imported earlier in this session without the interpreter: decorate the kernels again.
-        mod = importlib.reload(mod)
-    return mod
-
-
-A = _kernels_module()
+A = triton_kernels("attention")
 DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -48,11 +35,8 @@ DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 def _make(B, H, Hk, L, S, E, Ev, dtype, layout="bhsd", gen=None):
     """q, k, v (and a dout for q's output) in the (B, H, L, E) view; "bshd" gives transposed views of
     (B, L, H, E) buffers, the layout a transformer's projections produce."""
-    def t(b, h, n, e):
-        if layout == "bshd":
-            return torch.randn(b, n, h, e, generator=gen).to(dtype).transpose(1, 2)
-        return torch.randn(b, h, n, e, generator=gen).to(dtype)
-    return t(B, H, L, E), t(B, Hk, S, E), t(B, Hk, S, Ev), t(B, H, L, Ev)
+    return tuple(randn_heads(B, h, n, e, dtype, gen=gen, bshd=layout == "bshd")
+                 for h, n, e in ((H, L, E), (Hk, S, E), (Hk, S, Ev), (H, L, Ev)))
 
 
 def _mask(kind: str, shape, B, H, L, S, dtype, gen):
@@ -64,8 +48,7 @@ def _mask(kind: str, shape, B, H, L, S, dtype, gen):
     if kind == "bool":
         return torch.rand(full, generator=gen) > 0.35
     if kind in ("pad", "pad0"):  # pad0: the first batch element has no key at all
-        lens = torch.tensor([0 if kind == "pad0" else S, max(1, S // 3), S - 5][:B])
-        return (torch.arange(S)[None] < lens[:, None]).view(B, 1, 1, S)
+        return padding_mask([0 if kind == "pad0" else S, max(1, S // 3), S - 5][:B], S)
     m = torch.randn(full, generator=gen).to(torch.float32 if kind == "float32" else dtype)
     if kind == "dead":
         m[..., 1::3, :] = float("-inf")  # hide every key of some query rows
@@ -320,7 +303,7 @@ def test_padding_blocks_are_skipped():
     bn = min(A.INTERPRETER_CONFIGS[n].block_n for n in ("fwd", "bwd_dq"))
     B, H, L, S, E = 2, 2, 24, 4 * bn, 16
     valid = torch.tensor([bn + 3, 2 * bn])
-    mask = (torch.arange(S)[None] < valid[:, None]).view(B, 1, 1, S)
+    mask = padding_mask(valid, S)
     q, k, v = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, S, E)
     k_nan, v_nan = k.clone(), v.clone()
     for b in range(B):
@@ -517,6 +500,7 @@ def test_config_table_covers_every_bucket():
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_80 / sm_90
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_aot_compile_subset():
     """Every kernel, first config of the 128 bucket, both feature variants, sm_80 and sm_90: compiles,
     runs on tensor cores, does not spill, fits shared memory. (`fastattn kernels` does all configs.)"""

@@ -22,7 +22,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from fastattn import bench as fb
+from fastattn.bench import timing
+from fastattn.bench.cases import Case
+from fastattn.bench.report import Result, fmt_time, format_header, geomean, save_report, text_table
+from fastattn.bench.run import Progress, machine_info, run_case
 
 # The spinner: a bare Python loop (no site, no imports beyond os, so it starts at once). Every few milliseconds
 # it checks that its parent is still the one that started it, so it also ends when the benchmark is killed.
@@ -115,8 +118,8 @@ class Row:
         return self.busy_s / self.quiet_s if self.quiet_s and self.busy_s else None
 
 
-def run_contended(cases: Sequence[fb.Case], n: int, providers: Sequence[str] | None = None,
-                  settings: fb.Settings = fb.QUICK, *, threads: int | None = None, progress: bool = True,
+def run_contended(cases: Sequence[Case], n: int, providers: Sequence[str] | None = None,
+                  settings: timing.Settings = timing.QUICK, *, threads: int | None = None, progress: bool = True,
                   command: str | None = None) -> dict:
     """Every CPU timing case quietly, then every case again with ``n`` spinners running (started once, after
     the quiet runs, stopped after the last contended one); returns a JSON-able report.
@@ -129,18 +132,18 @@ def run_contended(cases: Sequence[fb.Case], n: int, providers: Sequence[str] | N
     providers = list(providers) if providers else ["torch", "fastattn-cpu"]
     t_start = time.perf_counter()
     load_before = _loadavg()
-    bar = fb.Progress(2 * len(cases), desc=f"contend {n}", enabled=progress)
-    quiet: list[dict[str, fb.Result]] = []
-    busy: list[dict[str, fb.Result]] = []
+    bar = Progress(2 * len(cases), desc=f"contend {n}", enabled=progress)
+    quiet: list[dict[str, Result]] = []
+    busy: list[dict[str, Result]] = []
     try:
         for c in cases:
             bar.step(f"quiet {c.op} {c.shape} {c.dtype} {c.variant}")
-            quiet.append({r.provider: r for r in fb.run_case(c, providers, settings, measure_memory=False)})
+            quiet.append({r.provider: r for r in run_case(c, providers, settings, measure_memory=False)})
             bar.advance()
         with spinners(n):
             for c in cases:
                 bar.step(f"{n} spinner(s) {c.op} {c.shape} {c.dtype} {c.variant}")
-                busy.append({r.provider: r for r in fb.run_case(c, providers, settings, measure_memory=False)})
+                busy.append({r.provider: r for r in run_case(c, providers, settings, measure_memory=False)})
                 bar.advance()
     finally:
         bar.close()
@@ -160,7 +163,7 @@ def run_contended(cases: Sequence[fb.Case], n: int, providers: Sequence[str] | N
         "format": 1,
         "kind": "contend",
         "command": command or " ".join(["fastattn"] + sys.argv[1:]),
-        "machine": fb.machine_info(),
+        "machine": machine_info(),
         "settings": dataclasses.asdict(settings),
         "spinners": n,
         "cores": cores(),
@@ -195,9 +198,9 @@ def format_contend_table(report: dict, *, markdown: bool = False) -> str:
         if r.status != "ok":
             lines.append(head + [r.status])
             continue
-        lines.append(head + [fb._fmt_time(r.quiet_s), f"{100 * r.quiet_iqr:.1f}%", fb._fmt_time(r.busy_s),
+        lines.append(head + [fmt_time(r.quiet_s), f"{100 * r.quiet_iqr:.1f}%", fmt_time(r.busy_s),
                              f"{100 * r.busy_iqr:.1f}%", f"{r.slowdown:.2f}x"])
-    return fb._table(header, lines, markdown)
+    return text_table(header, lines, markdown)
 
 
 def format_contend_summary(report: dict) -> str:
@@ -210,12 +213,12 @@ def format_contend_summary(report: dict) -> str:
            f"{report['machine']['torch_threads']} threads, {report['cores']} cores)"]
     for prov, rs in sorted(by.items()):
         worst = max(rs, key=lambda r: r.slowdown)
-        out.append(f"  {prov:14} geomean {fb.geomean([r.slowdown for r in rs]):.2f}x, worst {worst.slowdown:.2f}x "
+        out.append(f"  {prov:14} geomean {geomean([r.slowdown for r in rs]):.2f}x, worst {worst.slowdown:.2f}x "
                    f"({worst.shape} {worst.dtype} {worst.variant}) over {len(rs)} case(s)")
     return "\n".join(out)
 
 
-def main(a, cases: Sequence[fb.Case]) -> int:
+def main(a, cases: Sequence[Case]) -> int:
     """``fastattn bench --contend N``: print the table and save it (``contend.json`` / ``contend.md``)."""
     if a.contend < 0:
         print(f"--contend needs a number of spinners >= 0, got {a.contend}", file=sys.stderr)
@@ -224,10 +227,10 @@ def main(a, cases: Sequence[fb.Case]) -> int:
     if not cases:
         print("no CPU timing case matches the selection", file=sys.stderr)
         return 2
-    settings = fb.FULL if a.full else fb.QUICK
+    settings = timing.FULL if a.full else timing.QUICK
     command = " ".join(["fastattn", "bench"] + sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     report = run_contended(cases, a.contend, a.provider, settings, threads=a.threads, command=command)
-    header = fb.format_header({**report, "ceilings": {}})
+    header = format_header({**report, "ceilings": {}})
     load = f"load average {report['loadavg_before']} before, {report['loadavg_after']} after"
     table, summary = format_contend_table(report), format_contend_summary(report)
     print(header)
@@ -238,7 +241,7 @@ def main(a, cases: Sequence[fb.Case]) -> int:
     print(summary)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "contend.json")
-    fb.save_report(report, path)
+    save_report(report, path)
     with open(os.path.join(a.out, "contend.md"), "w") as f:
         f.write(f"`{report['command']}`\n\n```\n{header}\n{load}\n```\n\n")
         f.write(format_contend_table(report, markdown=True) + "\n")
