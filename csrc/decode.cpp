@@ -1,0 +1,509 @@
+// fastattn CPU decode kernel: a few new query rows per sequence against a long KV cache (flash-decoding).
+//
+// Math (fastattn/reference/decode.py states it in full): sequence b has keys j < n = seqlens[b]; query row i
+// sits at i' = n - L + i; s_ij = scale <q_i, k_j>, soft-capped, + ALiBi, + mask, -inf where hidden (causal
+// j <= i', window i' - left <= j <= i' + right, a false bool mask); lse = log(sum_j exp(s_ij) [+ exp(sink)]),
+// out_i = sum_j exp(s_ij - lse) v_j. Rows with no visible key: out = 0, lse = -inf (or the sink).
+//
+// Algorithm. A work item is (b, kv head, key split). Its R = L * G query rows (the L rows of every head of the
+// GQA group, row r = i * G + g) are processed together, so each K / V row of the item's keys is read once
+// for the whole group, in key order (sequential rows, which the hardware prefetcher follows). Keys go by in
+// blocks of kBlockN:
+//   1. scores: a tile of kRowTile query rows x kDotKeys keys of dot products is accumulated in registers over
+//      E (K rows converted to fp32 chunk by chunk); scores are kept in log2 units (log2(e) folded into scale);
+//   2. online softmax per row, vectorised over the block: m = running max, l = running sum of 2^(s - m);
+//   3. acc[r] = acc[r] * 2^(m_old - m) + sum_j p_rj v_j, a group of kAccChunks Ev chunks at a time with the
+//      accumulators of kRowTile rows in registers across the block (the block's V rows stay in L1 between
+//      groups).
+// The keys a window cannot show to any of the item's rows are never read. A split covers a run of whole key
+// blocks and leaves (m, l, acc) per row; the merge combines the splits in split order, so the result depends
+// on num_splits only through float rounding and never on which thread ran what. One split merges in place.
+// Feature switches that touch every score (soft-cap, ALiBi, mask) are a template flag: the plain call has
+// none of their code in its loop. Causal and window limits are per-row key bounds, checked only for blocks
+// that straddle them.
+#include "decode.h"
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "convert.h"
+#include "mask.h"
+#include "parallel.h"
+#include "register.h"
+#include "scratch.h"
+#include "simd.h"
+
+namespace py = pybind11;
+
+namespace fastattn {
+namespace FASTATTN_NS {
+
+namespace {
+
+using simd::vf;
+using simd::W;
+
+constexpr int64_t kBlockN = 32;  // keys per block: a multiple of every ISA's 2 * W
+constexpr int kRowTile = W == 16 ? 4 : 2;  // query rows sharing each K / V chunk load
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The K or V rows of one (b, kv head): key j's row, through the block table when the cache is paged.
+template <typename T>
+struct CacheRows {
+  const T* base;              // moved to the kv head (and to b when contiguous)
+  int64_t s_page, s_slot;     // page (or batch) stride, slot (key) stride
+  const int32_t* table;       // sequence b's block-table row; null when contiguous
+  int64_t table_sj, page;
+  FASTATTN_INLINE const T* row(int64_t j) const {
+    if (table == nullptr) return base + j * s_slot;
+    return base + static_cast<int64_t>(table[(j / page) * table_sj]) * s_page + (j % page) * s_slot;
+  }
+};
+
+template <typename T>
+CacheRows<T> cache_rows(const DecodeParams& p, const Tensor4& t, int64_t b, int64_t hk) {
+  CacheRows<T> c;
+  c.base = reinterpret_cast<const T*>(t.ptr) + hk * t.sh;
+  c.s_page = t.sb;
+  c.s_slot = t.sl;
+  c.table = nullptr;
+  c.table_sj = p.table_sj;
+  c.page = p.page_size;
+  if (p.block_table != 0) c.table = reinterpret_cast<const int32_t*>(p.block_table) + b * p.table_sb;
+  else c.base += b * t.sb;
+  return c;
+}
+
+// rows[j] = key j0 + j's row of D elements, j < nb; with a head-dim stride other than 1 the rows are first
+// copied to `stage` (nb x D, contiguous).
+template <typename T>
+FASTATTN_INLINE void block_rows(const CacheRows<T>& c, int64_t se, int64_t D, int64_t j0, int64_t nb,
+                                T* stage, const T** rows) {
+  for (int64_t j = 0; j < nb; ++j) {
+    const T* r = c.row(j0 + j);
+    if (se != 1) {
+      T* dst = stage + j * D;
+      for (int64_t e = 0; e < D; ++e) dst[e] = r[e * se];
+      r = dst;
+    }
+    rows[j] = r;
+  }
+}
+
+// Tile sizes of the two microkernels, chosen so that their accumulators, operands and broadcasts fit the
+// ISA's vector registers (32 with AVX-512, 16 otherwise):
+//   dots: kRowTile rows x kDotKeys keys of accumulators; each q chunk load then feeds kDotKeys FMAs and each
+//   K chunk load kRowTile FMAs (one load per FMA would leave the loads, not the FMAs, as the limit);
+//   accumulate: kRowTile rows x kAccChunks Ev chunks of accumulators, each p broadcast feeding kAccChunks FMAs.
+constexpr int kDotKeys = W == 16 ? 4 : 2;
+constexpr int kAccChunks = W == 16 ? 4 : 2;
+
+#if defined(FASTATTN_HAVE_AVX512)
+// (sum of a[0], ..., sum of a[3]): the four horizontal sums at once, in 13 instructions instead of 4 x 8.
+// Within each 128-bit lane, unpack / shuffle pair up the vectors so that one add serves two of them; the four
+// lanes are added at the end.
+FASTATTN_INLINE __m128 reduce_add4(const __m512* a) {
+  const __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_ps(x01, x23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(x01, x23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 z = _mm256_add_ps(_mm512_castps512_ps256(y), _mm512_extractf32x8_ps(y, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+}
+#endif
+
+// s[t * kBlockN + j] = mul * <qf[t], k_j> for the NR rows of qf (stride Ep, zero-padded), keys j < nb, in
+// groups of KG keys.
+template <typename T, int NR, int KG>
+FASTATTN_INLINE void dots_group(const float* qf, int64_t Ep, int64_t E, const T* const* kr, float mul, float* s) {
+  const int64_t full = E / W, tail = E - full * W;
+  vf a[NR][KG];
+  for (int t = 0; t < NR; ++t)
+    for (int g = 0; g < KG; ++g) a[t][g] = simd::zero();
+  for (int64_t c = 0; c < full; ++c) {
+    vf kv[KG];
+    for (int g = 0; g < KG; ++g) kv[g] = simd::load_cvt(kr[g] + c * W);
+    for (int t = 0; t < NR; ++t) {
+      const vf qv = simd::load(qf + t * Ep + c * W);
+      for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qv, kv[g], a[t][g]);
+    }
+  }
+  if (tail) {
+    vf kv[KG];
+    for (int g = 0; g < KG; ++g) kv[g] = simd::load_cvt_n(kr[g] + full * W, tail);
+    for (int t = 0; t < NR; ++t) {
+      const vf qv = simd::load(qf + t * Ep + full * W);
+      for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qv, kv[g], a[t][g]);
+    }
+  }
+#if defined(FASTATTN_HAVE_AVX512)
+  if constexpr (KG == 4) {
+    for (int t = 0; t < NR; ++t) _mm_storeu_ps(s + t * kBlockN, _mm_mul_ps(reduce_add4(a[t]), _mm_set1_ps(mul)));
+    return;
+  }
+#endif
+  for (int t = 0; t < NR; ++t)
+    for (int g = 0; g < KG; ++g) s[t * kBlockN + g] = simd::reduce_add(a[t][g]) * mul;
+}
+
+template <typename T, int NR>
+FASTATTN_INLINE void block_dots(const float* qf, int64_t Ep, int64_t E, const T* const* krows, int64_t nb,
+                                float mul, float* s) {
+  int64_t j = 0;
+  for (; j + kDotKeys <= nb; j += kDotKeys) dots_group<T, NR, kDotKeys>(qf, Ep, E, krows + j, mul, s + j);
+  for (; j < nb; ++j) dots_group<T, NR, 1>(qf, Ep, E, krows + j, mul, s + j);
+}
+
+// acc[t] = acc[t] * alpha[t] + sum_{j < nb} p[t * kBlockN + j] v_j over CG chunks of W columns from column
+// c0 for the NR rows of acc (row stride ast, rows padded to a multiple of W); the last chunk holds `last` <= W
+// columns.
+template <typename T, int NR, int CG>
+FASTATTN_INLINE void accumulate_group(float* acc, int64_t ast, int64_t c0, int64_t last, const float* p,
+                                      const float* alpha, const T* const* vrows, int64_t nb) {
+  vf a[NR][CG];
+  for (int t = 0; t < NR; ++t) {
+    const vf al = simd::set1(alpha[t]);
+    for (int c = 0; c < CG; ++c) a[t][c] = simd::mul(simd::load(acc + t * ast + c0 + c * W), al);
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    vf vv[CG];
+    for (int c = 0; c < CG; ++c)
+      vv[c] = (c == CG - 1 && last < W) ? simd::load_cvt_n(vrows[j] + c0 + c * W, last)
+                                        : simd::load_cvt(vrows[j] + c0 + c * W);
+    for (int t = 0; t < NR; ++t) {
+      const vf pv = simd::set1(p[t * kBlockN + j]);
+      for (int c = 0; c < CG; ++c) a[t][c] = simd::fmadd(pv, vv[c], a[t][c]);
+    }
+  }
+  for (int t = 0; t < NR; ++t)
+    for (int c = 0; c < CG; ++c) simd::store(acc + t * ast + c0 + c * W, a[t][c]);
+}
+
+template <typename T, int NR>
+FASTATTN_INLINE void block_accumulate(float* acc, int64_t ast, int64_t Ev, const float* p, const float* alpha,
+                                      const T* const* vrows, int64_t nb) {
+  const int64_t chunks = (Ev + W - 1) / W;
+  for (int64_t c = 0; c < chunks; c += kAccChunks) {
+    const int64_t cg = std::min<int64_t>(kAccChunks, chunks - c);
+    const int64_t last = Ev - (c + cg - 1) * W;  // columns of the group's last chunk
+    switch (cg) {
+      case 4: accumulate_group<T, NR, 4>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
+      case 3: accumulate_group<T, NR, 3>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
+      case 2: accumulate_group<T, NR, 2>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
+      default: accumulate_group<T, NR, 1>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
+    }
+  }
+}
+
+// The rows [r0, r0 + nr) in tiles of at most kRowTile, each tile by the NR-specialised f.
+template <typename F>
+FASTATTN_INLINE void for_row_tiles(int64_t R, F&& f) {
+  for (int64_t r0 = 0; r0 < R; r0 += kRowTile) {
+    switch (std::min<int64_t>(kRowTile, R - r0)) {
+      case 4: if constexpr (kRowTile >= 4) f(r0, std::integral_constant<int, 4>()); break;
+      case 3: if constexpr (kRowTile >= 3) f(r0, std::integral_constant<int, 3>()); break;
+      case 2: f(r0, std::integral_constant<int, 2>()); break;
+      default: f(r0, std::integral_constant<int, 1>()); break;
+    }
+  }
+}
+
+// One row's softmax state after a run of keys: running max m (log2 units), sum l of 2^(s - m), and the
+// unnormalised output acc (Evp floats) follow it in memory: [m, l, acc...].
+constexpr int64_t kStateHead = 2;
+
+// Keys [lo, hi) that at least one of the item's rows may see: a left window cuts below the first row's
+// reach; every other bound ends at n (the last row sits at n - 1).
+FASTATTN_INLINE std::pair<int64_t, int64_t> item_keys(const DecodeParams& p, int64_t n) {
+  int64_t lo = 0;
+  if (p.window_left >= 0) lo = std::max<int64_t>(0, n - p.L - p.window_left);
+  return {std::min(lo, n), n};
+}
+
+// The split's run of whole key blocks within [lo, hi).
+FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, int64_t lo, int64_t hi, int64_t s) {
+  const int64_t blocks = (hi - lo + kBlockN - 1) / kBlockN;
+  const int64_t per = (blocks + p.num_splits - 1) / p.num_splits;
+  const int64_t a = std::min(hi, lo + s * per * kBlockN);
+  return {a, std::min(hi, a + per * kBlockN)};
+}
+
+// Runs item (b, hk, split) and leaves each row's [m, l, acc] at state + r * (kStateHead + Evp).
+template <typename T, bool kVariants>
+void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float* state) {
+  const int64_t G = p.H / p.Hk, L = p.L, R = G * L, E = p.E, Ev = p.Ev;
+  const int64_t Ep = round_up(E, W), Evp = round_up(Ev, W), stride = kStateHead + Evp;
+  const int64_t n = reinterpret_cast<const int32_t*>(p.seqlens)[b];
+  const std::pair<int64_t, int64_t> keys = item_keys(p, n);
+  const std::pair<int64_t, int64_t> run = split_keys(p, keys.first, keys.second, split);
+  const int64_t k0 = run.first, k1 = run.second;
+
+  for (int64_t r = 0; r < R; ++r) {
+    float* st = state + r * stride;
+    st[0] = kNegInf;
+    st[1] = 0.f;
+    std::fill(st + kStateHead, st + stride, 0.f);
+  }
+  if (k0 >= k1) return;
+
+  // Per-thread scratch: fp32 queries, the block's scores / probabilities, row bounds, staged rows.
+  const bool stage_k = p.k.se != 1, stage_v = p.v.se != 1;
+  Arena plan;
+  auto carve = [&](Arena& a) {
+    struct {
+      float *qf, *s, *alpha, *slope;
+      int64_t *rlo, *rhi;
+      T *kst, *vst;
+      const T** krows;
+      const T** vrows;
+    } b;
+    b.qf = a.take<float>(R * Ep);
+    b.s = a.take<float>(R * kBlockN);
+    b.alpha = a.take<float>(R);
+    b.slope = a.take<float>(R);
+    b.rlo = a.take<int64_t>(R);
+    b.rhi = a.take<int64_t>(R);
+    b.kst = a.take<T>(stage_k ? kBlockN * E : 0);
+    b.vst = a.take<T>(stage_v ? kBlockN * Ev : 0);
+    b.krows = a.take<const T*>(kBlockN);
+    b.vrows = a.take<const T*>(kBlockN);
+    return b;
+  };
+  carve(plan);
+  Arena arena{static_cast<char*>(thread_scratch().get(plan.off + 64)), 0};
+  const auto buf = carve(arena);
+
+  const int64_t qbase = n - L;  // row i sits at i' = qbase + i
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = r / G, h = hk * G + r % G;
+    const T* qr = reinterpret_cast<const T*>(p.q.ptr) + b * p.q.sb + h * p.q.sh + i * p.q.sl;
+    float* qf = buf.qf + r * Ep;
+    for (int64_t e = 0; e < E; ++e) qf[e] = to_f32(qr[e * p.q.se]);
+    std::fill(qf + E, qf + Ep, 0.f);
+    const int64_t ip = qbase + i;
+    const int64_t big = std::numeric_limits<int64_t>::max() / 4;
+    buf.rlo[r] = p.window_left >= 0 ? ip - p.window_left : -big;
+    int64_t rhi = big;
+    if (p.causal) rhi = std::min(rhi, ip + 1);
+    if (p.window_right >= 0) rhi = std::min(rhi, ip + p.window_right + 1);
+    buf.rhi[r] = rhi;
+    buf.slope[r] = p.alibi ? reinterpret_cast<const float*>(p.alibi)[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
+  }
+
+  const CacheRows<T> kc = cache_rows<T>(p, p.k, b, hk), vc = cache_rows<T>(p, p.v, b, hk);
+  const float dot_mul = kVariants ? static_cast<float>(p.scale) : static_cast<float>(p.scale) * kLog2e;
+  const float cap = static_cast<float>(p.softcap);
+  for (int64_t j0 = k0; j0 < k1; j0 += kBlockN) {
+    const int64_t nb = std::min(kBlockN, k1 - j0);
+    block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
+    for_row_tiles(R, [&](int64_t r0, auto nr) {
+      block_dots<T, decltype(nr)::value>(buf.qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, buf.s + r0 * kBlockN);
+    });
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = buf.s + r * kBlockN;
+      const int64_t i = r / G, ip = qbase + i;
+      if constexpr (kVariants) {
+        MaskView mv;
+        if (p.mask_dtype != kNone) {
+          const int64_t h = hk * G + r % G;
+          mv.ptr = reinterpret_cast<const char*>(p.mask.ptr) + (b * p.mask.sb + h * p.mask.sh) * dtype_bytes(p.mask_dtype);
+          mv.dtype = p.mask_dtype;
+          mv.sl = p.mask.sl;
+          mv.ss = p.mask.se;
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          float x = s[j];
+          if (cap > 0.f) x = cap * std::tanh(x / cap);
+          if (p.alibi) x += buf.slope[r] * static_cast<float>(j0 + j - ip);
+          if (p.mask_dtype != kNone) x += mask_value<float>(mv, i, j0 + j, 1.f);
+          s[j] = x * kLog2e;
+        }
+      }
+      if (j0 < buf.rlo[r] || j0 + nb > buf.rhi[r]) {
+        for (int64_t j = 0; j < nb; ++j)
+          if (j0 + j < buf.rlo[r] || j0 + j >= buf.rhi[r]) s[j] = kNegInf;
+      }
+      for (int64_t j = nb; j < kBlockN; ++j) s[j] = kNegInf;
+      // Online softmax over the block.
+      vf mx = simd::load(s);
+      for (int64_t c = W; c < kBlockN; c += W) mx = simd::max(mx, simd::load(s + c));
+      float* st = state + r * stride;
+      const float bm = simd::reduce_max(mx), m_old = st[0];
+      const float m_new = bm > m_old ? bm : m_old;
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      const vf mv = simd::set1(m_use);
+      vf sum = simd::zero();
+      for (int64_t c = 0; c < kBlockN; c += W) {
+        const vf e = simd::exp2(simd::sub(simd::load(s + c), mv));
+        simd::store(s + c, e);
+        sum = simd::add(sum, e);
+      }
+      const float alpha = std::exp2(m_old - m_use);
+      buf.alpha[r] = alpha;
+      st[0] = m_new;
+      st[1] = st[1] * alpha + simd::reduce_add(sum);
+    }
+    block_rows(vc, p.v.se, Ev, j0, nb, buf.vst, buf.vrows);
+    for_row_tiles(R, [&](int64_t r0, auto nr) {
+      block_accumulate<T, decltype(nr)::value>(state + r0 * stride + kStateHead, stride, Ev, buf.s + r0 * kBlockN,
+                                               buf.alpha + r0, buf.vrows, nb);
+    });
+  }
+}
+
+// Writes out / lse of the R rows of (b, hk) from the states of its splits (split s's row r at
+// states + (s * R + r) * stride): M = max_s m_s (and the sink), l = sum_s 2^(m_s - M) l_s [+ 2^(sink - M)],
+// out = sum_s 2^(m_s - M) acc_s / l, lse = (M + log2 l) ln 2, splits taken in order.
+template <typename T>
+void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, const float* states, float* tmp) {
+  const int64_t G = p.H / p.Hk, R = G * p.L, Ev = p.Ev, Evp = round_up(Ev, W), stride = kStateHead + Evp;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = r / G, h = hk * G + r % G;
+    float M = kNegInf;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float m = states[(s * R + r) * stride];
+      M = m > M ? m : M;
+    }
+    const float sink = p.sinks ? reinterpret_cast<const float*>(p.sinks)[h] * kLog2e : kNegInf;
+    if (p.sinks) M = sink > M ? sink : M;
+    const float M_use = M == kNegInf ? 0.f : M;
+    float l = 0.f;
+    std::fill(tmp, tmp + Ev, 0.f);
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* st = states + (s * R + r) * stride;
+      if (st[1] == 0.f) continue;  // no visible key in this split
+      const float w = std::exp2(st[0] - M_use);
+      l += w * st[1];
+      for (int64_t e = 0; e < Ev; ++e) tmp[e] += w * st[kStateHead + e];
+    }
+    if (p.sinks) l += std::exp2(sink - M_use);
+    const float inv = l == 0.f ? 0.f : 1.f / l;
+    T* o = reinterpret_cast<T*>(p.out.ptr) + b * p.out.sb + h * p.out.sh + i * p.out.sl;
+    for (int64_t e = 0; e < Ev; ++e) o[e * p.out.se] = from_f32<T>(tmp[e] * inv);
+    float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh + i * p.lse.sl;
+    *lse = l == 0.f ? kNegInf : (M_use + std::log2(l)) * kLn2;
+  }
+}
+
+template <typename T, bool kVariants>
+void decode_typed(const DecodeParams& p) {
+  const int64_t G = p.H / p.Hk, R = G * p.L, Evp = round_up(p.Ev, W), stride = kStateHead + Evp;
+  const int64_t splits = p.num_splits, items = p.B * p.Hk * splits;
+  const size_t item_floats = static_cast<size_t>(R * stride);
+  if (splits == 1) {
+    // Each item merges its own single state in its own scratch.
+    parallel_for(items, p.num_threads, [&](int64_t begin, int64_t end, int) {
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t b = it / p.Hk, hk = it % p.Hk;
+        std::unique_ptr<float[]> mine(new float[item_floats + Evp]);
+        run_item<T, kVariants>(p, b, hk, 0, mine.get());
+        merge_rows<T>(p, b, hk, 1, mine.get(), mine.get() + item_floats);
+      }
+    }, 1);
+    return;
+  }
+  std::unique_ptr<float[]> states(new float[static_cast<size_t>(items) * item_floats]);
+  parallel_for(items, p.num_threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t s = it % splits, bh = it / splits;
+      // States of (b, hk) are stored split-major: split s's row r at (bh * splits + s) * R + r.
+      run_item<T, kVariants>(p, bh / p.Hk, bh % p.Hk, s, states.get() + (bh * splits + s) * item_floats);
+    }
+  }, 1);
+  parallel_for(p.B * p.Hk, p.num_threads, [&](int64_t begin, int64_t end, int) {
+    std::unique_ptr<float[]> tmp(new float[Evp + 1]);
+    for (int64_t bh = begin; bh < end; ++bh)
+      merge_rows<T>(p, bh / p.Hk, bh % p.Hk, splits, states.get() + bh * splits * item_floats, tmp.get());
+  });
+}
+
+template <typename T>
+void decode_dtype(const DecodeParams& p) {
+  if (p.softcap > 0.0 || p.alibi != 0 || p.mask_dtype != kNone) decode_typed<T, true>(p);
+  else decode_typed<T, false>(p);
+}
+
+}  // namespace
+
+void check_decode_params(const DecodeParams& p) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("decode: " + what); };
+  if (p.B < 0 || p.L < 0 || p.H < 0 || p.Hk < 1 || p.E < 0 || p.Ev < 0)
+    fail("sizes must be non-negative and Hk >= 1");
+  if (p.H % p.Hk != 0) fail("H must be a multiple of Hk");
+  if (p.dtype != kF32 && p.dtype != kF16 && p.dtype != kBF16) fail("dtype must be float32, float16 or bfloat16");
+  if (p.mask_dtype != kNone && p.mask_dtype != kBool && p.mask_dtype != kF32 && p.mask_dtype != kF16 &&
+      p.mask_dtype != kBF16 && p.mask_dtype != kF64)
+    fail("mask dtype must be bool or floating");
+  if (p.num_splits < 1) fail("num_splits must be >= 1");
+  if (p.block_table != 0 && p.page_size < 1) fail("page_size must be >= 1");
+  if (p.block_table != 0 && p.mask_dtype != kNone) fail("mask is supported with a contiguous cache only");
+  if (p.seqlens == 0 && p.B > 0) fail("cache_seqlens is missing");
+}
+
+void decode(const DecodeParams& p) {
+  if (p.B * p.H * p.L == 0) return;
+  switch (p.dtype) {
+    case kF32: decode_dtype<float>(p); break;
+    case kF16: decode_dtype<f16_t>(p); break;
+    default: decode_dtype<bf16_t>(p); break;
+  }
+}
+
+void register_decode(py::module_& m) {
+  py::class_<DecodeParams>(m, "DecodeParams", "Arguments of a decode call (csrc/decode.h).")
+      .def(py::init<>())
+      .def_readwrite("q", &DecodeParams::q)
+      .def_readwrite("k", &DecodeParams::k)
+      .def_readwrite("v", &DecodeParams::v)
+      .def_readwrite("out", &DecodeParams::out)
+      .def_readwrite("lse", &DecodeParams::lse)
+      .def_readwrite("mask", &DecodeParams::mask)
+      .def_readwrite("dtype", &DecodeParams::dtype)
+      .def_readwrite("mask_dtype", &DecodeParams::mask_dtype)
+      .def_readwrite("B", &DecodeParams::B)
+      .def_readwrite("H", &DecodeParams::H)
+      .def_readwrite("Hk", &DecodeParams::Hk)
+      .def_readwrite("L", &DecodeParams::L)
+      .def_readwrite("E", &DecodeParams::E)
+      .def_readwrite("Ev", &DecodeParams::Ev)
+      .def_readwrite("seqlens", &DecodeParams::seqlens)
+      .def_readwrite("block_table", &DecodeParams::block_table)
+      .def_readwrite("table_sb", &DecodeParams::table_sb)
+      .def_readwrite("table_sj", &DecodeParams::table_sj)
+      .def_readwrite("page_size", &DecodeParams::page_size)
+      .def_readwrite("alibi", &DecodeParams::alibi)
+      .def_readwrite("alibi_sb", &DecodeParams::alibi_sb)
+      .def_readwrite("alibi_sh", &DecodeParams::alibi_sh)
+      .def_readwrite("sinks", &DecodeParams::sinks)
+      .def_readwrite("scale", &DecodeParams::scale)
+      .def_readwrite("softcap", &DecodeParams::softcap)
+      .def_readwrite("causal", &DecodeParams::causal)
+      .def_readwrite("window_left", &DecodeParams::window_left)
+      .def_readwrite("window_right", &DecodeParams::window_right)
+      .def_readwrite("num_splits", &DecodeParams::num_splits)
+      .def_readwrite("num_threads", &DecodeParams::num_threads);
+  m.def("decode_fwd",
+        [](const DecodeParams& p) {
+          check_decode_params(p);
+          py::gil_scoped_release nogil;
+          decode(p);
+        },
+        py::arg("params"),
+        "Decoder attention: writes p.out (B,L,H,Ev) and p.lse (B,H,L) float32 from p.q and the KV cache p.k / p.v\n"
+        "(contiguous or paged through p.block_table), keys j < seqlens[b] (see csrc/decode.cpp).");
+}
+
+}  // namespace FASTATTN_NS
+}  // namespace fastattn

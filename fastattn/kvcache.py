@@ -1,0 +1,270 @@
+"""``fastattn.attention_with_kvcache``: decoder attention of a few new query rows against a KV cache, optionally
+appending the new keys/values to the cache first (flash-attention's ``flash_attn_with_kvcache``).
+
+The function validates every argument (the values of ``cache_seqlens`` and ``block_table`` included) before it
+writes anything, appends k / v in place, then calls the op ``fastattn::decode_fwd`` (fastattn/_ops/decode.py).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from fastattn import _launchers
+from fastattn._ops.decode import decode_fwd
+from fastattn.reference.decode import decode_attention
+
+__all__ = ["attention_with_kvcache"]
+
+LAYOUTS = ("bshd", "bhsd")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_tensor(name: str, t, q: Tensor | None = None) -> None:
+    """t is a 4-D float tensor of a kernel dtype (q's, and on q's device, when q is given)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    if q is None:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        return
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _check_grad(**tensors: Tensor | None) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but attention_with_kvcache is inference only (no backward): "
+                             f"call it under torch.no_grad() / torch.inference_mode(), or pass {name}.detach()")
+
+
+def _check_small_args(B: int, H: int, q: Tensor, window, softcap, sinks, alibi_slopes, scale, num_splits) -> None:
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap)
+                                                                                 and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None (1 / sqrt(E)) or a finite float, got {scale!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (chosen by the launcher) or an int >= 1, got {num_splits!r}")
+    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), (B, H)])):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape {' or '.join(map(str, shapes))}, got {got}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _seqlens_tensor(cache_seqlens, B: int, device: torch.device) -> Tensor:
+    """cache_seqlens as a (B,) int64 tensor on ``device``."""
+    if isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be an int or a (B,) int32/int64 tensor, got bool")
+    if isinstance(cache_seqlens, int):
+        return torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
+    if not isinstance(cache_seqlens, Tensor):
+        raise TypeError(f"cache_seqlens must be an int or a (B,) int32/int64 tensor, got "
+                        f"{type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
+    return cache_seqlens.to(torch.int64)
+
+
+def _check_values(lens: Tensor, L_new: int, capacity: int, block_table: Tensor | None, page: int,
+                  num_blocks: int) -> None:
+    """The lengths (before appending) are >= 0 and leave room for L_new more keys; the block-table entries the
+    sequences use after appending lie in [0, num_blocks). Reads both to the host (a sync on a CUDA device)."""
+    host = lens.cpu()
+    if host.numel() and int(host.min()) < 0:
+        b = int(torch.nonzero(host < 0)[0])
+        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {int(host[b])}")
+    after = host + L_new
+    if after.numel() and int(after.max()) > capacity:
+        b = int(torch.argmax(after))
+        what = "max_blocks * page_size" if block_table is not None else "S_max"
+        raise ValueError(f"cache_seqlens[{b}] = {int(host[b])} plus {L_new} new keys exceeds the cache capacity "
+                         f"({what} = {capacity})")
+    if block_table is None:
+        return
+    table = block_table.cpu()
+    used = torch.arange(table.shape[1])[None, :] < ((after + page - 1) // page)[:, None]  # (B, max_blocks)
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        b, j = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside the page pool [0, {num_blocks}) "
+                         f"(k_cache has {num_blocks} pages)")
+
+
+def _append(cache: Tensor, new: Tensor, lens: Tensor, block_table: Tensor | None) -> None:
+    """cache[b, lens[b] + t] = new[b, t] (through the block table when paged), in place."""
+    B, L_new = new.shape[:2]
+    if B == 0 or L_new == 0:
+        return
+    pos = lens[:, None] + torch.arange(L_new, device=lens.device)  # (B, L_new) absolute positions
+    if block_table is None:
+        cache[torch.arange(B, device=lens.device)[:, None], pos] = new
+    else:
+        page = cache.shape[1]
+        pages = torch.gather(block_table.to(torch.int64), 1, pos // page)
+        cache[pages, pos % page] = new
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor | int,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    *,
+    block_table: Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    backend: str | None = None,
+):
+    """Attention of L new query rows per sequence to its KV cache, after appending the new keys/values.
+
+    Shape legend: B batch, L new query rows, L_new new keys/values, H query heads, Hk key/value heads
+    (H % Hk == 0: query head h reads key/value head h // (H // Hk); Hk == H is MHA, Hk == 1 MQA), S_max the
+    cache's capacity per sequence, E query/key head dim, Ev value head dim (both 1..256).
+
+    Args:
+        q: the new query rows. layout "bshd": (B, L, H, E); "bhsd": (B, H, L, E).
+        k_cache, v_cache: the caches, any strides. Contiguous (one region per sequence): "bshd" (B, S_max, Hk, E)
+            / (B, S_max, Hk, Ev); "bhsd" (torch's / HuggingFace's layout) (B, Hk, S_max, E) / (B, Hk, S_max, Ev).
+            Paged (with ``block_table``, either layout): (num_blocks, page_size, Hk, E) / (..., Ev).
+        cache_seqlens: int, or (B,) int32 / int64 tensor on q's device: each sequence's length BEFORE appending.
+        k, v: optional new keys / values, both or neither: "bshd" (B, L_new, Hk, E) / (B, L_new, Hk, Ev); "bhsd"
+            (B, Hk, L_new, E) / (B, Hk, L_new, Ev). Written into the caches in place at positions
+            cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 (through ``block_table`` when paged) before
+            attending; attention then uses the lengths after appending. ``cache_seqlens`` itself is not
+            modified: the caller advances its own.
+        block_table: (B, max_blocks) int32: sequence b's key j lives in page block_table[b, j // page_size],
+            slot j % page_size; capacity max_blocks * page_size.
+        scale: default 1 / sqrt(E).
+        causal: lower-right: with n keys after appending, query row i sits at position i' = n - L + i and
+            sees keys j <= i'.
+        window: (left, right): key j visible iff i' - left <= j <= i' + right; -1 is unbounded.
+        softcap: > 0: scores -> softcap * tanh(scores / softcap) after scaling.
+        sinks: (H,) float: a per-head logit joining each row's softmax denominator, with no value.
+        alibi_slopes: (H,) or (B, H) float: score += slope * (j - i').
+        return_lse: also return the float32 log-sum-exp (B, H, L) (natural log, the sink included; -inf for
+            rows with no visible key and no sink).
+        num_splits: key splits (None: the launcher chooses; results do not depend on it beyond rounding).
+        backend: None (CPU tensors -> "cpu", CUDA -> "triton"), "cpu", "triton" or "reference" (the naive
+            formula of fastattn.reference.decode).
+
+    Returns out, "bshd" (B, L, H, Ev) / "bhsd" (B, H, L, Ev) contiguous, in q's dtype (and lse). Rows with
+    no visible key give zeros. Inference only: an input that requires grad while grad mode is on raises.
+
+    Every argument is checked before anything is written (ValueError / TypeError naming it; the caches are
+    then unchanged), the values of ``cache_seqlens`` and ``block_table`` included: lengths >= 0, lengths plus
+    L_new within the capacity, the block-table entries each sequence uses (its first ceil(n / page_size),
+    n the length after appending) in [0, num_blocks). Reading those values copies them to the host, which
+    waits for a CUDA device (a sync per call); the check is skipped while torch.compile traces.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+    _check_grad(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, sinks=sinks, alibi_slopes=alibi_slopes)
+    _check_tensor("q", q)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None:
+            _check_tensor(name, t, q)
+    paged = block_table is not None
+    bhsd = layout == "bhsd"
+    # Everything below works on (B, L, H, E)-ordered views (no copies).
+    q = q.transpose(1, 2) if bhsd else q
+    if bhsd and not paged:
+        k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    if bhsd and k is not None:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    B, L, H, E = q.shape
+    Hk, Ev = k_cache.shape[2], v_cache.shape[3]
+    cache_dims = "(num_blocks, page_size, Hk, E)" if paged else ("(B, Hk, S_max, E)" if bhsd else "(B, S_max, Hk, E)")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must agree in every dim but the head dim ({cache_dims}), got "
+                         f"k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)}")
+    if k_cache.shape[3] != E:
+        raise ValueError(f"k_cache's head dim must be q's ({E}), got {k_cache.shape[3]} (k_cache {cache_dims})")
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"q's heads ({H}) must be a multiple of the cache's key/value heads ({Hk})")
+    if not (1 <= E <= 256 and 1 <= Ev <= 256):
+        raise ValueError(f"head dims must be 1..256, got E={E}, Ev={Ev}")
+    if paged:
+        if (not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != B
+                or block_table.dtype != torch.int32):
+            got = f"{_shape(block_table)} {getattr(block_table, 'dtype', '')}"
+            raise ValueError(f"block_table must be an int32 tensor of shape (B, max_blocks) = ({B}, max_blocks), "
+                             f"got {got}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on q's device {q.device}, got {block_table.device}")
+        page, num_blocks = k_cache.shape[1], k_cache.shape[0]
+        capacity = block_table.shape[1] * page
+    else:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"the caches' batch dim must be q's ({B}), got {k_cache.shape[0]} (k_cache "
+                             f"{cache_dims})")
+        page, num_blocks, capacity = 0, 0, k_cache.shape[1]
+    L_new = 0
+    if k is not None:
+        L_new = k.shape[1]
+        for name, t, d, dn in (("k", k, E, "E"), ("v", v, Ev, "Ev")):
+            if t.shape[0] != B or t.shape[1] != L_new or t.shape[2] != Hk or t.shape[3] != d:
+                new_dims = f"(B, Hk, L_new, {dn})" if bhsd else f"(B, L_new, Hk, {dn})"
+                want = (B, Hk, L_new, d) if bhsd else (B, L_new, Hk, d)
+                raise ValueError(f"{name} must have shape {new_dims} = {want} (k's L_new = {L_new}, the "
+                                 f"caches' Hk = {Hk}), got {tuple((t.transpose(1, 2) if bhsd else t).shape)}")
+    _check_small_args(B, H, q, window, softcap, sinks, alibi_slopes, scale, num_splits)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    lens = _seqlens_tensor(cache_seqlens, B, q.device)
+    backend = _launchers.choose_backend(backend, q.device, q.dtype)
+    if not torch.compiler.is_compiling():
+        _check_values(lens, L_new, capacity, block_table, page, num_blocks)
+
+    if k is not None:
+        _append(k_cache, k, lens, block_table)
+        _append(v_cache, v, lens, block_table)
+    seqlens = (lens + L_new).to(torch.int32)
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    if backend == "reference":
+        out, lse = decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table, scale=scale,
+                                    causal=causal, window=tuple(window), softcap=float(softcap), sinks=sinks,
+                                    alibi_slopes=alibi_slopes, upcast=False)
+        out = out.transpose(1, 2).contiguous().transpose(1, 2) if bhsd else out
+    else:
+        out, lse = decode_fwd(q, k_cache, v_cache, seqlens, block_table, None, scale, bool(causal), int(window[0]),
+                              int(window[1]), float(softcap), sinks, alibi_slopes, num_splits, backend,
+                              "bhsd" if bhsd else "bshd")
+    out = out.transpose(1, 2) if bhsd else out
+    return (out, lse) if return_lse else out
