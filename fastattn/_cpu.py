@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fastattn import _philox
 from fastattn._ops.attention import empty_output
+from fastattn._validation import check_decode_launch
 
 ISAS = ("avx512", "avx2", "portable")
 
@@ -290,10 +291,17 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         return dq, dk, dv, dmask
     p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
                     causal_offset=causal_offset)
-    p.out, p.dout, p.lse = _t4(mod, out), _t4(mod, dout), _t4(mod, lse)
+    return _launch_bwd(mod, p, _t4, _t4(mod, lse), out, dout, out_lo, dq, dk, dv, dmask, mode)
+
+
+def _launch_bwd(mod, p, t4, lse4, out: Tensor, dout: Tensor, out_lo: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor,
+                dmask: Tensor | None, mode: BwdMode) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Sets the backward's tensors on ``p`` (``t4`` wraps the (B, H, L, *) or packed ones, ``lse4`` is the
+    wrapped lse; the mask gradient is always 4-D) and runs the kernel: (dq, dk, dv, dmask)."""
+    p.out, p.dout, p.lse = t4(mod, out), t4(mod, dout), lse4
     if out_lo is not None:
-        p.out_lo = _t4(mod, out_lo)
-    p.dq, p.dk, p.dv = _t4(mod, dq), _t4(mod, dk), _t4(mod, dv)
+        p.out_lo = t4(mod, out_lo)
+    p.dq, p.dk, p.dv = t4(mod, dq), t4(mod, dk), t4(mod, dv)
     if dmask is not None:
         p.dmask = _t4(mod, dmask, broadcast=True)
         p.dmask_dtype = DTYPE_CODES[dmask.dtype]
@@ -380,15 +388,7 @@ def _varlen_bwd(mod, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, *,
         return dq, dk, dv, dmask
     p = _varlen_params(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, scale=scale, is_causal=is_causal,
                        dropout_p=dropout_p, seed=seed)
-    p.out, p.dout, p.lse = _packed(mod, out), _packed(mod, dout), _lse4(mod, lse)
-    if out_lo is not None:
-        p.out_lo = _packed(mod, out_lo)
-    p.dq, p.dk, p.dv = _packed(mod, dq), _packed(mod, dk), _packed(mod, dv)
-    if dmask is not None:
-        p.dmask = _t4(mod, dmask, broadcast=True)
-        p.dmask_dtype = DTYPE_CODES[dmask.dtype]
-    mod.bwd(p, int(mode))
-    return dq, dk, dv, dmask
+    return _launch_bwd(mod, p, _packed, _lse4(mod, lse), out, dout, out_lo, dq, dk, dv, dmask, mode)
 
 
 # ============================================================================================ additive
@@ -517,77 +517,6 @@ def decode_num_splits(items: int, keys: int, threads: int) -> int:
     return max(1, min(-(-want // max(1, items)), -(-keys // _DECODE_MIN_SPLIT_KEYS), _DECODE_MAX_SPLITS))
 
 
-def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks,
-                         alibi_slopes, num_splits, out) -> None:
-    """ValueError / TypeError naming the argument, what was expected and what came (the Triton launcher's
-    checks, kernels/decode.py, plus the CPU device)."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D tensor, got {got}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    B, L, H, E = q.shape
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype} and {v_cache.dtype}")
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"k_cache and v_cache must agree in their first three dims, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
-    Hk = k_cache.shape[2]
-    if k_cache.shape[3] != E:
-        raise ValueError(f"k_cache's head dim must be q's ({E}), got {k_cache.shape[3]}")
-    if Hk == 0 or H % Hk:
-        raise ValueError(f"q's heads ({H}) must be a multiple of the cache's key/value heads ({Hk})")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens),
-                    ("block_table", block_table), ("mask", mask), ("sinks", sinks), ("alibi_slopes", alibi_slopes),
-                    ("out", out)):
-        if isinstance(t, Tensor) and t.device.type != "cpu":
-            raise ValueError(f"{name} must be a CPU tensor for the CPU kernel, got {t.device}")
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.dtype != torch.int32:
-        got = (f"{tuple(cache_seqlens.shape)} {cache_seqlens.dtype}" if isinstance(cache_seqlens, Tensor)
-               else type(cache_seqlens).__name__)
-        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got {got}")
-    if block_table is None:
-        if k_cache.shape[0] != B:
-            raise ValueError(f"k_cache's batch dim must be q's ({B}) without block_table, got {k_cache.shape[0]}")
-    elif (not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != B
-          or block_table.dtype != torch.int32):
-        got = (f"{tuple(block_table.shape)} {block_table.dtype}" if isinstance(block_table, Tensor)
-               else type(block_table).__name__)
-        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks), got {got}")
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
-        raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
-    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), (B, H)])):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            want = " or ".join(str(s) for s in shapes)
-            raise ValueError(f"{name} must be a floating tensor of shape {want}, got {got}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
-        raise ValueError(f"num_splits must be None (chosen by the launcher) or an int >= 1, got {num_splits!r}")
-    if mask is not None:
-        if block_table is not None:
-            raise ValueError("mask is supported with a contiguous cache only, not with block_table")
-        want = (B, H, L, k_cache.shape[1])
-        if (not isinstance(mask, Tensor) or mask.dim() != 4
-                or any(m not in (1, w) for m, w in zip(mask.shape, want))):
-            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a 4-D tensor broadcastable to (B, H, L, S_max) = {want}, got {got}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be bool (True = attend) or floating (added to the scores), got {mask.dtype}")
-    if out is not None:
-        want = (B, L, H, v_cache.shape[3])
-        if not isinstance(out, Tensor) or tuple(out.shape) != want:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"out must be a tensor of shape (B, L, H, Ev) = {want}, got {got}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
-
-
 def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
                block_table: Tensor | None = None, mask: Tensor | None = None, scale: float | None = None,
                causal: bool = True, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
@@ -609,8 +538,8 @@ def _decode_fwd(mod, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
                 out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """decode_fwd with an explicit kernel module. Every tensor is read in place through its strides; the
     (B, L, H, *) tensors travel as Tensor4 (b, h, i, e), the caches as (batch or page, kv head, slot, e)."""
-    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks,
-                         alibi_slopes, num_splits, out)
+    check_decode_launch(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks, alibi_slopes,
+                        num_splits, out, cpu=True)
     B, L, H, E = q.shape
     Hk, Ev = k_cache.shape[2], v_cache.shape[3]
     if out is None:

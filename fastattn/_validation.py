@@ -5,7 +5,8 @@ The public functions (``scaled_dot_product_attention``, ``varlen_attention``, ne
 anything else; the ops and launchers behind them assume checked arguments. Errors name the argument and
 say what was expected and what came: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
 shape, value or device. The C++ eager route (csrc/eager.cpp) never raises: a call it cannot take whole
-goes to the Python path, whose checks here raise the errors.
+goes to the Python path, whose checks here raise the errors. The decode launchers' contract
+(:func:`check_decode_launch`) is here too, Triton-free, so the C++ and the Triton launcher run one set of checks.
 
 Shape legend: B batch, H query heads, Hk key/value heads, L query length, S key length, E head dim,
 Ev value head dim, D additive hidden dim.
@@ -294,3 +295,102 @@ def check_nested(query: Tensor, key, value, attn_mask) -> None:
         raise ValueError(f"nested query/key/value must be ragged along the sequence dim, (B, H, j, E) (ragged dim "
                          f"2, e.g. nested_tensor([...(j, H, E)...], layout=torch.jagged).transpose(1, 2)) or "
                          f"(B, j, E); got query {tuple(query.shape)} ragged on dim {ragged}")
+
+
+# --------------------------------------------------------------------------------------- decode (KV cache)
+def check_decode_window(window) -> None:
+    """window: (left, right) ints >= -1, -1 meaning unbounded on that side."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
+
+
+def check_num_splits(num_splits) -> None:
+    """num_splits: None (the launcher chooses) or an int >= 1."""
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (chosen by the launcher) or an int >= 1, got {num_splits!r}")
+
+
+def check_head_vectors(B: int, H: int, sinks, alibi_slopes, device: torch.device | None = None) -> None:
+    """sinks None or floating (H,); alibi_slopes None or floating (H,) or (B, H); each on ``device`` when given."""
+    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), (B, H)])):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape {' or '.join(map(str, shapes))}, got {got}")
+        if device is not None and t.device != device:
+            raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def check_decode_launch(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks,
+                        alibi_slopes, num_splits, out, *, cpu: bool, max_head_dim: int | None = None) -> None:
+    """The decode launchers' contract (kernels/decode.py's module doc), for both devices: q (B, L, H, E),
+    caches (B or pages, S_max or page size, Hk, E / Ev) of q's kernel dtype, and the rest as
+    ``fastattn.attention_with_kvcache`` hands them on. ``cpu``: every tensor must be a CPU tensor (the C++
+    kernel), else every tensor must be on q's device. ``max_head_dim``: E and Ev must be 1..max_head_dim
+    (the Triton kernel's register tiles). ValueError / TypeError naming the argument, what was expected and
+    what came."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor, got {got}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    B, L, H, E = q.shape
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype} and {v_cache.dtype}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must agree in their first three dims, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    Hk = k_cache.shape[2]
+    if k_cache.shape[3] != E:
+        raise ValueError(f"k_cache's head dim must be q's ({E}), got {k_cache.shape[3]}")
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"q's heads ({H}) must be a multiple of the cache's key/value heads ({Hk})")
+    if max_head_dim is not None and not (1 <= E <= max_head_dim and 1 <= v_cache.shape[3] <= max_head_dim):
+        raise ValueError(f"head dims must be 1..{max_head_dim}, got E={E}, Ev={v_cache.shape[3]}")
+    named = (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens),
+             ("block_table", block_table), ("mask", mask), ("sinks", sinks), ("alibi_slopes", alibi_slopes),
+             ("out", out))
+    for name, t in ((("q", q),) + named if cpu else named):
+        if not isinstance(t, Tensor):
+            continue
+        if cpu and t.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor for the CPU kernel, got {t.device}")
+        if not cpu and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.dtype != torch.int32:
+        got = (f"{tuple(cache_seqlens.shape)} {cache_seqlens.dtype}" if isinstance(cache_seqlens, Tensor)
+               else type(cache_seqlens).__name__)
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got {got}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache's batch dim must be q's ({B}) without block_table, got {k_cache.shape[0]}")
+    elif (not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != B
+          or block_table.dtype != torch.int32):
+        got = (f"{tuple(block_table.shape)} {block_table.dtype}" if isinstance(block_table, Tensor)
+               else type(block_table).__name__)
+        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks), got {got}")
+    check_decode_window(window)
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    check_head_vectors(B, H, sinks, alibi_slopes)
+    check_num_splits(num_splits)
+    if mask is not None:
+        if block_table is not None:
+            raise ValueError("mask is supported with a contiguous cache only, not with block_table")
+        want = (B, H, L, k_cache.shape[1])
+        if (not isinstance(mask, Tensor) or mask.dim() != 4
+                or any(m not in (1, w) for m, w in zip(mask.shape, want))):
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a 4-D tensor broadcastable to (B, H, L, S_max) = {want}, got {got}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be bool (True = attend) or floating (added to the scores), got {mask.dtype}")
+    if out is not None:
+        want = (B, L, H, v_cache.shape[3])
+        if not isinstance(out, Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"out must be a tensor of shape (B, L, H, Ev) = {want}, got {got}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")

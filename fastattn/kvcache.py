@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastattn import _launchers
 from fastattn._ops.decode import decode_fwd
+from fastattn._validation import check_decode_window, check_head_vectors, check_num_splits
 from fastattn.reference.decode import decode_attention
 
 __all__ = ["attention_with_kvcache"]
@@ -52,25 +53,15 @@ def _check_grad(**tensors: Tensor | None) -> None:
 
 
 def _check_small_args(B: int, H: int, q: Tensor, window, softcap, sinks, alibi_slopes, scale, num_splits) -> None:
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
-        raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
+    check_decode_window(window)
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap)
                                                                                  and softcap >= 0):
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be None (1 / sqrt(E)) or a finite float, got {scale!r}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
-        raise ValueError(f"num_splits must be None (chosen by the launcher) or an int >= 1, got {num_splits!r}")
-    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), (B, H)])):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a floating tensor of shape {' or '.join(map(str, shapes))}, got {got}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    check_num_splits(num_splits)
+    check_head_vectors(B, H, sinks, alibi_slopes, device=q.device)
 
 
 def _seqlens_tensor(cache_seqlens, B: int, device: torch.device) -> Tensor:

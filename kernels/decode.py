@@ -47,14 +47,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._masking import mask_args
-from .configs import (DECODE_CONFIGS, DECODE_INTERPRETER_CONFIG, DECODE_MERGE_CONFIG, HEAD_BUCKETS, DecodeConfig,
-                      dtype_class, head_bucket, pad_dim)
+from fastattn._validation import check_decode_launch
+
+from ._host import import_in_current_mode
+
+# The shared @triton.jit helpers, decorated in the current TRITON_INTERPRET mode (kernels/_host.py).
+import_in_current_mode(__package__, ("_tile",))
+
+from ._masking import mask_args  # noqa: E402
+from ._tile import LN2, LOG2E, _dot  # noqa: E402
+from .configs import (DECODE_CONFIGS, DECODE_INTERPRETER_CONFIG, DECODE_MERGE_CONFIG, HEAD_BUCKETS,  # noqa: E402
+                      DecodeConfig, dtype_class, head_bucket, pad_dim)
 
 __all__ = ["decode_fwd", "KERNELS", "num_splits_heuristic", "aot_cases", "aot_launch"]
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # Plain runtime ints: the JIT would otherwise turn a value of 1 into a constexpr and mark multiples of 16 as
 # divisible, compiling another variant per value.
@@ -73,19 +78,9 @@ def _block_m(rows: int, table: dict[int, DecodeConfig]) -> int:
 # Device helpers
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. UPCAST: the interpreter's tl.dot mishandles bfloat16
-    (it multiplies the raw 16-bit patterns), so interpreted bf16 tiles go through fp32 (exact)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _tanh(x):
     """tanh(x) = sign(x) (1 - t) / (1 + t), t = exp(-2 |x|) in (0, 1]: no overflow for any x."""
-    t = tl.math.exp2(tl.abs(x) * (-2.0 * _LOG2E))
+    t = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
 
@@ -163,11 +158,11 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
     if SOFTCAP:
         # softcap * tanh(scale * qk / softcap) in log2 units: the scale goes inside, log2(e) outside.
         qk_scale = sm_scale / softcap
-        cap2 = softcap * _LOG2E
+        cap2 = softcap * LOG2E
     else:
-        qk_scale = sm_scale * _LOG2E
+        qk_scale = sm_scale * LOG2E
     if ALIBI:
-        slope2 = tl.load(Alibi + b * stride_ab + h * stride_ah, mask=in_m, other=0.0) * _LOG2E
+        slope2 = tl.load(Alibi + b * stride_ab + h * stride_ah, mask=in_m, other=0.0) * LOG2E
     if MASK_KIND != 0:
         M_rows = Mask + b * stride_mb + h * stride_mh + i * stride_mm  # (BLOCK_M,) pointers: row (i, h)'s mask
 
@@ -217,7 +212,7 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
             if MASK_KIND == 1:
                 visible &= mv != 0
             else:
-                s += mv.to(tl.float32) * _LOG2E
+                s += mv.to(tl.float32) * LOG2E
         if IS_CAUSAL:
             visible &= offs_n[None, :] <= qpos[:, None]
         if WINDOW:
@@ -244,7 +239,7 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
     else:
         if SINKS:
             # The sink joins the denominator: rescale to m = max(m, sink) and add exp2(sink - m).
-            sink2 = tl.load(Sinks + h, mask=in_m, other=float("-inf")) * _LOG2E
+            sink2 = tl.load(Sinks + h, mask=in_m, other=float("-inf")) * LOG2E
             m_new = tl.maximum(m_i, sink2)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
@@ -252,7 +247,7 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
             acc = acc * alpha[:, None]
             m_i = m_new
         o, lse2 = _normalise(acc, m_i, l_i)
-        tl.store(Lse + b * stride_lb + h * stride_lh + i, lse2 * _LN2, mask=in_m)
+        tl.store(Lse + b * stride_lb + h * stride_lh + i, lse2 * LN2, mask=in_m)
         tl.store(Out + b * stride_ob + i[:, None] * stride_om + h[:, None] * stride_oh + offs_ev[None, :] * stride_oe,
                  o.to(Out.dtype.element_ty), mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V))
 
@@ -278,7 +273,7 @@ def _decode_merge(PartOut, PartLse, Sinks, Out, Lse,
     for s in range(num_splits):
         m = tl.maximum(m, tl.load(PartLse + part + s, mask=in_m, other=float("-inf")))
     if SINKS:
-        sink2 = tl.load(Sinks + h) * _LOG2E
+        sink2 = tl.load(Sinks + h) * LOG2E
         m = tl.maximum(m, sink2)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -292,7 +287,7 @@ def _decode_merge(PartOut, PartLse, Sinks, Out, Lse,
     if SINKS:
         l_i += tl.math.exp2(sink2 - m_safe)
     o, lse2 = _normalise(acc, m_safe, l_i)
-    tl.store(Lse + b * stride_lb + h * stride_lh + i, lse2 * _LN2, mask=in_m)
+    tl.store(Lse + b * stride_lb + h * stride_lh + i, lse2 * LN2, mask=in_m)
     tl.store(Out + b * stride_ob + i[:, None] * stride_om + h * stride_oh + offs_ev[None, :] * stride_oe,
              o.to(Out.dtype.element_ty), mask=o_msk)
 
@@ -344,75 +339,9 @@ def _num_sms(device: torch.device) -> int:
 
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks, alibi_slopes,
                   num_splits, out) -> None:
-    """ValueError / TypeError naming the argument, what was expected and what came."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-D tensor, got {got}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    B, L, H, E = q.shape
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache and v_cache must have q's dtype {q.dtype}, got {k_cache.dtype} and {v_cache.dtype}")
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"k_cache and v_cache must agree in their first three dims, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
-    Hk = k_cache.shape[2]
-    if k_cache.shape[3] != E:
-        raise ValueError(f"k_cache's head dim must be q's ({E}), got {k_cache.shape[3]}")
-    if Hk == 0 or H % Hk:
-        raise ValueError(f"q's heads ({H}) must be a multiple of the cache's key/value heads ({Hk})")
-    if E > 256 or v_cache.shape[3] > 256 or E == 0 or v_cache.shape[3] == 0:
-        raise ValueError(f"head dims must be 1..256, got E={E}, Ev={v_cache.shape[3]}")
-    dev = q.device
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens),
-                    ("block_table", block_table), ("mask", mask), ("sinks", sinks), ("alibi_slopes", alibi_slopes),
-                    ("out", out)):
-        if isinstance(t, torch.Tensor) and t.device != dev:
-            raise ValueError(f"{name} must be on q's device {dev}, got {t.device}")
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) or cache_seqlens.dtype != torch.int32:
-        got = (f"{tuple(cache_seqlens.shape)} {cache_seqlens.dtype}" if isinstance(cache_seqlens, torch.Tensor)
-               else type(cache_seqlens).__name__)
-        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},), got {got}")
-    if block_table is None:
-        if k_cache.shape[0] != B:
-            raise ValueError(f"k_cache's batch dim must be q's ({B}) without block_table, got {k_cache.shape[0]}")
-    elif (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != B
-          or block_table.dtype != torch.int32):
-        got = (f"{tuple(block_table.shape)} {block_table.dtype}" if isinstance(block_table, torch.Tensor)
-               else type(block_table).__name__)
-        raise ValueError(f"block_table must be an int32 tensor of shape ({B}, max_blocks), got {got}")
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
-        raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
-    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), (B, H)])):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            want = " or ".join(str(s) for s in shapes)
-            raise ValueError(f"{name} must be a floating tensor of shape {want}, got {got}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
-        raise ValueError(f"num_splits must be None (chosen by the launcher) or an int >= 1, got {num_splits!r}")
-    if mask is not None:
-        if block_table is not None:
-            raise ValueError("mask is supported with a contiguous cache only, not with block_table")
-        want = (B, H, L, k_cache.shape[1])
-        if (not isinstance(mask, torch.Tensor) or mask.dim() != 4
-                or any(m not in (1, w) for m, w in zip(mask.shape, want))):
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a 4-D tensor broadcastable to (B, H, L, S_max) = {want}, got {got}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be bool (True = attend) or floating (added to the scores), got {mask.dtype}")
-    if out is not None:
-        want = (B, L, H, v_cache.shape[3])
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"out must be a tensor of shape (B, L, H, Ev) = {want}, got {got}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+    """ValueError / TypeError naming the argument, what was expected and what came (fastattn/_validation.py)."""
+    check_decode_launch(q, k_cache, v_cache, cache_seqlens, block_table, mask, window, softcap, sinks, alibi_slopes,
+                        num_splits, out, cpu=False, max_head_dim=256)
 
 
 @dataclass

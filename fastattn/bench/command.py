@@ -11,7 +11,7 @@ from fastattn.bench.memory import MIB
 from fastattn.bench.plots import plot
 from fastattn.bench.registry import OPERATIONS, has_module, select_cases
 from fastattn.bench.report import (compare_reports, format_compare, format_header, format_memory_table,
-                                   format_summary, format_table, load_report, results_of, save_report)
+                                   format_summary, format_table, load_report, results_of, write_report)
 from fastattn.bench.run import run
 
 
@@ -82,17 +82,12 @@ def main(a) -> int:
     if skipped and not a.show_skipped:
         print("\nSkipped providers (--show-skipped for every row): "
               + "; ".join(f"{p} ({s[len('skipped: '):]})" for p, s in dict(skipped).items()))
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "results.json")
-    save_report(report, path)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(f"`{report['command']}`\n\n```\n{format_header(report)}\n```\n\n")
-        f.write(format_table(report, markdown=True) + "\n")
-        if mem:
-            f.write("\n" + format_memory_table(report, markdown=True) + "\n")
-        if summary:
-            f.write(f"\n```\n{summary}\n```\n")
-    written = [path, os.path.join(a.out, "table.md")]
+    sections = [format_table(report, markdown=True)]
+    if mem:
+        sections.append(format_memory_table(report, markdown=True))
+    if summary:
+        sections.append(f"```\n{summary}\n```")
+    written = list(write_report(report, a.out, "results.json", "table.md", format_header(report), sections))
     if not a.no_plot:
         pngs = plot(report, a.out)
         if not pngs and not has_module("matplotlib"):

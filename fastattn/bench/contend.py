@@ -24,7 +24,7 @@ import torch
 
 from fastattn.bench import timing
 from fastattn.bench.cases import Case
-from fastattn.bench.report import Result, fmt_time, format_header, geomean, save_report, text_table
+from fastattn.bench.report import Result, fmt_time, format_header, geomean, text_table, write_report
 from fastattn.bench.run import Progress, machine_info, run_case
 
 # The spinner: a bare Python loop (no site, no imports beyond os, so it starts at once). Every few milliseconds
@@ -239,12 +239,7 @@ def main(a, cases: Sequence[Case]) -> int:
     print(table)
     print("\nSlowdown (contended median / quiet median):")
     print(summary)
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "contend.json")
-    save_report(report, path)
-    with open(os.path.join(a.out, "contend.md"), "w") as f:
-        f.write(f"`{report['command']}`\n\n```\n{header}\n{load}\n```\n\n")
-        f.write(format_contend_table(report, markdown=True) + "\n")
-        f.write(f"\n```\n{summary}\n```\n")
-    print(f"\nwrote {path}, {os.path.join(a.out, 'contend.md')}  ({report['seconds']:.0f} s)")
+    path, md = write_report(report, a.out, "contend.json", "contend.md", f"{header}\n{load}",
+                            [format_contend_table(report, markdown=True), f"```\n{summary}\n```"])
+    print(f"\nwrote {path}, {md}  ({report['seconds']:.0f} s)")
     return 0

@@ -6,6 +6,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass
+from typing import Sequence
 
 from fastattn.bench.cases import Case
 from fastattn.bench.memory import MIB
@@ -64,6 +65,19 @@ def load_report(path: str) -> dict:
     if report.get("format") != 1 or "results" not in report:
         raise ValueError(f"{path} is not a fastattn bench report (format 1)")
     return report
+
+
+def write_report(report: dict, out: str, json_name: str, md_name: str, header: str,
+                 sections: Sequence[str]) -> tuple[str, str]:
+    """Saves ``report`` as out/json_name and a markdown page out/md_name: the command, ``header`` in a code
+    block, then each of ``sections`` (markdown), separated by blank lines. Returns the two paths."""
+    os.makedirs(out, exist_ok=True)
+    path, md = os.path.join(out, json_name), os.path.join(out, md_name)
+    save_report(report, path)
+    with open(md, "w") as f:
+        f.write(f"`{report['command']}`\n\n```\n{header}\n```\n\n")
+        f.write("\n".join(section + "\n" for section in sections))
+    return path, md
 
 
 def results_of(report: dict) -> list[Result]:
