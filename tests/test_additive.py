@@ -6,7 +6,6 @@ Shape legend: B batch, H heads, L query length, S key length, D hidden (score) d
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 import fastattn
 from fastattn import _cpu, additive, reference as R
 from fastattn.testing import assert_close
-from conftest import DTYPE_IDS, padding_mask, randn_heads, triton_kernels
+from conftest import DTYPE_IDS, isa_module, isa_params, padding_mask, randn_heads, triton_kernels
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 
@@ -81,16 +80,6 @@ def _run_public(q, k, v, w, mask, causal, dout, backend):
     return (out.detach(), lse, *grads)
 
 
-def _isa_params():
-    out = []
-    for isa in ("portable", "avx2", "avx512"):
-        why = _cpu._unusable_reason(isa)
-        if why is None and not hasattr(importlib.import_module(f"fastattn._C_{isa}"), "additive_fwd"):
-            why = f"fastattn._C_{isa} was built without the additive kernels (rebuild)"
-        out.append(pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # C++ kernels through the public API
 # ----------------------------------------------------------------------------------------------------
@@ -124,12 +113,12 @@ def test_cpu_views_batchless_float32_mask(dtype):
     _compare(_run_public(q, k, v, w, m, True, dout, "cpu"), q, k, v, w, m, True, dout)
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params(needs="additive_fwd"))
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=lambda d: DTYPE_IDS[d])
 def test_cpu_isa_modules(isa, dtype):
     """Every ISA module's launcher directly (_cpu._additive_fwd / _additive_bwd(mod, ...)), with long rows that
     cross several vectors and a tail; the backward is bit-identical for 1 and 2 threads."""
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     gen = torch.Generator().manual_seed(2)
     B, H, L, S, D, Ev = 2, 2, 67, 53, 9, 19
     q, k, v, w, dout = _make(B, H, L, S, D, Ev, dtype, gen)

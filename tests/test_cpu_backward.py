@@ -5,7 +5,6 @@ check the backward alone; test_sdpa.py covers forward + backward through the pub
 """
 from __future__ import annotations
 
-import importlib
 import math
 import zlib
 
@@ -15,7 +14,7 @@ import torch
 import fastattn
 from fastattn import _cpu, reference, testing
 from fastattn._ops import out_fp32
-from conftest import DTYPE_IDS, padding_mask, randn_heads
+from conftest import DTYPE_IDS, isa_module, isa_params, padding_mask, randn_heads
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -292,16 +291,10 @@ def test_split_matches_reference_with_unbroadcast_mask_grad():
 
 
 # --------------------------------------------------------------------------------------------- ISAs
-def _isa_modules():
-    # _unusable_reason imports nothing wide before checking the CPU (and AVX512-BF16 for that build).
-    return [pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why)))
-            for isa, why in ((isa, _cpu._unusable_reason(isa)) for isa in _cpu.ISAS)]
-
-
-@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=DTYPE_IDS.get)
 def test_isa_modules(isa, dtype):
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     for mode in (1, 2):
         got, g64, glp, _, _ = _case(2, 4, 2, 97, 70, 40, 24, dtype=dtype, layout="bshd", mask="float_LS",
                                     causal=True, p=0.2, module=mod, mode=mode)
@@ -334,13 +327,13 @@ def _assert_offset_zeros(got, L, S, offset):
         assert torch.equal(g[:, :, unseen], torch.zeros_like(g[:, :, unseen]))
 
 
-@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", OFFSET_CASES, ids=_off_id)
 def test_causal_offset(case, dtype, isa):
     """GQA over (B, L, H, E) views, the fused and the split schedules: the reference, and the same bits."""
     L, S, off = case
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     runs = []
     for mode in (1, 2):
         got, g64, glp, _, _ = _case(2, 4, 2, L, S, 40, 24, dtype=dtype, layout="bshd", causal=True, offset=off,
@@ -401,7 +394,7 @@ def test_causal_offset_low_precision(case, mc, dtype):
     _assert_offset_zeros(got, L, S, off)
 
 
-@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", [(3, 97, 94), (40, 300, 260), (97, 130, 0), (70, 70, 0), (97, 33, -64),
                                   (200, 50, -150), (33, 70, -33), (33, 70, 500)], ids=_off_id)
@@ -410,7 +403,7 @@ def test_causal_offset_unseen_keys_never_read(case, dtype, isa):
     same bits as on the clean inputs (tiles past the diagonal are skipped; partly visible tiles give those
     keys P = dS = 0 exactly), and those keys get dk = dv = 0."""
     L, S, off = case
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     gen = torch.Generator().manual_seed(23)
     B, H, Hk, E = 2, 4, 2, 40
     q = _randn(B, H, L, E, dtype=dtype, gen=gen)
@@ -460,11 +453,11 @@ def _fwd_lo(mod, dtype, S=29, uniform=False):
     return (q, k, v, m), kw, _cpu._attention_fwd(mod, q, k, v, m, return_lo=True, **kw)
 
 
-@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
 def test_out_lo_forward(isa, dtype):
     """out and lse are the same bits with or without out_lo; out * (1 + out_lo * 2^-K) is the fp32 output."""
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     for uniform in (False, True):
         (q, k, v, m), kw, (out, lse, lo) = _fwd_lo(mod, dtype, S=32 if uniform else 29, uniform=uniform)
         out0, lse0 = _cpu._attention_fwd(mod, q, k, v, m, **kw)
@@ -478,11 +471,11 @@ def test_out_lo_forward(isa, dtype):
     assert err_got < 1e-5 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
 def test_out_lo_backward(isa, dtype):
     """The policy with out_lo, and the same bits for every schedule."""
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     (q, k, v, m), kw, (out, lse, lo) = _fwd_lo(mod, dtype)
     gen = torch.Generator().manual_seed(4)
     dout = _randn(*out.shape, dtype=dtype, gen=gen)

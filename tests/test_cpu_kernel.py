@@ -6,7 +6,6 @@ Ev value head dim.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import multiprocessing
 import threading
@@ -15,22 +14,14 @@ import pytest
 import torch
 
 from fastattn import _cpu, _philox, reference, testing
-from conftest import DTYPE_IDS, make_qkv, padding_mask
+from conftest import DTYPE_IDS, isa_module, isa_params, make_qkv, padding_mask
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ALL_DTYPES = [F32, BF16, F16, F64]
 
 
-def _isa_params():
-    out = []
-    for isa in ("portable", "avx2", "avx512"):
-        why = _cpu._unusable_reason(isa)
-        out.append(pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
-
-
 def _module(isa: str | None):
-    return _cpu.module() if isa is None else importlib.import_module(f"fastattn._C_{isa}")
+    return _cpu.module() if isa is None else isa_module(isa)
 
 
 def _mask(kind, B, H, L, S, dtype, gen):
@@ -170,7 +161,7 @@ def test_philox_words_match_spec():
 
 
 # ------------------------------------------------------------------------------------------- ISAs
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 def test_isa_modules(isa, dtype):
     _check(2, 4, 2, 97, 130, 111, 40, dtype=dtype, layout="bshd", mask="float_LS", causal=True, p=0.2, isa=isa)
@@ -282,7 +273,7 @@ def test_works_after_fork():
     assert proc.exitcode == 0 and parent.recv()
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=DTYPE_IDS.get)
 def test_nan_stays_in_its_row(isa, dtype):
     q, k, v = (torch.randn(1, 2, 40, 16).to(dtype) for _ in range(3))
@@ -329,7 +320,7 @@ def test_bf16_even_odd_packing(monkeypatch, case):
     _check(2, 3, 3, L, S, E, Ev, dtype=BF16, isa="avx512", **case)
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 def test_bf16_subnormal_outputs_are_rounded_not_flushed(isa, monkeypatch):
     # The AVX-512 module stores bf16 with vcvtneps2bf16, which flushes subnormal inputs to zero; vectors that
     # hold one take the integer rounding path instead, so tiny outputs keep their bits (as torch rounds them).
@@ -346,7 +337,7 @@ def test_bf16_subnormal_outputs_are_rounded_not_flushed(isa, monkeypatch):
     assert torch.equal(out[0, 0].view(torch.int16), expect.view(torch.int16)), (out[0, 0], expect)
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("L,S,Ev", [(80, 40, 40), (100, 130, 64)], ids=["one-block-Ev40", "one-block-S130"])
 def test_single_key_block_writes_output_from_pv(isa, dtype, L, S, Ev):
@@ -381,7 +372,7 @@ def _check_no_key_rows(out, lse, offset):
     assert torch.isneginf(lse[:, :, dead]).all()
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", OFFSET_CASES, ids=_off_id)
 def test_causal_offset(case, dtype, isa):
@@ -408,7 +399,7 @@ def test_causal_offset_masks(case, mask, dtype):
     _check_no_key_rows(out, lse, off)
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", [(3, 97, 94), (97, 33, -64), (40, 300, 260), (97, 130, 7)], ids=_off_id)
 def test_causal_offset_dropout(case, dtype, isa):
@@ -433,7 +424,7 @@ def test_causal_offset_bf16_both_paths(monkeypatch, dot, case):
     _check_no_key_rows(out, lse, off)
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", [(97, 33, -64), (40, 300, 260), (33, 70, -1000)], ids=_off_id)
 def test_causal_offset_out_lo(case, dtype, isa):
@@ -450,7 +441,7 @@ def test_causal_offset_out_lo(case, dtype, isa):
     _check_no_key_rows(out, lse, off)
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", [(3, 97, 94), (1, 300, 299), (40, 300, 260), (97, 130, 0), (97, 33, -64),
                                   (200, 50, -150), (33, 70, -33), (33, 70, 500)], ids=_off_id)

@@ -10,103 +10,27 @@ must not read returns NaN.
 """
 from __future__ import annotations
 
-import importlib
-import math
+from functools import partial
 
 import pytest
 import torch
 
 from fastattn import _cpu
-from fastattn.reference.decode import decode_attention
-from fastattn.testing import assert_close
+from conftest import (DECODE_COMBINED, DECODE_ERROR_CASES, DECODE_MASK_CASES, DECODE_VARIANT_CASES, check_decode,
+                      check_decode_splits, decode_error_case, decode_mask_case, decode_problem as _problem, isa_module,
+                      isa_params)
 
-DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-HEADS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1), "mqa8": (8, 1), "gqa3": (6, 2)}  # name: (H, Hk)
-SEQLENS = (37, 0, 2)  # one long, one empty (zeros), one shorter than L = 3 (its first rows see no key)
 LONG = dict(S_max=200, seqlens=(200, 0, 131))  # several 32-key blocks, lengths not multiples of any block
-
-
-def _isa_params():
-    out = []
-    for isa in ("portable", "avx2", "avx512"):
-        why = _cpu._unusable_reason(isa)
-        out.append(pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
-
-
-ISAS = _isa_params()
-
-
-def _module(isa: str):
-    return importlib.import_module(f"fastattn._C_{isa}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------
-def _problem(B=3, L=3, heads="gqa", E=24, Ev=40, S_max=45, seqlens=SEQLENS, dtype="f32", page=0, strided=False,
-             torch_layout=False):
-    """q (B, L, H, E), k_cache / v_cache, cache_seqlens, block_table (None unless ``page``). Cache rows past
-    each length are NaN. ``page``: a paged pool of page-sized blocks in shuffled order, two pages unused
-    (NaN), capacity S_max rounded up to a page. ``strided``: q, k_cache and v_cache are non-contiguous views
-    (head dim sliced out of a wider one). ``torch_layout``: caches are (B, Hk, S, E) tensors viewed as
-    (B, S, Hk, E) (key stride E, head stride S * E)."""
-    gen = torch.Generator().manual_seed(0)
-    H, Hk = HEADS[heads]
-    dt = DT[dtype]
-    lens = torch.tensor(seqlens[:B], dtype=torch.int32)
-    cap = math.ceil(S_max / page) * page if page else S_max
-
-    def cache(d):
-        if torch_layout:
-            c = torch.randn(B, Hk, cap, d, generator=gen).to(dt).transpose(1, 2)
-        else:
-            c = torch.randn(B, cap, Hk, d + 8 if strided else d, generator=gen).to(dt)[..., :d]
-        for b, n in enumerate(lens.tolist()):
-            c[b, n:] = float("nan")
-        return c
-    if strided:
-        q = torch.randn(B, H, L, E, generator=gen).to(dt).transpose(1, 2)
-    else:
-        q = torch.randn(B, L, H, E, generator=gen).to(dt)
-    k, v = cache(E), cache(Ev)
-    if not page:
-        return q, k, v, lens, None
-    nb = cap // page
-    ids = torch.randperm(B * nb + 2, generator=gen)
-    table = ids[:B * nb].reshape(B, nb).to(torch.int32)
-
-    def pool(c):
-        p = torch.full((B * nb + 2, page, Hk, c.shape[-1]), float("nan"), dtype=dt)
-        p[ids[:B * nb]] = c.reshape(B * nb, page, Hk, c.shape[-1])
-        return p
-    return q, pool(k), pool(v), lens, table
+ISAS = isa_params()
 
 
 def _run(isa, q, k, v, lens, table, **kw):
-    return _cpu._decode_fwd(_module(isa), q, k, v, lens, block_table=table, **kw)
+    return _cpu._decode_fwd(isa_module(isa), q, k, v, lens, block_table=table, **kw)
 
 
 def _check(isa, q, k, v, lens, table, **kw):
     """decode_fwd on module ``isa`` against the references; returns (out, lse)."""
-    out, lse = _run(isa, q, k, v, lens, table, **kw)
-    B, L, H, _ = q.shape
-    assert out.shape == (B, L, H, v.shape[-1]) and out.dtype == q.dtype
-    assert lse.shape == (B, H, L) and lse.dtype == torch.float32
-    ref_kw = {n: x for n, x in kw.items() if n not in ("num_splits", "out")}
-    ref, ref_lse = decode_attention(q, k, v, lens, block_table=table, **ref_kw)
-    lp = None
-    if q.dtype != torch.float32:
-        lp = decode_attention(q, k, v, lens, block_table=table, upcast=False, **ref_kw)[0]
-    assert_close("out", out, ref, lp)
-    assert_close("lse", lse, ref_lse)
-    # A sequence with no key: zeros, lse -inf (the sink's logit with sinks).
-    for b in (lens == 0).nonzero().flatten().tolist():
-        assert (out[b] == 0).all()
-        sinks = kw.get("sinks")
-        want = torch.full((H, L), float("-inf")) if sinks is None else sinks.float()[:, None].expand(H, L)
-        assert torch.equal(lse[b], want)
-    return out, lse
+    return check_decode(partial(_run, isa), q, k, v, lens, table, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,21 +101,15 @@ def test_head_dim_strides_other_than_one(isa):
 def test_splits_agree_and_are_deterministic(isa, dtype):
     """1 split, 3 splits, more splits than key blocks (empty splits) and the launcher's choice give the same
     answer (to rounding: the merge regroups the sums); every run repeats bit for bit, with 1 thread or more."""
-    p = _problem(dtype=dtype, page=8, **LONG)
-    sinks = torch.randn(HEADS["gqa"][0])
-    one = _check(isa, *p, sinks=sinks, num_splits=1)
-    threads = torch.get_num_threads()
-    for n in (3, 11, None):
-        got = _check(isa, *p, sinks=sinks, num_splits=n)
+    def one_thread(*args, **kw):
+        threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            again = _run(isa, *p, sinks=sinks, num_splits=n)
+            return _run(isa, *args, **kw)
         finally:
             torch.set_num_threads(threads)
-        assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
-        tol = 1e-6 if dtype == "f32" else 1e-2
-        torch.testing.assert_close(got[0].float(), one[0].float(), atol=tol, rtol=0)
-        torch.testing.assert_close(got[1], one[1], atol=1e-5, rtol=0)
+    check_decode_splits(partial(_run, isa), one_thread, _problem(dtype=dtype, page=8, **LONG), dtype, (3, 11, None),
+                        lse_atol=1e-5)
 
 
 def test_num_splits_heuristic():
@@ -206,25 +124,8 @@ def test_num_splits_heuristic():
 # ----------------------------------------------------------------------------------------------------
 # Masks and variants
 # ----------------------------------------------------------------------------------------------------
-H4 = HEADS["gqa"][0]
-VARIANT_CASES = [
-    ("not-causal", dict(causal=False)),
-    ("window-left7", dict(window=(7, -1))),
-    ("window-left0", dict(window=(0, -1))),
-    ("window-7-2-not-causal", dict(causal=False, window=(7, 2))),
-    ("window-right1-not-causal", dict(causal=False, window=(-1, 1))),
-    ("softcap", dict(softcap=1.5)),
-    ("sinks", dict(sinks=torch.linspace(-1.0, 2.0, H4))),
-    ("alibi-h", dict(alibi_slopes=torch.linspace(0.05, 0.4, H4))),
-    ("alibi-bh", dict(alibi_slopes=torch.linspace(0.05, 0.6, 3 * H4).reshape(3, H4), causal=False)),
-    ("scale", dict(scale=0.7)),
-    ("all", dict(window=(11, -1), softcap=2.0, sinks=torch.linspace(-1.0, 2.0, H4),
-                 alibi_slopes=torch.linspace(0.05, 0.4, H4), num_splits=2)),
-]
-
-
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kw", [c[1] for c in VARIANT_CASES], ids=[c[0] for c in VARIANT_CASES])
+@pytest.mark.parametrize("kw", [c[1] for c in DECODE_VARIANT_CASES], ids=[c[0] for c in DECODE_VARIANT_CASES])
 def test_variants(isa, kw):
     _check(isa, *_problem(), **kw)
 
@@ -232,52 +133,16 @@ def test_variants(isa, kw):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_variants_combined_low_precision(isa, dtype):
-    _check(isa, *_problem(dtype=dtype, page=8, L=1), causal=False, window=(20, 3), softcap=3.0,
-           sinks=torch.linspace(-1.0, 2.0, H4), alibi_slopes=torch.linspace(0.05, 0.4, H4))
+    _check(isa, *_problem(dtype=dtype, page=8, L=1), **DECODE_COMBINED)
 
 
-def _padding_mask(B, L, S_max, gen):
-    """A bool (B, 1, L, S_max) mask (True = attend): random holes, and batch 0's first query row hides every key."""
-    m = torch.rand(B, 1, L, S_max, generator=gen) > 0.3
-    m[0, :, 0] = False
-    return m
-
-
-MASK_CASES = [
-    ("bool-B1LS", "bool", dict()),
-    ("bool-B1LS-gqa3-split", "bool", dict(heads="gqa3", L=6, seqlens=(33, 0, 7), num_splits=2)),
-    ("float-BHLS", "float", dict()),
-    ("float32-1H1S-mqa8", "float1", dict(heads="mqa8")),
-    ("float-BHLS-bf16", "float", dict(dtype="bf16")),
-    ("bool-B1LS-f16-window", "bool", dict(dtype="f16", window=(9, -1))),
-    ("bool-111S-expanded", "bool_expanded", dict()),
-]
+MASK_CASES = DECODE_MASK_CASES + [("bool-111S-expanded", "bool_expanded", dict())]
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind,kw", [c[1:] for c in MASK_CASES], ids=[c[0] for c in MASK_CASES])
 def test_masks(isa, kind, kw):
-    """Bool (True = attend) and float (added) masks, read through broadcast strides; keys past each length
-    stay hidden (NaN there) whatever the mask says."""
-    kw = dict(kw)
-    call = {n: kw.pop(n) for n in ("num_splits", "window") if n in kw}
-    q, k, v, lens, _ = _problem(**kw)
-    B, L, H, _ = q.shape
-    S_max = k.shape[1]
-    gen = torch.Generator().manual_seed(1)
-    if kind == "bool":
-        mask = _padding_mask(B, L, S_max, gen)
-    elif kind == "bool_expanded":  # stride-0 dims that are not size 1
-        mask = (torch.rand(1, 1, 1, S_max, generator=gen) > 0.3).expand(B, H, L, S_max)
-    elif kind == "float":
-        mask = torch.randn(B, H, L, S_max, generator=gen).to(q.dtype)
-        mask[0, 1, 1, :20] = float("-inf")
-    else:  # a float32 mask broadcast over batch and query rows
-        mask = torch.randn(1, H, 1, S_max, generator=gen)
-        mask[..., 5] = float("-inf")
-    out, _ = _check(isa, q, k, v, lens, None, mask=mask, **call)
-    if kind == "bool":
-        assert (out[0, 0] == 0).all()  # the row that sees no key
+    decode_mask_case(partial(_run, isa), kind, kw)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -310,45 +175,15 @@ def test_window_skips_key_blocks(isa):
 # ----------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------
-def _bad(**kw):
-    q, k, v, lens, _ = _problem(B=2)
-    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=lens)
-    args.update({n: x for n, x in kw.items() if n in args})
-    return args, {n: x for n, x in kw.items() if n not in args}
-
-
-ERROR_CASES = [
-    ("q-3d", dict(q=torch.zeros(2, 3, 24)), ValueError, "q must be a 4-D tensor"),
-    ("q-int", dict(q=torch.zeros(2, 3, 4, 24, dtype=torch.int32)), TypeError, "q must be float16"),
-    ("cache-dtype", dict(k_cache=torch.zeros(2, 45, 2, 24, dtype=torch.float16)), TypeError, "q's dtype"),
-    ("head-dim", dict(k_cache=torch.zeros(2, 45, 2, 16), v_cache=torch.zeros(2, 45, 2, 40)), ValueError,
-     "head dim must be q's"),
-    ("heads", dict(k_cache=torch.zeros(2, 45, 3, 24), v_cache=torch.zeros(2, 45, 3, 40)), ValueError,
-     "multiple of the cache's"),
-    ("seqlens-dtype", dict(cache_seqlens=torch.zeros(2, dtype=torch.int64)), ValueError, "cache_seqlens must be"),
-    ("seqlens-shape", dict(cache_seqlens=torch.zeros(3, dtype=torch.int32)), ValueError, "shape (2,)"),
-    ("batch", dict(k_cache=torch.zeros(3, 45, 2, 24), v_cache=torch.zeros(3, 45, 2, 40)), ValueError,
-     "batch dim must be q's"),
-    ("table", dict(block_table=torch.zeros(2, 4, dtype=torch.int64)), ValueError, "block_table must be"),
+ERROR_CASES = DECODE_ERROR_CASES + [
     ("mask-with-table", dict(block_table=torch.zeros(2, 6, dtype=torch.int32),
                              mask=torch.ones(1, 1, 1, 1, dtype=torch.bool)), ValueError, "contiguous cache only"),
-    ("window", dict(window=(-2, 0)), ValueError, "window must be"),
-    ("softcap", dict(softcap=-1.0), ValueError, "softcap must be"),
-    ("sinks", dict(sinks=torch.zeros(3)), ValueError, "sinks must be"),
-    ("alibi", dict(alibi_slopes=torch.zeros(2, 3)), ValueError, "alibi_slopes must be"),
-    ("splits", dict(num_splits=0), ValueError, "num_splits must be"),
-    ("mask-shape", dict(mask=torch.ones(2, 4, 3, 44, dtype=torch.bool)), ValueError, "mask must be a 4-D tensor"),
-    ("mask-dtype", dict(mask=torch.ones(2, 4, 3, 45, dtype=torch.int32)), TypeError, "mask must be bool"),
-    ("out-shape", dict(out=torch.empty(2, 3, 4, 24)), ValueError, "out must be a tensor of shape"),
-    ("out-dtype", dict(out=torch.empty(2, 3, 4, 40, dtype=torch.float16)), TypeError, "out must have q's dtype"),
 ]
 
 
 @pytest.mark.parametrize("kw,exc,msg", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_errors(kw, exc, msg):
-    args, extra = _bad(**kw)
-    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        _cpu.decode_fwd(**args, **extra)
+    decode_error_case(_cpu.decode_fwd, kw, exc, msg)
 
 
 def test_empty_batch_and_rows():

@@ -14,7 +14,6 @@ Ev value head dim, K top_k.
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -24,17 +23,9 @@ import fastattn
 from fastattn import _cpu, testing
 from fastattn import hard as FH
 from fastattn import reference as R
-from conftest import DTYPE_IDS, padding_mask, triton_kernels
+from conftest import DTYPE_IDS, isa_module, isa_params, padding_mask, triton_kernels
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-
-
-def _isa_params():
-    out = []
-    for isa in ("portable", "avx2", "avx512"):
-        why = _cpu._unusable_reason(isa)
-        out.append(pytest.param(isa, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
 
 
 def _triton_kernels():
@@ -119,10 +110,10 @@ def _case_id(c):
 @pytest.mark.parametrize("case", _CASES, ids=[_case_id(c) for c in _CASES])
 @pytest.mark.parametrize("K", [1, 3, 8], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 def test_cpu_kernel(isa, dtype, K, case):
     B, H, Hk, L, S, E, Ev, mkind, causal, layout = case
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     q, k, v, dout = _make(B, H, Hk, L, S, E, Ev, dtype, layout=layout, seed=L * S + K)
     mask = _mask(mkind, B, H, L, S, dtype)
     scale = 1.0 / math.sqrt(E)
@@ -136,10 +127,10 @@ def test_cpu_kernel(isa, dtype, K, case):
         assert not dq.any() and not dk.any() and not ds.any(), "top_k=1 must give zero dq/dk"
 
 
-@pytest.mark.parametrize("isa", _isa_params())
+@pytest.mark.parametrize("isa", isa_params())
 def test_cpu_backward_deterministic(isa):
     """Same bits run to run and for any thread count (owner-computes dk/dv, no atomics)."""
-    mod = importlib.import_module(f"fastattn._C_{isa}")
+    mod = isa_module(isa)
     q, k, v, dout = _make(2, 4, 2, 150, 90, 32, 32, F32, integer=False, seed=3)
     ref = None
     nt0 = torch.get_num_threads()

@@ -18,10 +18,9 @@ from fastattn import _cpu
 from fastattn._ops.decode import decode_fwd as decode_op
 from fastattn.reference.decode import decode_attention
 from fastattn.testing import assert_close
+from conftest import DECODE_DT as DT, DECODE_HEADS as HEADS, nan_past_lengths, paged_pools
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "cpu"]
-DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-HEADS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1)}  # name: (H, Hk)
 
 
 def _need(backend: str) -> None:
@@ -45,25 +44,14 @@ def _problem(B=3, L=2, L_new=2, heads="gqa", E=24, Ev=16, S_max=40, lens=(27, 0,
     lens_t = torch.tensor(lens[:B], dtype=torch.int32)
 
     def cache(d):
-        c = torch.randn(B, cap, Hk, d, generator=gen).to(dt)
-        for b, n in enumerate(lens_t.tolist()):
-            c[b, n:] = float("nan")
-        return c
+        return nan_past_lengths(torch.randn(B, cap, Hk, d, generator=gen).to(dt), lens_t)
     q = torch.randn(B, L, H, E, generator=gen).to(dt)
     kc, vc = cache(E), cache(Ev)
     k = torch.randn(B, L_new, Hk, E, generator=gen).to(dt) if L_new else None
     v = torch.randn(B, L_new, Hk, Ev, generator=gen).to(dt) if L_new else None
     table = None
     if page:
-        nb = cap // page
-        ids = torch.randperm(B * nb + 2, generator=gen)
-        table = ids[:B * nb].reshape(B, nb).to(torch.int32)
-
-        def pool(c):
-            p = torch.full((B * nb + 2, page, Hk, c.shape[-1]), float("nan"), dtype=dt)
-            p[ids[:B * nb]] = c.reshape(B * nb, page, Hk, c.shape[-1])
-            return p
-        kc, vc = pool(kc), pool(vc)
+        kc, vc, table = paged_pools(kc, vc, page, gen)
     if layout == "bhsd":  # the same values in (B, H, L, E) memory
         q = q.transpose(1, 2).contiguous()
         if not page:

@@ -18,7 +18,7 @@ import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn.integrations.packed import is_packed  # noqa: E402
 from fastattn import reference  # noqa: E402
 from fastattn.testing import compare  # noqa: E402
-from conftest import SENTENCES as REAL_SENTENCES  # noqa: E402
+from conftest import SENTENCES as REAL_SENTENCES, train_step_grads  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 
@@ -100,20 +100,9 @@ def test_bf16_within_policy(path, batch):
     assert ok, f"bf16 packed: {where}; error {err:.3e} > bound {bound:.3e}"
 
 
-def _grads(model, batch):
-    model.train()
-    model.zero_grad()
-    out = model(**batch).last_hidden_state
-    m = batch["attention_mask"].unsqueeze(-1).float()
-    pooled = (out * m).sum(1) / m.sum(1)
-    loss = ((pooled - torch.linspace(-1, 1, pooled.shape[-1])) ** 2).mean()
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_training_gradients_match_padded(path, batch):
-    loss_p, g_p = _grads(_bert(path, "eager", **NO_DROPOUT), batch)
-    loss_k, g_k = _grads(fastattn_hf.packed(_bert(path, **NO_DROPOUT)), batch)
+    loss_p, g_p = train_step_grads(_bert(path, "eager", **NO_DROPOUT), batch)
+    loss_k, g_k = train_step_grads(fastattn_hf.packed(_bert(path, **NO_DROPOUT)), batch)
     assert abs(loss_p - loss_k) < 1e-6
     assert g_p.keys() - {"pooler.dense.weight", "pooler.dense.bias"} <= g_k.keys()
     for n in g_k:

