@@ -81,7 +81,7 @@ bool has_bf16_dot() {
 PYBIND11_MODULE(FASTATTN_MODULE, m) {
   m.doc() = "fastattn CPU attention kernels (" FASTATTN_ISA_NAME ")";
   bind_params(m);
-  m.def("fwd", [](const Params& p) {
+  m.def("fwd_params", [](const Params& p) {
           check_forward_params(p);
           py::gil_scoped_release nogil;
           forward(p);
@@ -93,7 +93,7 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   // and ~25 attribute writes). Tensors as (address, sb, sh, sl, se), mask and out_lo
   // address 0 = none; ints = (dtype, mask_dtype, B, H, Hk, L, S, E, Ev, is_causal, dropout threshold,
   // num_threads, causal_offset).
-  m.def("fwd_direct",
+  m.def("fwd_views",
         [](const std::array<int64_t, 5>& q, const std::array<int64_t, 5>& k, const std::array<int64_t, 5>& v,
            const std::array<int64_t, 5>& mask, const std::array<int64_t, 5>& out,
            const std::array<int64_t, 5>& out_lo, const std::array<int64_t, 5>& lse,

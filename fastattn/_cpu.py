@@ -230,7 +230,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale
 def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
                    dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
     """attention_fwd with an explicit kernel module. The tensors travel as (address, strides) tuples
-    (``fwd_direct``): no Params object is built on this per-call path."""
+    (``fwd_views``): no Params object is built on this per-call path."""
     _check_kernel_inputs(q, k, v, mask)
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
@@ -246,7 +246,7 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
         m5 = (mask.data_ptr(), *(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride())))
         mdt = DTYPE_CODES[mask.dtype]
     drop = dropout_p > 0.0
-    mod.fwd_direct(
+    mod.fwd_views(
         (q.data_ptr(), *q.stride()), (k.data_ptr(), *k.stride()), (v.data_ptr(), *v.stride()), m5,
         (out.data_ptr(), *out.stride()), _NO_TENSOR if lo is None else (lo.data_ptr(), *lo.stride()),
         (lse.data_ptr(), *lse.stride(), 0),
@@ -359,7 +359,7 @@ def _varlen_fwd(mod, q, k, v, cu_q, cu_k, max_q, max_k, mask, *, scale, is_causa
     p.out, p.lse = _packed(mod, res[0]), _lse4(mod, res[1])
     if return_lo:
         p.out_lo = _packed(mod, res[2])
-    mod.fwd(p)
+    mod.fwd_params(p)
     return res
 
 
