@@ -1,8 +1,8 @@
 """Argument checks at the public boundary, for every op: one place that says what each function accepts.
 
 The public functions (``scaled_dot_product_attention``, ``varlen_attention``, nested SDPA,
-``additive_attention``, ``hard_attention``, ``attention_weights``, ``fastattn.patch``) call these before
-anything else; the ops and launchers behind them assume checked arguments. Errors name the argument and
+``additive_attention``, ``hard_attention``, ``attention_weights``, ``attention_with_kvcache``,
+``fastattn.patch``) call these before anything else; the ops and launchers behind them assume checked arguments. Errors name the argument and
 say what was expected and what came: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
 shape, value or device. The C++ eager route (csrc/eager.cpp) never raises: a call it cannot take whole
 goes to the Python path, whose checks here raise the errors. The decode launchers' contract
@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The dtypes the decode kernels run (no float64 path).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 #: Largest supported ``top_k`` of hard attention (the Triton kernel keeps a (BLOCK_M, next_pow2(top_k)) tile
 #: of candidates in registers; the C++ kernel a per-row list on the stack).
@@ -335,7 +337,7 @@ def check_decode_launch(q, k_cache, v_cache, cache_seqlens, block_table, mask, w
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 4-D tensor, got {got}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     B, L, H, E = q.shape
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -394,3 +396,90 @@ def check_decode_launch(q, k_cache, v_cache, cache_seqlens, block_table, mask, w
             raise ValueError(f"out must be a tensor of shape (B, L, H, Ev) = {want}, got {got}")
         if out.dtype != q.dtype:
             raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+
+
+# ------------------------------------------------------------------ fastattn.attention_with_kvcache
+
+
+def shape_or_type(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_cache_tensor(name: str, t, q: Tensor | None = None) -> None:
+    """t is a 4-D float tensor of a kernel dtype (q's, and on q's device, when q is given)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    if q is None:
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        return
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def check_inference_only(**tensors: Tensor | None) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but attention_with_kvcache is inference only (no backward): "
+                             f"call it under torch.no_grad() / torch.inference_mode(), or pass {name}.detach()")
+
+
+def check_kvcache_scalars(B: int, H: int, q: Tensor, window, softcap, sinks, alibi_slopes, scale, num_splits) -> None:
+    check_decode_window(window)
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap)
+                                                                                 and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None (1 / sqrt(E)) or a finite float, got {scale!r}")
+    check_num_splits(num_splits)
+    check_head_vectors(B, H, sinks, alibi_slopes, device=q.device)
+
+
+def check_cache_seqlens(cache_seqlens, B: int, device: torch.device) -> Tensor:
+    """cache_seqlens as a (B,) int64 tensor on ``device``."""
+    if isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be an int or a (B,) int32/int64 tensor, got bool")
+    if isinstance(cache_seqlens, int):
+        return torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
+    if not isinstance(cache_seqlens, Tensor):
+        raise TypeError(f"cache_seqlens must be an int or a (B,) int32/int64 tensor, got "
+                        f"{type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
+    return cache_seqlens.to(torch.int64)
+
+
+def check_cache_values(lens: Tensor, L_new: int, capacity: int, block_table: Tensor | None, page: int,
+                  num_blocks: int) -> None:
+    """The lengths (before appending) are >= 0 and leave room for L_new more keys; the block-table entries the
+    sequences use after appending lie in [0, num_blocks). Reads both to the host (a sync on a CUDA device)."""
+    host = lens.cpu()
+    if host.numel() and int(host.min()) < 0:
+        b = int(torch.nonzero(host < 0)[0])
+        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {int(host[b])}")
+    after = host + L_new
+    if after.numel() and int(after.max()) > capacity:
+        b = int(torch.argmax(after))
+        what = "max_blocks * page_size" if block_table is not None else "S_max"
+        raise ValueError(f"cache_seqlens[{b}] = {int(host[b])} plus {L_new} new keys exceeds the cache capacity "
+                         f"({what} = {capacity})")
+    if block_table is None:
+        return
+    table = block_table.cpu()
+    used = torch.arange(table.shape[1])[None, :] < ((after + page - 1) // page)[:, None]  # (B, max_blocks)
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        b, j = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside the page pool [0, {num_blocks}) "
+                         f"(k_cache has {num_blocks} pages)")

@@ -64,7 +64,7 @@ def decode_route(q4: Tensor, k4: Tensor, v4: Tensor, mask4: Tensor | None, dropo
     if not all(type(n) is int for n in (L, S, E, Ev, q4.shape[1], k4.shape[1])):
         return False
     if (not decode_shaped(L, S) or dropout_p != 0.0 or backend == "reference" or E > 256 or Ev > 256
-            or q4.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q4.shape[1] % k4.shape[1]):
+            or q4.dtype not in check.KERNEL_DTYPES or q4.shape[1] % k4.shape[1]):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q4, k4, v4, mask4)):
         return False

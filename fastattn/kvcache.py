@@ -7,104 +7,19 @@ writes anything, appends k / v in place, then calls the op ``fastattn::decode_fw
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from fastattn import _launchers
 from fastattn._ops.decode import decode_fwd
-from fastattn._validation import check_decode_window, check_head_vectors, check_num_splits
+from fastattn._validation import (check_cache_seqlens, check_cache_tensor, check_cache_values, check_inference_only,
+                                  check_kvcache_scalars, shape_or_type)
 from fastattn.reference.decode import decode_attention
 
 __all__ = ["attention_with_kvcache"]
 
 LAYOUTS = ("bshd", "bhsd")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
-
-
-def _check_tensor(name: str, t, q: Tensor | None = None) -> None:
-    """t is a 4-D float tensor of a kernel dtype (q's, and on q's device, when q is given)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if q is None:
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        return
-    if t.dtype != q.dtype:
-        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-
-
-def _check_grad(**tensors: Tensor | None) -> None:
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if isinstance(t, Tensor) and t.requires_grad:
-            raise ValueError(f"{name} requires grad, but attention_with_kvcache is inference only (no backward): "
-                             f"call it under torch.no_grad() / torch.inference_mode(), or pass {name}.detach()")
-
-
-def _check_small_args(B: int, H: int, q: Tensor, window, softcap, sinks, alibi_slopes, scale, num_splits) -> None:
-    check_decode_window(window)
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap)
-                                                                                 and softcap >= 0):
-        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale)):
-        raise ValueError(f"scale must be None (1 / sqrt(E)) or a finite float, got {scale!r}")
-    check_num_splits(num_splits)
-    check_head_vectors(B, H, sinks, alibi_slopes, device=q.device)
-
-
-def _seqlens_tensor(cache_seqlens, B: int, device: torch.device) -> Tensor:
-    """cache_seqlens as a (B,) int64 tensor on ``device``."""
-    if isinstance(cache_seqlens, bool):
-        raise TypeError("cache_seqlens must be an int or a (B,) int32/int64 tensor, got bool")
-    if isinstance(cache_seqlens, int):
-        return torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
-    if not isinstance(cache_seqlens, Tensor):
-        raise TypeError(f"cache_seqlens must be an int or a (B,) int32/int64 tensor, got "
-                        f"{type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
-    if tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
-    return cache_seqlens.to(torch.int64)
-
-
-def _check_values(lens: Tensor, L_new: int, capacity: int, block_table: Tensor | None, page: int,
-                  num_blocks: int) -> None:
-    """The lengths (before appending) are >= 0 and leave room for L_new more keys; the block-table entries the
-    sequences use after appending lie in [0, num_blocks). Reads both to the host (a sync on a CUDA device)."""
-    host = lens.cpu()
-    if host.numel() and int(host.min()) < 0:
-        b = int(torch.nonzero(host < 0)[0])
-        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {int(host[b])}")
-    after = host + L_new
-    if after.numel() and int(after.max()) > capacity:
-        b = int(torch.argmax(after))
-        what = "max_blocks * page_size" if block_table is not None else "S_max"
-        raise ValueError(f"cache_seqlens[{b}] = {int(host[b])} plus {L_new} new keys exceeds the cache capacity "
-                         f"({what} = {capacity})")
-    if block_table is None:
-        return
-    table = block_table.cpu()
-    used = torch.arange(table.shape[1])[None, :] < ((after + page - 1) // page)[:, None]  # (B, max_blocks)
-    bad = used & ((table < 0) | (table >= num_blocks))
-    if bad.any():
-        b, j = (int(x) for x in torch.nonzero(bad)[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside the page pool [0, {num_blocks}) "
-                         f"(k_cache has {num_blocks} pages)")
 
 
 def _append(cache: Tensor, new: Tensor, lens: Tensor, block_table: Tensor | None) -> None:
@@ -186,11 +101,11 @@ def attention_with_kvcache(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
-    _check_grad(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, sinks=sinks, alibi_slopes=alibi_slopes)
-    _check_tensor("q", q)
+    check_inference_only(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, sinks=sinks, alibi_slopes=alibi_slopes)
+    check_cache_tensor("q", q)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is not None:
-            _check_tensor(name, t, q)
+            check_cache_tensor(name, t, q)
     paged = block_table is not None
     bhsd = layout == "bhsd"
     # Everything below works on (B, L, H, E)-ordered views (no copies).
@@ -204,7 +119,7 @@ def attention_with_kvcache(
     cache_dims = "(num_blocks, page_size, Hk, E)" if paged else ("(B, Hk, S_max, E)" if bhsd else "(B, S_max, Hk, E)")
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"k_cache and v_cache must agree in every dim but the head dim ({cache_dims}), got "
-                         f"k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)}")
+                         f"k_cache {shape_or_type(k_cache)} and v_cache {shape_or_type(v_cache)}")
     if k_cache.shape[3] != E:
         raise ValueError(f"k_cache's head dim must be q's ({E}), got {k_cache.shape[3]} (k_cache {cache_dims})")
     if Hk == 0 or H % Hk:
@@ -214,7 +129,7 @@ def attention_with_kvcache(
     if paged:
         if (not isinstance(block_table, Tensor) or block_table.dim() != 2 or block_table.shape[0] != B
                 or block_table.dtype != torch.int32):
-            got = f"{_shape(block_table)} {getattr(block_table, 'dtype', '')}"
+            got = f"{shape_or_type(block_table)} {getattr(block_table, 'dtype', '')}"
             raise ValueError(f"block_table must be an int32 tensor of shape (B, max_blocks) = ({B}, max_blocks), "
                              f"got {got}")
         if block_table.device != q.device:
@@ -235,13 +150,13 @@ def attention_with_kvcache(
                 want = (B, Hk, L_new, d) if bhsd else (B, L_new, Hk, d)
                 raise ValueError(f"{name} must have shape {new_dims} = {want} (k's L_new = {L_new}, the "
                                  f"caches' Hk = {Hk}), got {tuple((t.transpose(1, 2) if bhsd else t).shape)}")
-    _check_small_args(B, H, q, window, softcap, sinks, alibi_slopes, scale, num_splits)
+    check_kvcache_scalars(B, H, q, window, softcap, sinks, alibi_slopes, scale, num_splits)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    lens = _seqlens_tensor(cache_seqlens, B, q.device)
+    lens = check_cache_seqlens(cache_seqlens, B, q.device)
     backend = _launchers.choose_backend(backend, q.device, q.dtype)
     if not torch.compiler.is_compiling():
-        _check_values(lens, L_new, capacity, block_table, page, num_blocks)
+        check_cache_values(lens, L_new, capacity, block_table, page, num_blocks)
 
     if k is not None:
         _append(k_cache, k, lens, block_table)
