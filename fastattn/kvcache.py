@@ -6,12 +6,11 @@ writes anything, appends k / v in place, then calls the op ``fastattn::decode_fw
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from fastattn import _launchers
+from fastattn._normalise import default_scale
 from fastattn._ops.decode import decode_fwd
 from fastattn._validation import (check_cache_seqlens, check_cache_tensor, check_cache_values, check_inference_only,
                                   check_kvcache_scalars, shape_or_type)
@@ -162,7 +161,7 @@ def attention_with_kvcache(
         _append(k_cache, k, lens, block_table)
         _append(v_cache, v, lens, block_table)
     seqlens = (lens + L_new).to(torch.int32)
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = default_scale(E, scale)
     if backend == "reference":
         out, lse = decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table, scale=scale,
                                     causal=causal, window=tuple(window), softcap=float(softcap), sinks=sinks,

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn._normalise import default_scale
 from fastattn._validation import check_decode_launch
 
 from ._host import import_in_current_mode
@@ -449,7 +450,7 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = default_scale(E, scale)
     for launch in _plan(q, k_cache, v_cache, cache_seqlens, out, lse, block_table=block_table, mask=mask, scale=scale,
                         causal=causal, window=tuple(window), softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
                         num_splits=num_splits, interpreting=_INTERPRETED):
