@@ -307,6 +307,38 @@ def check_decode_window(window) -> None:
         raise ValueError(f"window must be (left, right), ints >= -1 (-1: unbounded), got {window!r}")
 
 
+def check_variants(query: Tensor, lead: tuple[int, ...], window, softcap, sinks, alibi_slopes, lower_right
+                   ) -> tuple[int, int, float]:
+    """scaled_dot_product_attention's decoder-variant keywords, for a query whose dims before (L, E) are
+    ``lead`` (batch dims, then heads H): window None or (left, right) ints >= -1; softcap None or a finite
+    float >= 0; sinks None or a floating (H,) tensor; alibi_slopes None or a floating (H,) or (*lead) tensor;
+    lower_right a bool. Returns (window_left, window_right, softcap) with -1, -1, 0.0 for "off"."""
+    check_bool("lower_right", lower_right)
+    if window is None:
+        window = (-1, -1)
+    check_decode_window(window)
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, Real) or not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be None or a finite float >= 0 (0: off), got {softcap!r}")
+    H = lead[-1] if lead else 1
+    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi_slopes, [(H,), tuple(lead)])):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor of shape {' or '.join(map(str, shapes))}, "
+                            f"got {shape_or_type(t)}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, dict.fromkeys(shapes)))} (the query's "
+                             f"heads{'' if name == 'sinks' else ', or its dims before (L, E)'}), got {tuple(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes carry no gradient in fastattn (they are fixed per head): pass "
+                         "alibi_slopes.detach()")
+    return int(window[0]), int(window[1]), float(softcap)
+
+
 def check_num_splits(num_splits) -> None:
     """num_splits: None (the launcher chooses) or an int >= 1."""
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):

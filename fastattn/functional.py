@@ -54,9 +54,12 @@ def _decode_launcher_built(backend: str | None, device: torch.device) -> bool:
 
 
 def decode_route(q4: Tensor, k4: Tensor, v4: Tensor, mask4: Tensor | None, dropout_p: float,
-                 backend: str) -> bool:
+                 backend: str, *, positioned: bool = False, head_vectors: tuple[Tensor | None, ...] = ()) -> bool:
     """Whether a checked call with 4-D (B, H, L, E) views takes the decode route (module doc). Traced calls
-    never do: their sizes may be symbolic, and the rule would put guards on them."""
+    never do: their sizes may be symbolic, and the rule would put guards on them. ``positioned``: the call
+    has a window or ALiBi, which need each row's position i' = i + offset; the decode kernel places row i at
+    n - L + i, which is the call's position only for lower-right or top-left causal alignment (the caller
+    says, via ``_decode_aligned``). ``head_vectors``: sinks / slopes, which must not need a gradient either."""
     if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch._C._are_functorch_transforms_active()):
         return False
@@ -66,7 +69,10 @@ def decode_route(q4: Tensor, k4: Tensor, v4: Tensor, mask4: Tensor | None, dropo
     if (not decode_shaped(L, S) or dropout_p != 0.0 or backend == "reference" or E > 256 or Ev > 256
             or q4.dtype not in check.KERNEL_DTYPES or q4.shape[1] % k4.shape[1]):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q4, k4, v4, mask4)):
+    if positioned:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q4, k4, v4, mask4,
+                                                                                 *head_vectors)):
         return False
     return _decode_launcher_built(backend, q4.device)
 
@@ -97,7 +103,8 @@ def _decode_candidate(query, key, dropout_p, backend) -> bool:
 
 
 def _decode(q4: Tensor, k4: Tensor, v4: Tensor, mask4: Tensor | None, scale: float, is_causal: bool,
-            lower_right: bool, backend: str) -> tuple[Tensor, Tensor]:
+            lower_right: bool, backend: str, window: tuple[int, int], softcap: float, sinks: Tensor | None,
+            alibi_slopes: Tensor | None) -> tuple[Tensor, Tensor]:
     """(out4, lse4) of a decode-route call (module doc), out4 laid out as ``empty_output`` lays it out."""
     B, H, L, _ = q4.shape
     S = k4.shape[2]
@@ -106,7 +113,7 @@ def _decode(q4: Tensor, k4: Tensor, v4: Tensor, mask4: Tensor | None, scale: flo
     n = L if is_causal and not lower_right else S
     seqlens = torch.full((B,), n, dtype=torch.int32, device=q4.device)
     out, lse = decode_fwd(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), seqlens, None, mask4, scale,
-                          is_causal, -1, -1, 0.0, None, None, None, backend, "sdpa")
+                          is_causal, window[0], window[1], softcap, sinks, alibi_slopes, None, backend, "sdpa")
     return out.transpose(1, 2), lse
 
 
@@ -122,6 +129,11 @@ def scaled_dot_product_attention(
     *,
     backend: str | None = None,
     return_lse: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    lower_right: bool = False,
 ):
     """Fused scaled dot-product attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -142,14 +154,31 @@ def scaled_dot_product_attention(
         scale: defaults to 1 / sqrt(E).
         backend: None (auto: CPU tensors -> "cpu", CUDA tensors -> "triton"), "cpu", "triton", "reference".
         return_lse: also return the float32 log-sum-exp of the scores, (..., H, L) (natural log; -inf for
-            rows with no visible key). It carries no gradient.
+            rows with no visible key; the sink included with ``sinks``). It carries no gradient.
+
+    Decoder variants (fastattn's own keywords; every backend runs them in its kernels, forward and backward).
+    Query row i sits at position i' = i (top-left, torch's ``is_causal`` alignment) or, with ``lower_right=True``
+    or a lower-right ``CausalBias``, i' = i + S - L (the query block at the end of the keys: a decoder step).
+    For key j, in this order:
+
+        window=(left, right): key j visible iff i' - left <= j <= i' + right; -1 leaves a side unbounded
+            (Mistral's sliding window w is ``window=(w - 1, 0)`` with is_causal). Key blocks outside are skipped.
+        softcap: scores -> softcap * tanh(scores / softcap) (Gemma 2), before the mask.
+        alibi_slopes: (H,) or (..., H) (the query's dims before (L, E)): score += slope * (j - i'), after the cap.
+            No gradient.
+        sinks: (H,): a per-head logit in each row's softmax denominator that has no value (attention sinks,
+            gpt-oss): out_i = sum_j exp(s_ij - lse_i) v_j with lse_i = log(sum_j exp(s_ij) + exp(sink_h)).
+            Differentiable (its gradient is -sum over batch and rows of exp(sink - lse) * rowsum(dout * out)).
+        lower_right: the alignment above; with ``is_causal`` key j is visible iff j <= i + S - L.
 
     The output is laid out as torch lays out its own (like the query when Ev == E and there is no dropout,
     else contiguous; ``fastattn._ops.empty_output``). Rows whose keys are all hidden give zeros (and zero
     gradients), never NaN. Tensor subclasses with ``__torch_function__`` are offered the call first, as torch's
     functions do. Inputs are never modified.
     """
-    if (not torch.compiler.is_compiling() and type(query) is Tensor and query.is_cpu
+    variants = (window is not None or softcap is not None or sinks is not None or alibi_slopes is not None
+                or lower_right is not False)
+    if (not variants and not torch.compiler.is_compiling() and type(query) is Tensor and query.is_cpu
             and not _decode_candidate(query, key, dropout_p, backend)):
         # The CPU eager inference route (module doc); None: the call takes the op below.
         eager = _launchers.cpu_eager()
@@ -161,23 +190,31 @@ def scaled_dot_product_attention(
         # Jagged (B, H, j, E) nested tensors run the varlen kernels (fastattn/nested.py); checked before the
         # __torch_function__ protocol, which torch.nested's tensors also take part in.
         from fastattn.nested import nested_sdpa
+        if variants:
+            raise ValueError("window, softcap, sinks, alibi_slopes and lower_right are not supported with nested "
+                             "(jagged) tensors; use fastattn.varlen_attention or a padded batch")
         return nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend,
                            return_lse=return_lse)
-    lower_right = False
     if isinstance(attn_mask, CausalBias):
         # Read before the __torch_function__ protocol: CausalBias's own handler only knows torch's function
         # and would hand the call back with its (uninitialised) storage as a float mask.
-        lower_right = _causal_bias(attn_mask, query, key, is_causal)
+        if _causal_bias(attn_mask, query, key, is_causal):
+            lower_right = True
+        elif lower_right is True and query.shape[-2] != key.shape[-2]:
+            raise ValueError("lower_right=True contradicts attn_mask, an upper-left CausalBias: pass one alignment")
         attn_mask, is_causal = None, True
     elif has_torch_function((query, key, value, attn_mask)):
         return handle_torch_function(
             scaled_dot_product_attention, (query, key, value, attn_mask), query, key, value, attn_mask=attn_mask,
             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, backend=backend,
-            return_lse=return_lse)
+            return_lse=return_lse, window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+            lower_right=lower_right)
     check.check_qkv(query, key, value, enable_gqa, broadcast=True)
     query, key, value, lead = broadcast_qkv(query, key, value)
     check.check_mask(attn_mask, query, check.scores_shape(query, key))
     check.check_scalars(dropout_p, is_causal, scale, enable_gqa)
+    window_left, window_right, softcap = check.check_variants(query, lead, window, softcap, sinks, alibi_slopes,
+                                                              lower_right)
     scale, dropout_p, seed = scale_and_seed(query.shape[-1], scale, dropout_p)
     backend = _launchers.choose_backend(backend, query.device, query.dtype)
     L, S = query.shape[-2], key.shape[-2]
@@ -186,21 +223,33 @@ def scaled_dot_product_attention(
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, upcast=False,
             dropout_seed=None if seed is None else int(seed), return_lse=return_lse,
-            causal_offset=S - L if lower_right else 0)
+            causal_offset=S - L if lower_right else 0, window=(window_left, window_right), softcap=softcap,
+            sinks=sinks, alibi_slopes=alibi_slopes)
 
     q4, k4, v4 = to_4d(query), to_4d(key), to_4d(value)
     mask4 = None if attn_mask is None else mask_to_4d(attn_mask, lead)
     B4, H = q4.shape[0], q4.shape[1]
     Ev = value.shape[-1]
+    if alibi_slopes is not None and alibi_slopes.dim() > 1:
+        alibi_slopes = alibi_slopes.reshape(B4, H)
+    positioned = (window_left, window_right) != (-1, -1) or alibi_slopes is not None
+    # The decode kernel places row i at n - L + i (``_decode``): the call's position for lower-right alignment,
+    # and for top-left causal calls (n = L); a top-left call without the causal flag has no such n.
+    misplaced = positioned and not (lower_right or is_causal)
 
     if any(n == 0 for n in (B4, H, L, S, Ev)):  # (min() would compare sizes: a guard under torch.export)
         out4 = connected_zeros(query, (B4, H, L, Ev), q4, k4, v4)
         lse4 = no_key_lse(query, (B4, H, L))
-    elif decode_route(q4, k4, v4, mask4, dropout_p, backend):
-        out4, lse4 = _decode(q4, k4, v4, mask4, scale, is_causal, lower_right, backend)
+        if sinks is not None:  # no key: the sink alone fills each row's denominator
+            lse4 = torch.maximum(lse4, sinks.float()[None, :, None].expand_as(lse4))
+    elif decode_route(q4, k4, v4, mask4, dropout_p, backend, positioned=misplaced,
+                      head_vectors=(sinks, alibi_slopes)):
+        out4, lse4 = _decode(q4, k4, v4, mask4, scale, is_causal, lower_right, backend,
+                             (window_left, window_right), softcap, sinks, alibi_slopes)
     else:
         out4, lse4, _ = attention_fwd(q4, k4, v4, mask4, scale, is_causal, lower_right, dropout_p, op_seed(seed),
-                                      backend, needs_out_lo(q4.dtype, q4, k4, v4, mask4))
+                                      backend, needs_out_lo(q4.dtype, q4, k4, v4, mask4, sinks),
+                                      window_left, window_right, softcap, alibi_slopes, sinks)
 
     if query.dim() == 4:  # out4 / lse4 already have the caller's shape and the query's layout
         return (out4, lse4) if return_lse else out4

@@ -36,6 +36,35 @@ def causal_offset(q: Tensor, k: Tensor, lower_right: bool) -> int:
     return k.shape[2] - q.shape[2] if lower_right else 0
 
 
+def variant_kwargs(q: Tensor, window_left: int, window_right: int, softcap: float,
+                   alibi_slopes: Tensor | None, sinks: Tensor | None = None, *, forward: bool = True) -> dict:
+    """The launchers' keyword arguments for the decoder variants that are on (none for a plain call): window
+    (left, right), softcap, alibi_slopes as float32 (B, H) (a per-head (H,) tensor as a stride-0 expand), and
+    in the forward sinks as float32 (H,). The backward takes no sinks: the forward's lse includes them."""
+    kw = {}
+    if (window_left, window_right) != (-1, -1):
+        kw["window"] = (window_left, window_right)
+    if softcap:
+        kw["softcap"] = softcap
+    if alibi_slopes is not None:
+        a = alibi_slopes.to(torch.float32)
+        kw["alibi_slopes"] = a.expand(q.shape[0], q.shape[1]) if a.dim() == 1 else a
+    if forward and sinks is not None:
+        kw["sinks"] = sinks.to(torch.float32).contiguous()
+    return kw
+
+
+def sinks_grad(sinks: Tensor, lse: Tensor, dout: Tensor, out: Tensor, out_lo: Tensor | None) -> Tensor:
+    """d loss / d sink_h = -sum_{b,i} P(sink)_bhi * delta_bhi, where P(sink) = exp(sink_h - lse_bhi) is the
+    probability the sink takes in row (b, h, i) and delta = rowsum(dout * out) (out as float32, its rounding
+    residual added back for fp16 / bf16 training): the sink has no value, so raising it only shrinks every other
+    probability of its row in proportion. In the sinks' dtype."""
+    o = out_fp32(out, out_lo) if out_lo is not None and out_lo.numel() else out.float()
+    delta = (dout.float() * o).sum(-1)                                       # (B, H, L)
+    p_sink = torch.exp(sinks.float()[None, :, None] - lse)                   # lse >= sink: no overflow
+    return (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)
+
+
 LO_SHIFT = {torch.bfloat16: 22, torch.float16: 25}  # K of the out_lo code (csrc/out_lo.h, OutLoCode)
 
 
@@ -70,20 +99,30 @@ def attention_fwd(
     seed: Tensor,
     backend: str,
     return_lo: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, lse, out_lo): out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32 (natural log, -inf for
-    fully masked rows), out_lo int16 laid out as out when ``return_lo`` (float16 / bfloat16 only; see the
-    module doc), else empty. ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if dropout_p == 0).
-    ``lower_right``: with ``is_causal``, key j is visible to query i iff j <= i + S - L (else j <= i)."""
+    fully masked rows; sinks included), out_lo int16 laid out as out when ``return_lo`` (float16 / bfloat16
+    only; see the module doc), else empty. ``seed``: int64 scalar tensor on the CPU (Philox key; ignored if
+    dropout_p == 0). ``lower_right``: query row i sits at position i' = i + S - L (else i' = i): with
+    ``is_causal`` key j is visible iff j <= i'. The decoder variants (fastattn.reference's
+    scaled_dot_product_attention states them): sliding window (window_left, window_right) around i' (-1:
+    unbounded), ``softcap`` (0: off), ``alibi_slopes`` (H,) or (B, H), ``sinks`` (H,)."""
     launcher = _launchers.launcher_for("attention", backend, q.device)
     res = launcher.attention_fwd(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
                                  seed=int(seed.item()), return_lo=return_lo,
-                                 causal_offset=causal_offset(q, k, lower_right))
+                                 causal_offset=causal_offset(q, k, lower_right),
+                                 **variant_kwargs(q, window_left, window_right, softcap, alibi_slopes, sinks))
     return res if return_lo else (*res, no_lo(q))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo):
+def _(q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo, window_left=-1,
+      window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
     B, H, L, _ = q.shape
     out = empty_output(q, v, dropout_p)
     lo = torch.empty_like(out, dtype=torch.int16) if return_lo else no_lo(q)
@@ -106,14 +145,23 @@ def _fold_vmap_dim(t: Tensor | None, bdim: int | None, n: int, broadcast: bool =
 
 
 @attention_fwd.register_vmap
-def _(info, in_dims, q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo):
+def _(info, in_dims, q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo,
+      window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
     # torch.func.vmap: the mapped calls become more batch items of one call (every item is independent).
     if in_dims[8] is not None:
         raise ValueError("fastattn.scaled_dot_product_attention under vmap: the dropout seed cannot be vmapped")
+    if in_dims[15] is not None:
+        raise ValueError("fastattn.scaled_dot_product_attention under vmap: sinks cannot be vmapped")
     n = info.batch_size
     q4, k4, v4 = (_fold_vmap_dim(t, d, n) for t, d in zip((q, k, v), in_dims[:3]))
     m4 = _fold_vmap_dim(mask, in_dims[3], n, broadcast=True)
-    out, lse, lo = attention_fwd(q4, k4, v4, m4, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo)
+    if alibi_slopes is not None and (in_dims[14] is not None or alibi_slopes.dim() == 2):
+        # Per-call slopes (n, H) / (n, B, H), or unbatched (B, H): one (n * B, H) row per folded batch item.
+        B = q4.shape[0] // n
+        a = alibi_slopes.movedim(in_dims[14], 0) if in_dims[14] is not None else alibi_slopes.expand(n, B, -1)
+        alibi_slopes = (a[:, None, :] if a.dim() == 2 else a).expand(n, B, a.shape[-1]).reshape(n * B, -1)
+    out, lse, lo = attention_fwd(q4, k4, v4, m4, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo,
+                                 window_left, window_right, softcap, alibi_slopes, sinks)
     unfold = (lambda t: t.reshape(n, -1, *t.shape[1:]))
     return (unfold(out), unfold(lse), unfold(lo) if return_lo else lo), (0, 0, 0 if return_lo else None)
 
@@ -135,14 +183,20 @@ def attention_bwd(
     seed: Tensor,
     backend: str,
     mask_needs_grad: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has the mask's 4-D shape when ``mask_needs_grad`` else is empty.
-    ``out_lo``: the forward's (``return_lo``), or None (or empty): delta then comes from out alone."""
+    ``out_lo``: the forward's (``return_lo``), or None (or empty): delta then comes from out alone. The
+    variants as the forward took them; no sinks: ``lse`` includes them (their gradient is ``sinks_grad``)."""
     launcher = _launchers.launcher_for("attention", backend, q.device)
     dq, dk, dv, dmask = launcher.attention_bwd(
         dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo),
-        causal_offset=causal_offset(q, k, lower_right))
+        causal_offset=causal_offset(q, k, lower_right),
+        **variant_kwargs(q, window_left, window_right, softcap, alibi_slopes, forward=False))
     if dmask is None:
         dmask = q.new_empty(0)
     return contiguous_grad(dq), contiguous_grad(dk), contiguous_grad(dv), dmask
@@ -155,7 +209,7 @@ def contiguous_grad(t: Tensor) -> Tensor:
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right, dropout_p, seed, backend,
-      mask_needs_grad):
+      mask_needs_grad, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     dmask = torch.empty_like(mask, memory_format=torch.contiguous_format) if mask_needs_grad else q.new_empty(0)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -163,22 +217,28 @@ def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right, drop
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo = inputs
+    (q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo, window_left, window_right,
+     softcap, alibi_slopes, sinks) = inputs
     out, lse, out_lo = output
-    ctx.save_for_backward(q, k, v, out, lse, out_lo if return_lo else None, mask, seed)
-    ctx.params = (scale, is_causal, lower_right, dropout_p, backend)
+    ctx.save_for_backward(q, k, v, out, lse, out_lo if return_lo else None, mask, seed, alibi_slopes, sinks)
+    ctx.params = (scale, is_causal, lower_right, dropout_p, backend, window_left, window_right, softcap)
     # lse is a by-product for merging partial results; it carries no gradient (its use in a loss
     # would need d lse / d s = P, which the kernels do not fold in). out_lo is the backward's own.
     ctx.mark_non_differentiable(lse, out_lo)
 
 
 def _backward(ctx, dout, _dlse, _dlo):
-    q, k, v, out, lse, out_lo, mask, seed = ctx.saved_tensors
-    scale, is_causal, lower_right, dropout_p, backend = ctx.params
+    q, k, v, out, lse, out_lo, mask, seed, alibi_slopes, sinks = ctx.saved_tensors
+    scale, is_causal, lower_right, dropout_p, backend, window_left, window_right, softcap = ctx.params
     mask_needs_grad = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right,
-                                      dropout_p, seed, backend, mask_needs_grad)
-    return dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None, None
+                                      dropout_p, seed, backend, mask_needs_grad, window_left, window_right, softcap,
+                                      alibi_slopes)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[15]:
+        dsinks = sinks_grad(sinks, lse, dout, out, out_lo)
+    return (dq, dk, dv, (dmask if mask_needs_grad else None), None, None, None, None, None, None, None,
+            None, None, None, None, dsinks)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,10 @@ __all__ = [
     "softmax",
     "dropout",
     "weighted_sum",
+    "softcap_scores",
+    "alibi_bias",
+    "window_visible",
+    "softmax_with_sinks",
     "scaled_dot_product_attention",
     "attention_weights",
     "dropout_keep_mask",
@@ -56,6 +60,47 @@ def apply_mask(s: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal
         visible = torch.ones(L, S, dtype=torch.bool, device=s.device).tril(diagonal=causal_offset)
         s = s.masked_fill(~visible, float("-inf"))
     return s
+
+
+def softcap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): ``softcap * tanh(s / softcap)``; softcap 0 leaves s unchanged."""
+    return s if not softcap else softcap * torch.tanh(s / softcap)
+
+
+def _positions(L: int, S: int, causal_offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i', j): query row i's position i' = i + causal_offset as an (L, 1) column, key j as a (1, S) row."""
+    i = torch.arange(L, device=device)[:, None] + causal_offset
+    return i, torch.arange(S, device=device)[None, :]
+
+
+def alibi_bias(slopes: torch.Tensor, L: int, S: int, causal_offset: int = 0) -> torch.Tensor:
+    """ALiBi: ``slope[b, h] * (j - i')`` with i' = i + causal_offset, as (B, H, L, S) (slopes (B, H)) or
+    (H, L, S) (slopes (H,)). Keys before the query's position get a negative bias, growing with the
+    distance (the BLOOM / MPT convention; for causal attention it is flash-attention's -slope * |i' - j|)."""
+    i, j = _positions(L, S, causal_offset, slopes.device)
+    return slopes[..., None, None] * (j - i)
+
+
+def window_visible(L: int, S: int, window: tuple[int, int], causal_offset: int = 0, device=None) -> torch.Tensor:
+    """Sliding window (left, right): key j visible to query i iff i' - left <= j <= i' + right, i' = i +
+    causal_offset; -1 leaves that side unbounded. Bool (L, S), True = visible."""
+    left, right = window
+    i, j = _positions(L, S, causal_offset, device)
+    visible = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= j >= i - left
+    if right >= 0:
+        visible &= j <= i + right
+    return visible
+
+
+def softmax_with_sinks(s: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax whose denominator also holds ``exp(sink_h)`` (attention sinks, gpt-oss): s (..., H, L, S),
+    sinks (H,). Returns (p, lse): p_ij = exp(s_ij - lse_i), lse_i = log(sum_j exp(s_ij) + exp(sink_h)).
+    The sink has no value: a row's probabilities sum to less than 1 (to 0 when every key is hidden)."""
+    sink = sinks.to(s.dtype)[:, None, None].expand(*s.shape[:-1], 1)
+    lse = torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1)
+    return torch.exp(s - lse.unsqueeze(-1)), lse
 
 
 def logsumexp(s: torch.Tensor) -> torch.Tensor:
@@ -120,8 +165,18 @@ def scaled_dot_product_attention(
     return_lse: bool = False,
     dropout_batch_offset: int = 0,
     causal_offset: int = 0,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ):
     """Textbook attention with torch SDPA semantics (see ``fastattn.scaled_dot_product_attention``).
+
+    The decoder variants, in this order on the scores s = scale * q . k of query row i (position
+    i' = i + causal_offset) and key j: ``softcap`` (s -> softcap * tanh(s / softcap)), ``alibi_slopes``
+    (H,) or (B, H) (+ slope * (j - i'), ``alibi_bias``), the mask, causal, ``window`` (left, right)
+    (``window_visible``), then the softmax, whose denominator also holds exp(sink_h) with ``sinks`` (H,)
+    (``softmax_with_sinks``; the lse then includes the sink).
 
     Returns the output in float64 when ``upcast`` else in the input dtype; with ``return_lse`` also the
     float32 log-sum-exp (..., L). ``dropout_seed``: the seed fastattn's kernels used (rebuilds their mask);
@@ -134,11 +189,20 @@ def scaled_dot_product_attention(
     mask = attn_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dt)
-    s = apply_mask(scores(q, k, scale), mask, is_causal, causal_offset)
-    p = softmax(s)
+    s = softcap_scores(scores(q, k, scale), softcap)
+    L, S = s.shape[-2], s.shape[-1]
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes.to(dt), L, S, causal_offset)  # (H,) or (B, H) against (B, H, L, S)
+    s = apply_mask(s, mask, is_causal, causal_offset)
+    if tuple(window) != (-1, -1):
+        s = s.masked_fill(~window_visible(L, S, window, causal_offset, s.device), float("-inf"))
+    if sinks is not None:
+        p, lse = softmax_with_sinks(s, sinks)
+    else:
+        p, lse = softmax(s), logsumexp(s)
     out = weighted_sum(dropout(p, dropout_p, dropout_seed, dropout_batch_offset), v)
     if return_lse:
-        return out, logsumexp(s).float()
+        return out, lse.float()
     return out
 
 
