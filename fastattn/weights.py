@@ -72,9 +72,10 @@ def attention_weights(
 # ------------------------------------------------------------------------------------ dropout helpers
 def draw_seed_and_attend(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
                          dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
-                         backend: str | None, need_seed: bool = True) -> tuple[Tensor, int | None]:
+                         backend: str | None, need_seed: bool = True, **variants) -> tuple[Tensor, int | None]:
     """``fastattn.scaled_dot_product_attention`` plus the Philox seed its dropout used (None when
-    dropout_p == 0 or not ``need_seed``).
+    dropout_p == 0 or not ``need_seed``). ``variants``: its decoder keywords (window, softcap, sinks,
+    alibi_slopes, lower_right), passed through.
 
     The public function draws one int64 from torch's default CPU generator for its seed; replaying the
     generator state on a private generator recovers it without disturbing the global stream. Modules
@@ -83,11 +84,11 @@ def draw_seed_and_attend(query: Tensor, key: Tensor, value: Tensor, attn_mask: T
     case (weights requested, dropout on) breaks the graph; everything else traces."""
     if dropout_p == 0.0 or not need_seed:
         out = functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                      enable_gqa, backend=backend)
+                                                      enable_gqa, backend=backend, **variants)
         return out, None
     state = torch.get_rng_state()
     out = functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                  enable_gqa, backend=backend)
+                                                  enable_gqa, backend=backend, **variants)
     g = torch.Generator()
     g.set_state(state)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=g))
