@@ -24,6 +24,10 @@
 // P / dS. float64 recomputes lse in double (the float32 lse would cap gradcheck's accuracy at ~1e-7).
 // Causal: key j is visible to query i iff j <= i + causal_offset (params.h). Masked or causally hidden tiles
 // are skipped, as in the forward; hidden keys of a partly visible tile get exactly P = dS = 0.
+// Decoder variants (params.h): a window moves / adds the per-row key bounds (KeyBounds; tiles wholly outside
+// are skipped); ALiBi adds slope (j - i') to s; a soft-cap s = c tanh(s_raw / c) keeps t = tanh(s_raw / c)
+// per tile and multiplies dS by dS/ds_raw = 1 - t^2 for dQ / dK (the mask, added after the cap, gets dS).
+// Sinks need nothing: the forward's lse includes them, so P = exp(s - lse) is already the sink softmax.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
@@ -81,6 +85,7 @@ template <> struct Vec<float> {
   static FASTATTN_INLINE V fmadd(V a, V b, V c) { return simd::fmadd(a, b, c); }
   // e^x = 2^(x log2 e); -inf -> 0.
   static FASTATTN_INLINE V exp(V x) { return simd::exp2<5>(simd::mul(x, simd::set1(1.4426950408889634f))); }
+  static FASTATTN_INLINE V tanh(V x) { return simd::tanh(x); }
 };
 #else
 #if defined(__GNUC__)
@@ -108,6 +113,13 @@ template <> struct Vec<float> {
     std::memcpy(&x, &t, sizeof(x));
     return x;
   }
+  static FASTATTN_INLINE V tanh(V x) {
+    simd::vf t;
+    std::memcpy(&t, &x, sizeof(x));
+    t = simd::tanh(t);
+    std::memcpy(&x, &t, sizeof(x));
+    return x;
+  }
 };
 #endif
 
@@ -126,6 +138,7 @@ template <> struct Vec<double> {
   static FASTATTN_INLINE V mul(V a, V b) { FA_LANES a.v[l] *= b.v[l]; return a; }
   static FASTATTN_INLINE V fmadd(V a, V b, V c) { FA_LANES c.v[l] = std::fma(a.v[l], b.v[l], c.v[l]); return c; }
   static FASTATTN_INLINE V exp(V x) { FA_LANES x.v[l] = std::exp(x.v[l]); return x; }
+  static FASTATTN_INLINE V tanh(V x) { FA_LANES x.v[l] = std::tanh(x.v[l]); return x; }
 #undef FA_LANES
 };
 
@@ -338,6 +351,10 @@ struct Ctx {
   bool dmask_direct = false;      // mask gradient written straight from the dQ pass (unbroadcast mask)
   bool bf16dot = false;           // S and dP from bf16 copies with AVX512-BF16 dot products
   int64_t Ep2 = 0, Evp2 = 0;      // head dims rounded up to even (bf16 pairs)
+  KeyBounds kb;                   // the keys causality and the window leave each row (params.h)
+  bool variants = false;          // soft-cap / ALiBi / left window: tile_grads' variant row code
+  Acc softcap = 0;                // > 0: s = softcap tanh(scale <q, k> / softcap)
+  bool want_dmask = false;        // a mask gradient is computed (with a soft-cap: kept apart in TileBuf::dSm)
 };
 
 // The context of batch item b alone: its Params (item_params: varlen rows and lengths) and block counts.
@@ -347,6 +364,7 @@ Ctx<Acc> item_ctx(const Ctx<Acc>& cx, const Params& pb) {
   c.p = &pb;
   c.nqb = ceil_div(pb.L, kBr);
   c.nkb = ceil_div(pb.S, kBc);
+  c.kb = key_bounds(pb);
   return c;
 }
 
@@ -358,6 +376,9 @@ struct TileBuf {
   Acc* PZ;           // P o Z (dropout only)
   Acc* mask;         // additive mask tile
   uint32_t* words;   // Philox words of one row
+  Acc* th;           // soft-cap: tanh(scale <q, k> / softcap) of the tile
+  Acc* dSm;          // soft-cap with a mask gradient: dS before the cap's derivative (the mask's gradient)
+  Acc* iota;         // 0, 1, ..., kBc - 1 (ALiBi's key offsets)
 };
 
 // A query block of one head: Q (kBr x Ep), dO (kBr x Evp), per-row lse (+inf where P must be 0) and delta.
@@ -423,10 +444,15 @@ void load_kblock(const Ctx<Acc>& cx, int64_t b, int64_t hk, int64_t jb, KBlock<A
   if (with_k) load_rows<T, Acc>(p.k, b, hk, kb.j0, kb.nc, p.E, kb.K, cx.Ep, kBc);
 }
 
-// Whether causality alone hides the whole tile (query rows [i0, i0 + nr), key block starting at j0): its
-// first key lies past the last row's diagonal.
-FASTATTN_INLINE bool causal_hidden(const Params& p, int64_t i0, int64_t nr, int64_t j0) {
-  return p.is_causal && j0 > i0 + nr - 1 + p.causal_offset;
+// Whether causality / a right window bound hides the whole tile (query rows [i0, i0 + nr), key block starting at
+// j0): its first key lies past the last row's last visible key (then so do all later blocks).
+FASTATTN_INLINE bool causal_hidden(const KeyBounds& kb, int64_t i0, int64_t nr, int64_t j0) {
+  return kb.upper && j0 > i0 + nr - 1 + kb.hi;
+}
+// Whether a left window bound hides the whole tile: its last key lies before the first row's first visible key
+// (then so do all earlier blocks).
+FASTATTN_INLINE bool window_hidden(const KeyBounds& kb, int64_t i0, int64_t j0, int64_t nc) {
+  return kb.lower && j0 + nc - 1 < i0 + kb.lo;
 }
 
 // The tile's P (in t.S), dS (in t.dP) and P o Z (t.PZ, dropout only) for query head h.
@@ -440,7 +466,8 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
   constexpr int N = VT::N;
   const Params& p = *cx.p;
   const int64_t i0 = qb.i0, nr = qb.nr, j0 = kb.j0, nc = kb.nc;
-  if (causal_hidden(p, i0, nr, j0)) return false;
+  const KeyBounds& kbd = cx.kb;
+  if (causal_hidden(kbd, i0, nr, j0) || window_hidden(kbd, i0, j0, nc)) return false;
   const Acc* mrow0 = nullptr;
   int64_t mstride = 0;
   if (p.mask_dtype != kNone) {
@@ -452,11 +479,11 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
       mstride = mi.rows_shared ? 0 : kBc;
     }
   }
-  // Causal: row r sees columns c < i0 + r + off - j0 + 1; rows before r0 see none (r0 < nr and kc > 0: the
-  // tile is not hidden).
-  const int64_t off = p.causal_offset;
-  const int64_t r0 = p.is_causal ? std::max<int64_t>(0, j0 - i0 - off) : 0;
-  const int64_t kc = p.is_causal ? std::min(nc, i0 + nr + off - j0) : nc;
+  // Causal / right window: row r sees columns c < i0 + r + hi - j0 + 1; rows before r0 see none (r0 < nr and
+  // kc > 0: the tile is not hidden). Left window: row r sees columns c >= i0 + r + lo - j0.
+  const int64_t hi = kbd.hi;
+  const int64_t r0 = kbd.upper ? std::max<int64_t>(0, j0 - i0 - hi) : 0;
+  const int64_t kc = kbd.upper ? std::min(nc, i0 + nr + hi - j0) : nc;
   const int64_t ncv = round_up(kc, N);  // computed columns
   const int64_t rb = r0 / kMR * kMR, re = round_up(nr, kMR);
   if constexpr (std::is_same<Acc, float>::value) {
@@ -474,21 +501,46 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
   for (int64_t r = 0; r < re; ++r) {
     Acc* s = t.S + r * kBc;
     Acc* dp = t.dP + r * kBc;
-    const int64_t lim = r < nr ? (p.is_causal ? std::min(kc, i0 + r + off - j0 + 1) : kc) : 0;
-    if (lim <= 0) {
+    const int64_t lim = r < nr ? (kbd.upper ? std::min(kc, i0 + r + hi - j0 + 1) : kc) : 0;
+    // Columns [0, first) lie before the row's left window bound.
+    const int64_t first = kbd.lower ? std::min(std::max<int64_t>(0, i0 + r + kbd.lo - j0), nc) : 0;
+    if (lim <= first) {
       std::memset(static_cast<void*>(s), 0, ncv * sizeof(Acc));
       std::memset(static_cast<void*>(dp), 0, ncv * sizeof(Acc));
       if (cx.dropout) std::memset(static_cast<void*>(t.PZ + r * kBc), 0, ncv * sizeof(Acc));
+      if (cx.softcap > 0 && cx.want_dmask) std::memset(static_cast<void*>(t.dSm + r * kBc), 0, ncv * sizeof(Acc));
       continue;
     }
     // P = exp(scale * qk + mask - lse)
     const V vlse = VT::set1(qb.lse[r]);
     const Acc* m = mrow0 ? mrow0 + r * mstride : nullptr;
     const int64_t limv = round_up(lim, N);
-    for (int64_t c = 0; c < limv; c += N) {
-      V x = VT::mul(VT::load(s + c), vscale);
-      if (m) x = VT::add(x, VT::load(m + c));
-      VT::store(s + c, VT::exp(VT::sub(x, vlse)));
+    if (!cx.variants) {
+      for (int64_t c = 0; c < limv; c += N) {
+        V x = VT::mul(VT::load(s + c), vscale);
+        if (m) x = VT::add(x, VT::load(m + c));
+        VT::store(s + c, VT::exp(VT::sub(x, vlse)));
+      }
+    } else {
+      // s = softcap tanh(scale qk / softcap) (tanh kept for dS) + slope (j - i') + mask
+      const bool cap = cx.softcap > 0;
+      const V vcap = VT::set1(cx.softcap), vinv = VT::set1(cap ? Acc(1) / cx.softcap : Acc(0));
+      const Acc slope = static_cast<Acc>(p.alibi_slope(b, h));
+      const V vslope = VT::set1(slope);
+      const V vrel = VT::set1(static_cast<Acc>(j0 - (i0 + r)) - static_cast<Acc>(p.causal_offset));  // j0 - i'
+      Acc* th = t.th + r * kBc;
+      for (int64_t c = 0; c < limv; c += N) {
+        V x = VT::mul(VT::load(s + c), vscale);
+        if (cap) {
+          const V tt = VT::tanh(VT::mul(x, vinv));
+          VT::store(th + c, tt);
+          x = VT::mul(vcap, tt);
+        }
+        if (p.alibi != 0) x = VT::fmadd(vslope, VT::add(vrel, VT::load(t.iota + c)), x);
+        if (m) x = VT::add(x, VT::load(m + c));
+        VT::store(s + c, VT::exp(VT::sub(x, vlse)));
+      }
+      for (int64_t c = 0; c < first; ++c) s[c] = Acc(0);
     }
     if (m) {  // P = 0 where the mask is -inf, even for a NaN score (NaN + -inf is NaN)
       for (int64_t c = 0; c < lim; ++c)
@@ -512,7 +564,20 @@ bool tile_grads(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc>& qb,
     const V vdelta = VT::set1(qb.delta[r]);
     for (int64_t c = 0; c < limv; c += N)
       VT::store(dp + c, VT::mul(VT::load(s + c), VT::sub(VT::load(dp + c), vdelta)));
+    for (int64_t c = 0; c < first; ++c) dp[c] = Acc(0);
     for (int64_t c = lim; c < ncv; ++c) dp[c] = Acc(0);
+    if (cx.variants && cx.softcap > 0) {
+      // The mask is added after the cap: its gradient is dS; q and k see dS (1 - tanh^2).
+      if (cx.want_dmask) std::memcpy(static_cast<void*>(t.dSm + r * kBc), dp, ncv * sizeof(Acc));
+      const Acc* th = t.th + r * kBc;
+      const V one = VT::set1(Acc(1));
+      for (int64_t c = 0; c < limv; c += N) {
+        const V tt = VT::load(th + c);
+        VT::store(dp + c, VT::mul(VT::load(dp + c), VT::sub(one, VT::mul(tt, tt))));
+      }
+      for (int64_t c = 0; c < first; ++c) dp[c] = Acc(0);
+      for (int64_t c = lim; c < ncv; ++c) dp[c] = Acc(0);
+    }
   }
   *kc_out = kc;
   *r0_out = r0;
@@ -548,7 +613,7 @@ void write_dmask_tile(const Ctx<Acc>& cx, int64_t b, int64_t h, const QBlock<Acc
   const int64_t es = dtype_bytes(p.dmask_dtype);
   for (int64_t r = 0; r < qb.nr; ++r) {
     const int64_t row = b * dm.sb + h * dm.sh + (qb.i0 + r) * dm.sl + kb.j0 * dm.se;
-    const Acc* ds = t.dP + r * kBc;
+    const Acc* ds = (cx.softcap > 0 ? t.dSm : t.dP) + r * kBc;
     // Columns >= kc stay 0 (causally hidden).
     if (dm.se == 1 && dtype_bytes(p.dmask_dtype) == static_cast<int64_t>(sizeof(Acc)) &&
         p.dmask_dtype == (sizeof(Acc) == 4 ? kF32 : kF64)) {
@@ -595,6 +660,9 @@ PassBuffers<Acc> carve_pass_buffers(const Ctx<Acc>& cx, Arena& a, int64_t kv_row
   u.t.PZ = a.take<Acc>(tile);
   u.t.mask = a.take<Acc>(tile);
   u.t.words = a.take<uint32_t>(kBc);
+  u.t.th = a.take<Acc>(tile);
+  u.t.dSm = a.take<Acc>(tile);
+  u.t.iota = a.take<Acc>(kBc);
   u.qb.Q = a.take<Acc>(kBr * cx.Ep);
   u.qb.dO = a.take<Acc>(kBr * cx.Evp);
   u.qb.lse = a.take<Acc>(kBr);
@@ -633,7 +701,9 @@ PassBuffers<Acc> thread_pass_buffers(const Ctx<Acc>& cx, Scratch& s, int64_t kv_
   Arena a;
   a.base = static_cast<char*>(s.get(bytes));
   // No zeroing needed: every element the tile code reads is written first (padding included).
-  return carve_pass_buffers(cx, a, kv_rows, fused);
+  PassBuffers<Acc> u = carve_pass_buffers(cx, a, kv_rows, fused);
+  for (int64_t c = 0; c < kBc; ++c) u.t.iota[c] = static_cast<Acc>(c);
+  return u;
 }
 
 // ============================================================================ passes
@@ -713,9 +783,11 @@ void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
       load_rows<T, Acc>(p.q, b, h, i0, nr, p.E, u.qb.Q, cx.Ep, nrp);
       for (int64_t r = 0; r < kBr; ++r) mx[r] = -std::numeric_limits<Acc>::infinity(), sum[r] = 0;
       const MaskView mv = mask_view(p, b, h);
+      const Acc cap = static_cast<Acc>(p.softcap), slope = static_cast<Acc>(p.alibi_slope(b, h));
       for (int64_t jb = 0; jb < cx.nkb; ++jb) {
         const int64_t j0 = jb * kBc, nc = std::min(kBc, p.S - j0);
-        if (causal_hidden(p, i0, nr, j0)) break;
+        if (causal_hidden(cx.kb, i0, nr, j0)) break;
+        if (window_hidden(cx.kb, i0, j0, nc)) continue;
         MaskTileInfo mi;
         if (p.mask_dtype != kNone) {
           mi = load_mask_tile<Acc>(mv, i0, i0 + nr, j0, j0 + nc, u.t.mask, kBc, 1, Acc(1), true);
@@ -724,12 +796,16 @@ void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
         load_cols<T, Acc>(p.k, b, hk, j0, nc, p.E, cx.Ep, u.kb.KT, kBc);
         gemm<Acc>(nrp, kBc / Vec<Acc>::N, cx.Ep, u.qb.Q, cx.Ep, 1, u.kb.KT, kBc, u.t.S, kBc, false);
         for (int64_t r = 0; r < nr; ++r) {
-          const int64_t lim = p.is_causal ? std::min(nc, i0 + r + p.causal_offset - j0 + 1) : nc;
+          const int64_t lim = cx.kb.upper ? std::min(nc, i0 + r + cx.kb.hi - j0 + 1) : nc;
+          const int64_t first = cx.kb.lower ? std::max<int64_t>(0, i0 + r + cx.kb.lo - j0) : 0;
           const Acc* m = (p.mask_dtype != kNone && !mi.all_zero) ? u.t.mask + (mi.rows_shared ? 0 : r * kBc) : nullptr;
-          for (int64_t c = 0; c < lim; ++c) {
+          for (int64_t c = first; c < lim; ++c) {
             // A -inf mask hides the key even when its score is NaN (NaN + -inf would be NaN).
             if (m && m[c] == -std::numeric_limits<Acc>::infinity()) continue;
-            const Acc x = u.t.S[r * kBc + c] * cx.scale + (m ? m[c] : Acc(0));
+            Acc d = u.t.S[r * kBc + c] * cx.scale;
+            if (cap > 0) d = cap * std::tanh(d / cap);
+            if (p.alibi != 0) d += slope * (static_cast<Acc>(j0 + c) - static_cast<Acc>(i0 + r + p.causal_offset));
+            const Acc x = d + (m ? m[c] : Acc(0));
             if (x == -std::numeric_limits<Acc>::infinity()) continue;
             if (x > mx[r]) {
               sum[r] = sum[r] * std::exp(mx[r] - x) + 1;
@@ -740,8 +816,21 @@ void recompute_lse(const Ctx<Acc>& call, ThreadScratch& ts, Acc* lse) {
           }
         }
       }
-      for (int64_t r = 0; r < nr; ++r)
-        lse[bh * cx.Lrow + i0 + r] = sum[r] > 0 ? mx[r] + std::log(sum[r]) : -std::numeric_limits<Acc>::infinity();
+      for (int64_t r = 0; r < nr; ++r) {
+        Acc x = sum[r] > 0 ? mx[r] + std::log(sum[r]) : -std::numeric_limits<Acc>::infinity();
+        if (p.sinks != 0) {
+          // The forward's denominator also held exp(sink): x = log(e^x + e^sink).
+          const Acc sk = static_cast<Acc>(reinterpret_cast<const float*>(p.sinks)[h]);
+          const Acc hi = std::max(x, sk);
+          if (hi != -std::numeric_limits<Acc>::infinity()) x = hi + std::log(std::exp(x - hi) + std::exp(sk - hi));
+        } else if (p.lse.ptr != 0) {
+          // Sinks the caller did not pass show as a forward lse above the keys' own by more than its float32
+          // rounding (2^-24 relative): such a row takes the forward's lse, as the float32 backward does.
+          const Acc fwd = static_cast<Acc>(*p.lse.at<const float>(b, h, i0 + r));
+          if (fwd > x + Acc(4e-7) * (1 + std::abs(fwd))) x = fwd;
+        }
+        lse[bh * cx.Lrow + i0 + r] = x;
+      }
     }
   }, 1);
 }
@@ -807,10 +896,13 @@ void pass_dkdv(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
       load_kblock<T, Acc>(cx, b, hk, jb, u.kb, false);
       std::memset(static_cast<void*>(u.dK), 0, kBc * cx.Ep * sizeof(Acc));
       std::memset(static_cast<void*>(u.dV), 0, kBc * cx.Evp * sizeof(Acc));
-      // The first query block with a row that sees key j0: rows i >= j0 - causal_offset.
-      const int64_t ib0 = p.is_causal ? std::max<int64_t>(0, u.kb.j0 - p.causal_offset) / kBr : 0;
+      // The first query block with a row that sees key j0: rows i >= j0 - hi; the last with a row that sees the
+      // block's last key j1 (left window): rows i <= j1 - lo.
+      const int64_t ib0 = cx.kb.upper ? std::max<int64_t>(0, u.kb.j0 - cx.kb.hi) / kBr : 0;
+      const int64_t ilast = u.kb.j0 + u.kb.nc - 1 - cx.kb.lo;
+      const int64_t ib1 = !cx.kb.lower ? cx.nqb : ilast < 0 ? 0 : std::min(cx.nqb, ilast / kBr + 1);
       for (int64_t h = hk * cx.G; h < (hk + 1) * cx.G; ++h) {
-        for (int64_t ib = ib0; ib < cx.nqb; ++ib) {
+        for (int64_t ib = ib0; ib < ib1; ++ib) {
           load_qblock<T, Acc>(cx, b, h, ib, u.qb);
           int64_t kc, r0;
           if (!tile_grads(cx, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
@@ -838,7 +930,8 @@ void pass_dq(const Ctx<Acc>& call_cx, ThreadScratch& ts) {
       load_qblock<T, Acc>(cx, b, h, ib, u.qb);
       std::memset(static_cast<void*>(u.dQ), 0, kBr * cx.Ep * sizeof(Acc));
       for (int64_t jb = 0; jb < cx.nkb; ++jb) {
-        if (causal_hidden(p, u.qb.i0, u.qb.nr, jb * kBc)) break;
+        if (causal_hidden(cx.kb, u.qb.i0, u.qb.nr, jb * kBc)) break;
+        if (window_hidden(cx.kb, u.qb.i0, jb * kBc, std::min(kBc, p.S - jb * kBc))) continue;
         load_kblock<T, Acc>(cx, b, hk, jb, u.kb, true);
         int64_t kc, r0;
         if (!tile_grads(cx, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
@@ -876,12 +969,12 @@ void pass_dmask_reduce(const Ctx<Acc>& cx, ThreadScratch& ts) {
           for (int64_t ib = rl ? 0 : ibm; ib < (rl ? cb.nqb : std::min(ibm + 1, cb.nqb)); ++ib) {
             load_qblock<T, Acc>(cb, b, h, ib, u.qb);
             for (int64_t jb = rs ? 0 : jbm; jb < (rs ? cb.nkb : std::min(jbm + 1, cb.nkb)); ++jb) {
-              if (causal_hidden(pb, u.qb.i0, u.qb.nr, jb * kBc)) break;
+              if (causal_hidden(cb.kb, u.qb.i0, u.qb.nr, jb * kBc)) break;
               load_kblock<T, Acc>(cb, b, hk, jb, u.kb, false);
               int64_t kc, r0;
               if (!tile_grads(cb, b, h, u.qb, u.kb, u.t, &kc, &r0)) continue;
               for (int64_t r = 0; r < u.qb.nr; ++r) {
-                const Acc* ds = u.t.dP + r * kBc;
+                const Acc* ds = (cb.softcap > 0 ? u.t.dSm : u.t.dP) + r * kBc;
                 Acc* o = u.red + (rl ? 0 : r * kBc);
                 if (rs) {
                   Acc s = o[0];
@@ -929,6 +1022,10 @@ void backward_impl(const Params& p, int mode) {
   const bool bcast = (p.B > 1 && p.dmask.sb == 0) || (p.H > 1 && p.dmask.sh == 0) || (p.L > 1 && p.dmask.sl == 0) ||
                      (p.S > 1 && p.dmask.se == 0);
   cx.dmask_direct = want_dmask && !bcast;
+  cx.kb = key_bounds(p);
+  cx.variants = p.score_variants();
+  cx.softcap = static_cast<Acc>(p.softcap);
+  cx.want_dmask = want_dmask;
 
   std::vector<Acc> delta(static_cast<size_t>(p.B * p.H * p.L));
   compute_delta<T, Acc>(p, delta.data());
@@ -970,6 +1067,9 @@ void check_backward_params(const Params& p) {
     fail("a mask gradient needs a float mask and has the mask's dtype");
   if (!(p.dropout_p >= 0.0 && p.dropout_p < 1.0)) fail("dropout_p must be in [0, 1)");
   if (p.out_lo.ptr != 0 && p.dtype != kF16 && p.dtype != kBF16) fail("out_lo is for float16 / bfloat16 only");
+  if (p.window_left < -1 || p.window_right < -1) fail("window bounds must be >= -1 (-1: unbounded)");
+  if (!(p.softcap >= 0.0) || std::isinf(p.softcap)) fail("softcap must be finite and >= 0 (0: off)");
+  if (p.cu_q != 0 && p.any_variant()) fail("window / softcap / alibi / sinks need a regular (not packed) batch");
 }
 
 void backward(const Params& p, int mode) {

@@ -65,7 +65,14 @@ void bind_params(py::module_& m) {
       .def_readwrite("seed", &Params::seed)
       .def_readwrite("num_threads", &Params::num_threads)
       .def_readwrite("cu_q", &Params::cu_q)
-      .def_readwrite("cu_k", &Params::cu_k);
+      .def_readwrite("cu_k", &Params::cu_k)
+      .def_readwrite("window_left", &Params::window_left)
+      .def_readwrite("window_right", &Params::window_right)
+      .def_readwrite("softcap", &Params::softcap)
+      .def_readwrite("alibi", &Params::alibi)
+      .def_readwrite("alibi_sb", &Params::alibi_sb)
+      .def_readwrite("alibi_sh", &Params::alibi_sh)
+      .def_readwrite("sinks", &Params::sinks);
 }
 
 bool has_bf16_dot() {

@@ -17,6 +17,11 @@
 // Causal: key j is visible to query i iff j <= i + causal_offset (params.h). Key blocks beyond that diagonal
 // for every query of a group, or fully hidden by the mask, are skipped (no QK^T, no PV); keys past the last
 // row's diagonal are never read.
+// Decoder variants (params.h): a window bounds each row's keys to [i + lo, i + hi] (KeyBounds; the right bound
+// is the causal diagonal's mechanism, the left one skips blocks and never reads keys before the first row's
+// bound, as the diagonal does after the last row's); soft-cap, ALiBi and the left bound change every score, so
+// calls with them take a second instantiation of forward_item whose micro-kernels store plain scores and
+// variant_scores (forward_microkernels.h) applies them; sinks join the denominator in write_output.
 //
 // Files: forward_tiling.h (blocking, buffers), forward_microkernels.h (QK^T / PV register tiles and their
 // row / column blocking), forward_packing.h (Q^T, K, V, mask and P^T layouts), forward_softmax.h (online
@@ -25,6 +30,7 @@
 #include "forward.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
@@ -51,17 +57,27 @@ namespace {
 // ------------------------------------------------------------------------------------ key blocks
 
 // Prepares the per-block score context of group g; returns false if the group sees none of the block.
-FASTATTN_INLINE bool group_ctx(const Params& p, const Blocking& c, const ItemBuffers& bf, const MaskTileInfo& mi,
-                               bool has_mask, int64_t i0, int64_t g, int64_t nq, int64_t j0, int64_t nk,
-                               ScoreCtx& sc) {
+// kVariants: also the left window bound and the positions the variant epilogue (variant_scores) reads.
+template <bool kVariants>
+FASTATTN_INLINE bool group_ctx(const Params& p, const KeyBounds& kb, const Blocking& c, const ItemBuffers& bf,
+                               const MaskTileInfo& mi, bool has_mask, int64_t i0, int64_t g, int64_t nq, int64_t j0,
+                               int64_t nk, ScoreCtx& sc) {
   const int64_t gi0 = i0 + g * QG;
   const int64_t glast = std::min(i0 + nq, gi0 + QG) - 1;
-  // Query i sees keys j <= i + off: skip a block that starts past the group's last diagonal; per-lane hiding is
-  // needed only where the block ends past its first.
-  const int64_t off = p.causal_offset;
-  if (p.is_causal && j0 > glast + off) return false;
-  sc.causal = p.is_causal && j0 + nk - 1 > gi0 + off;
-  for (int v = 0; v < QV; ++v) sc.iq[v] = iota_f(static_cast<float>(gi0 + off + v * W));
+  // Query i sees keys j <= i + hi (KeyBounds): skip a block that starts past the group's last row's bound;
+  // per-lane hiding is needed only where the block ends past its first row's.
+  if (kb.upper && j0 > glast + kb.hi) return false;
+  sc.causal = kb.upper && j0 + nk - 1 > gi0 + kb.hi;
+  for (int v = 0; v < QV; ++v) sc.iq[v] = iota_f(static_cast<float>(gi0 + kb.hi + v * W));
+  if constexpr (kVariants) {
+    // And keys j >= i + lo: skip a block that ends before the group's first row's bound.
+    if (kb.lower && j0 + nk - 1 < gi0 + kb.lo) return false;
+    sc.lower = kb.lower && j0 < glast + kb.lo;
+    for (int v = 0; v < QV; ++v) {
+      sc.ilo[v] = iota_f(static_cast<float>(gi0 + kb.lo + v * W));
+      sc.ipos[v] = iota_f(static_cast<float>(gi0 + p.causal_offset + v * W));
+    }
+  }
   sc.j0 = j0;
   if (has_mask && !mi.all_zero) {
     sc.mt_shared = mi.rows_shared;
@@ -73,10 +89,13 @@ FASTATTN_INLINE bool group_ctx(const Params& p, const Blocking& c, const ItemBuf
   return true;
 }
 
-// End of the keys query rows [.., i_end) may see: S, or with is_causal the last row's diagonal plus one
-// (i_end + causal_offset, at least 0: 0 when no row sees a key).
-FASTATTN_INLINE int64_t key_end(const Params& p, int64_t i_end) {
-  return p.is_causal ? std::min(p.S, std::max<int64_t>(0, i_end + p.causal_offset)) : p.S;
+// The keys query rows [i_begin, i_end) may see: [0, S), cut to end at the last row's i + hi + 1 (causal / right
+// window) and to start at the first row's i + lo (left window), both clamped to [0, S].
+FASTATTN_INLINE int64_t key_end(const Params& p, const KeyBounds& kb, int64_t i_end) {
+  return kb.upper ? std::min(p.S, std::max<int64_t>(0, i_end + kb.hi)) : p.S;
+}
+FASTATTN_INLINE int64_t key_begin(const Params& p, const KeyBounds& kb, int64_t i_begin) {
+  return kb.lower ? std::min(p.S, std::max<int64_t>(0, i_begin + kb.lo)) : 0;
 }
 
 // The mask tile is never written for the padding lanes (queries past the end): keep them finite.
@@ -215,26 +234,36 @@ struct Bf16DotOperands {
 
 // One work item: head (b, h), query block qb. Visits the key blocks the mask and causality leave visible once,
 // updating each group's running max / sum and O (forward.cpp's header), then writes out and lse.
-template <typename Operands>
+// kVariants: the call has a soft-cap, ALiBi or a left window bound (Params::score_variants): the micro-kernels
+// store plain scores and variant_scores applies those, the mask and the hiding in a second pass.
+template <typename Operands, bool kVariants>
 void forward_item(const Params& p, const Blocking& c, ItemBuffers& bf, int64_t b, int64_t h, int64_t qb) {
   using T = typename Operands::Elem;
   using Tile = typename Operands::Tile;
   const int64_t i0 = qb * c.BM, nq = std::min(c.BM, p.L - i0);
   const int64_t ngroups = (nq + QG - 1) / QG;
-  const int64_t kend = key_end(p, i0 + nq);
+  const KeyBounds kb = key_bounds(p);
+  const int64_t kend = key_end(p, kb, i0 + nq);
   const MaskView mv = mask_view(p, b, h);
   const bool has_mask = mv.dtype != kNone;
   Operands ops(p, c, bf, b, p.kv_head(h));
   ScoreCtx sc;
   ops.set_score_scale(sc);
-  // A padding mask (same for every query) trims the key loop to its visible span.
-  const auto span = has_mask ? visible_key_range(mv, kend) : std::make_pair(int64_t(0), kend);
+  if constexpr (kVariants) {
+    sc.cap2 = p.softcap > 0.0 ? static_cast<float>(p.softcap) * kLog2e : 0.f;
+    sc.inv_cap2 = p.softcap > 0.0 ? 1.f / sc.cap2 : 0.f;
+    sc.slope2 = p.alibi_slope(b, h) * kLog2e;
+  }
+  // A padding mask (same for every query) trims the key loop to its visible span; a left window bound cuts its
+  // start to the first row's.
+  auto span = has_mask ? visible_key_range(mv, kend) : std::make_pair(int64_t(0), kend);
+  if constexpr (kVariants) span.first = std::max(span.first, key_begin(p, kb, i0));
   // A single key block (short sequences) with dense output rows and no out_lo: PV stores the output rows
   // itself (OutRows); write_output then writes only lse and the rows of groups that saw no key. O is then
   // zeroed only for those groups, after the block, and each group's Q^T is packed just before its QK^T
-  // into one slot that stays in L1.
+  // into one slot that stays in L1. Sinks change the denominator after the last block: not with OutRows.
   const bool one_block = Operands::kCanStoreOutputRows && span.second - span.first <= c.BN && p.out_lo.ptr == 0 &&
-                         p.out.se == 1;
+                         p.out.se == 1 && p.sinks == 0;
   if (!one_block) {
     ops.pack_q(b, h, i0, nq, ngroups * QG);
     std::fill(bf.o, bf.o + ngroups * QG * c.Evp, 0.f);
@@ -253,7 +282,7 @@ void forward_item(const Params& p, const Blocking& c, ItemBuffers& bf, int64_t b
     }
     ops.load_key_block(c, j0, nk);
     for (int64_t g = 0; g < ngroups; ++g) {
-      if (!group_ctx(p, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
+      if (!group_ctx<kVariants>(p, kb, c, bf, mi, has_mask, i0, g, nq, j0, nk, sc)) continue;
       vf mx[QV];
       for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
       auto qt = ops.q_group(g);
@@ -261,7 +290,15 @@ void forward_item(const Params& p, const Blocking& c, ItemBuffers& bf, int64_t b
         ops.pack_q(b, h, i0 + g * QG, std::min<int64_t>(QG, nq - g * QG), QG);
         qt = ops.q_group(0);
       }
-      qk_group<Tile>(qt, ops.kt, ops.ldk, ops.depth(), nk, sc, bf.st, mx);
+      if constexpr (kVariants) {
+        ScoreCtx plain = sc;  // plain base-2 scores first: no mask, no hiding
+        plain.mt = nullptr;
+        plain.causal = false;
+        qk_group<Tile>(qt, ops.kt, ops.ldk, ops.depth(), nk, plain, bf.st, mx);
+        variant_scores(sc, nk, bf.st, mx);
+      } else {
+        qk_group<Tile>(qt, ops.kt, ops.ldk, ops.depth(), nk, sc, bf.st, mx);
+      }
       if (!softmax_update<Operands::kBf16Pairs, Operands::kExpDegree>(p, bf, b, h, i0 + g * QG, g * QG, j0, nk, mx))
         continue;
       const int64_t nrows = std::min<int64_t>(QG, nq - g * QG);
@@ -288,7 +325,7 @@ void forward_item(const Params& p, const Blocking& c, ItemBuffers& bf, int64_t b
 
 // ------------------------------------------------------------------------------------ float64
 
-// Exact two-pass softmax per query row in double (for gradcheck): s_j, m = max s, l = sum e^(s-m).
+// Exact two-pass softmax per query row in double (for gradcheck): s_j, m = max s, l = sum e^(s-m) [+ e^(sink-m)].
 void forward_f64(const Params& p) {
   const int64_t rows = p.B * p.H * p.L;
   std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, p.num_threads)));
@@ -307,15 +344,21 @@ void forward_f64(const Params& p) {
       const int64_t hk = p.kv_head(h);
       const MaskView mv = mask_view(p, b, h);
       const double* q = p.q.at<double>(b, h, i);
-      const int64_t kend = key_end(p, i + 1);
+      const KeyBounds kb = key_bounds(p);
+      const int64_t kbeg = key_begin(p, kb, i), kend = key_end(p, kb, i + 1);
+      const double cap = p.softcap, slope = p.alibi_slope(b, h);
+      const double ipos = static_cast<double>(i) + static_cast<double>(p.causal_offset);
       double m = ninf;
       for (int64_t j = 0; j < kend; ++j) {
-        double x = mv.dtype == kNone ? 0.0 : mask_value<double>(mv, i, j, 1.0);
+        double x = j < kbeg ? ninf : mv.dtype == kNone ? 0.0 : mask_value<double>(mv, i, j, 1.0);
         if (x != ninf) {
           const double* k = p.k.at<double>(b, hk, j);
           double d = 0.0;
           for (int64_t e = 0; e < p.E; ++e) d += q[e * p.q.se] * k[e * p.k.se];
-          x += p.scale * d;
+          d *= p.scale;
+          if (cap > 0.0) d = cap * std::tanh(d / cap);
+          if (p.alibi != 0) d += slope * (static_cast<double>(j) - ipos);
+          x += d;
         }
         s[j] = x;
         if (x > m || x != x) m = x;  // a NaN score makes the row NaN (as in torch), never "empty"
@@ -324,12 +367,14 @@ void forward_f64(const Params& p) {
       float lse_dummy;  // p.lse may be absent (ptr 0)
       float* lse = p.lse.ptr == 0 ? &lse_dummy
                                   : reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh + i * p.lse.sl;
+      const double sink = p.sinks != 0 ? static_cast<double>(reinterpret_cast<const float*>(p.sinks)[h]) : ninf;
+      if (sink > m) m = sink;  // the sink joins the denominator (a NaN m stays NaN)
       if (m == ninf) {
         for (int64_t e = 0; e < p.Ev; ++e) out[e * p.out.se] = 0.0;
         *lse = -std::numeric_limits<float>::infinity();
         continue;
       }
-      double l = 0.0;
+      double l = sink == ninf ? 0.0 : std::exp(sink - m);
       std::fill(acc, acc + p.Ev, 0.0);
       for (int64_t j = 0; j < kend; ++j) {
         if (s[j] == ninf) continue;
@@ -390,6 +435,9 @@ const char* forward_params_error(const Params& p) {
   if (p.B * p.L * p.S > 0 && (p.k.ptr == 0 || p.v.ptr == 0)) return "null k/v pointer";
   if (p.mask_dtype != kNone && p.mask.ptr == 0) return "null mask pointer";
   if (p.out_lo.ptr != 0 && p.dtype != kF16 && p.dtype != kBF16) return "out_lo is for float16 / bfloat16 only";
+  if (p.window_left < -1 || p.window_right < -1) return "window bounds must be >= -1 (-1: unbounded)";
+  if (!(p.softcap >= 0.0) || std::isinf(p.softcap)) return "softcap must be finite and >= 0 (0: off)";
+  if (p.cu_q != 0 && p.any_variant()) return "window / softcap / alibi / sinks need a regular (not packed) batch";
   return nullptr;
 }
 
@@ -397,20 +445,28 @@ void check_forward_params(const Params& p) {
   if (const char* why = forward_params_error(p)) throw std::invalid_argument(std::string("fastattn fwd: ") + why);
 }
 
+namespace {
+template <bool kVariants>
+void forward_typed(const Params& p) {
+  switch (p.dtype) {
+    case kF32: return run_items(p, forward_item<WidenedOperands<float>, kVariants>);
+    case kF16: return run_items(p, forward_item<WidenedOperands<f16_t>, kVariants>);
+    case kBF16:
+#if defined(FASTATTN_HAVE_AVX512BF16)
+      if (bf16_dot_pays()) return run_items(p, forward_item<Bf16DotOperands, kVariants>);
+#endif
+      return run_items(p, forward_item<WidenedOperands<bf16_t>, kVariants>);
+    default: throw std::invalid_argument("fastattn fwd: unsupported dtype");
+  }
+}
+}  // namespace
+
 void forward(const Params& p) {
   if (p.B == 0 || p.L == 0) return;
   if (!causal_offset_in_range(p)) return forward(with_causal_offset_in_range(p));
-  switch (p.dtype) {
-    case kF64: return forward_f64(p);
-    case kF32: return run_items(p, forward_item<WidenedOperands<float>>);
-    case kF16: return run_items(p, forward_item<WidenedOperands<f16_t>>);
-    case kBF16:
-#if defined(FASTATTN_HAVE_AVX512BF16)
-      if (bf16_dot_pays()) return run_items(p, forward_item<Bf16DotOperands>);
-#endif
-      return run_items(p, forward_item<WidenedOperands<bf16_t>>);
-    default: throw std::invalid_argument("fastattn fwd: unsupported dtype");
-  }
+  if (p.dtype == kF64) return forward_f64(p);
+  if (p.score_variants()) return forward_typed<true>(p);
+  return forward_typed<false>(p);
 }
 
 }  // namespace FASTATTN_NS

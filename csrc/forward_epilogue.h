@@ -2,6 +2,7 @@
 // and the fp16 / bf16 output's residual code out_lo (out_lo.h).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -164,7 +165,28 @@ void write_output(const Params& p, const Blocking& c, const ItemBuffers& bf, int
   alignas(64) float fac[kMaxBM];
   // lse straight into a unit-stride lse; else staged in bf.alpha (free after the last key block), then scattered.
   float* lg = lse == nullptr ? nullptr : p.lse.sl == 1 ? lse + i0 : bf.alpha;
-  row_factors(bf.l, bf.m, nq, dscale, fac, lg);
+  if (p.sinks == 0) {
+    row_factors(bf.l, bf.m, nq, dscale, fac, lg);
+  } else {
+    // The sink s (base 2: s2 = log2(e) s) joins the denominator: M = max(m, s2), w = 2^(m - M),
+    // l' = w l + 2^(s2 - M) in M's frame gives the lse; O is in m's frame, so out = O dscale / (l' / w)
+    // (w = 0: out 0, O is negligible next to the sink). A row with no visible key: lse = s, out = 0.
+    alignas(64) float lm[kMaxBM], mm[kMaxBM], lo[kMaxBM], junk[kMaxBM];
+    const float s2 = reinterpret_cast<const float*>(p.sinks)[h] * kLog2e;
+    for (int64_t r = 0; r < nq; ++r) {
+      const float m = bf.m[r], M = m > s2 ? m : s2;  // a NaN m gives a NaN row
+      if (M == kNegInf) {  // a -inf sink and no visible key
+        lm[r] = 0.f, mm[r] = kNegInf, lo[r] = 0.f;
+        continue;
+      }
+      const float w = m == kNegInf ? 0.f : std::exp2(m - M);
+      lm[r] = w * bf.l[r] + std::exp2(s2 - M);
+      mm[r] = M;
+      lo[r] = w == 0.f ? std::numeric_limits<float>::infinity() : lm[r] / w;
+    }
+    row_factors(lo, nullptr, nq, dscale, fac, nullptr);
+    if (lg != nullptr) row_factors(lm, mm, nq, dscale, junk, lg);
+  }
   if (lse != nullptr && p.lse.sl != 1)
     for (int64_t r = 0; r < nq; ++r) lse[(i0 + r) * p.lse.sl] = lg[r];
   for (int64_t r = 0; r < nq; ++r) {

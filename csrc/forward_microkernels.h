@@ -20,6 +20,10 @@ namespace {  // forward.cpp's own: this header is included there only
 FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
   return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(iq, _mm512_set1_ps(j), _CMP_LT_OQ), _mm512_set1_ps(kNegInf));
 }
+// s where j >= ilo (lane-wise; ilo = the lane's first visible key, a left window bound), -inf before it.
+FASTATTN_INLINE vf before_hide(vf s, vf ilo, float j) {
+  return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(_mm512_set1_ps(j), ilo, _CMP_LT_OQ), _mm512_set1_ps(kNegInf));
+}
 // m, or 0 where m = -inf (the exponent base for rows that have seen no visible key).
 FASTATTN_INLINE vf finite_base(vf m) {
   return _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ), _mm512_setzero_ps());
@@ -39,6 +43,9 @@ FASTATTN_INLINE vf iota_f(float base) {
 FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
   return _mm256_blendv_ps(s, _mm256_set1_ps(kNegInf), _mm256_cmp_ps(iq, _mm256_set1_ps(j), _CMP_LT_OQ));
 }
+FASTATTN_INLINE vf before_hide(vf s, vf ilo, float j) {
+  return _mm256_blendv_ps(s, _mm256_set1_ps(kNegInf), _mm256_cmp_ps(_mm256_set1_ps(j), ilo, _CMP_LT_OQ));
+}
 FASTATTN_INLINE vf finite_base(vf m) {
   return _mm256_blendv_ps(m, _mm256_setzero_ps(), _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ));
 }
@@ -54,6 +61,10 @@ FASTATTN_INLINE vf iota_f(float base) {
 #else
 FASTATTN_INLINE vf causal_hide(vf s, vf iq, float j) {
   for (int l = 0; l < W; ++l) s.v[l] = iq.v[l] < j ? kNegInf : s.v[l];
+  return s;
+}
+FASTATTN_INLINE vf before_hide(vf s, vf ilo, float j) {
+  for (int l = 0; l < W; ++l) s.v[l] = j < ilo.v[l] ? kNegInf : s.v[l];
   return s;
 }
 FASTATTN_INLINE vf finite_base(vf m) {
@@ -84,9 +95,16 @@ struct ScoreCtx {
   const float* mt = nullptr;  // mask tile column base for this group (nullptr: no mask)
   int64_t mt_ld = 0;          // mask tile row (key) stride
   bool mt_shared = false;     // one value per key (mask row stride 0): broadcast it to every lane
-  bool causal = false;        // some key of the block lies past some query's diagonal
-  vf iq[QV];                  // each lane's query index plus causal_offset: its last visible key (as float)
+  bool causal = false;        // some key of the block lies past some query's last visible key
+  vf iq[QV];                  // each lane's last visible key i + hi (causal / right window, KeyBounds), as float
   int64_t j0 = 0;             // first key of the block
+  // The variant path only (variant_scores):
+  bool lower = false;         // some key of the block lies before some query's first visible key
+  vf ilo[QV];                 // each lane's first visible key i + lo (left window)
+  vf ipos[QV];                // each lane's position i' = i + causal_offset (ALiBi)
+  float cap2 = 0.f;           // log2(e) * softcap (0: no soft-cap)
+  float inv_cap2 = 0.f;       // 1 / cap2
+  float slope2 = 0.f;         // log2(e) * the head's ALiBi slope (0: none)
 };
 
 // s = c * acc + mask (-inf where the mask is -inf, even for a NaN score), then causal -inf; stores S^T row n and
@@ -106,6 +124,35 @@ FASTATTN_INLINE void score_store(const ScoreCtx& sc, int64_t n, vf* acc, float* 
     if (sc.causal) s = causal_hide(s, sc.iq[v], static_cast<float>(sc.j0 + n));
     simd::store(st + n * QG + v * W, s);
     mx[v] = simd::max(mx[v], s);
+  }
+}
+
+// The variant epilogue, a second pass over the block's S^T (nk rows of QG) that the micro-kernels stored as plain
+// base-2 scores s = log2(e) scale <q, k> (no mask, no hiding): in base 2, with c2 = log2(e) softcap and
+// a2 = log2(e) slope,
+//   s = c2 tanh(s / c2);  s += a2 (j - i');  s += mask (-inf stays -inf);  -inf past i + hi and before i + lo,
+// and the lane-wise max mx from scratch. Only calls with a soft-cap, ALiBi or a left window bound come here, so
+// the micro-kernels of the plain call stay as they are.
+FASTATTN_INLINE void variant_scores(const ScoreCtx& sc, int64_t nk, float* st, vf* mx) {
+  const vf cap = simd::set1(sc.cap2), inv_cap = simd::set1(sc.inv_cap2), slope = simd::set1(sc.slope2);
+  for (int v = 0; v < QV; ++v) mx[v] = simd::set1(kNegInf);
+  for (int64_t n = 0; n < nk; ++n) {
+    const float j = static_cast<float>(sc.j0 + n);
+    const vf jv = simd::set1(j);
+#pragma GCC unroll 4
+    for (int v = 0; v < QV; ++v) {
+      vf s = simd::load(st + n * QG + v * W);
+      if (sc.cap2 > 0.f) s = simd::mul(cap, simd::tanh(simd::mul(s, inv_cap)));
+      if (sc.slope2 != 0.f) s = simd::fmadd(slope, simd::sub(jv, sc.ipos[v]), s);
+      if (sc.mt != nullptr) {
+        const vf m = sc.mt_shared ? simd::set1(sc.mt[n * sc.mt_ld]) : simd::load(sc.mt + n * sc.mt_ld + v * W);
+        s = mask_hide(simd::add(s, m), m);
+      }
+      if (sc.causal) s = causal_hide(s, sc.iq[v], j);
+      if (sc.lower) s = before_hide(s, sc.ilo[v], j);
+      simd::store(st + n * QG + v * W, s);
+      mx[v] = simd::max(mx[v], s);
+    }
   }
 }
 

@@ -49,11 +49,53 @@ struct Params {
   // Item b is then query rows cu_q[b]..cu_q[b+1] of q/out/dout/dq/lse and key rows cu_k[b]..cu_k[b+1]
   // of k/v/dk/dv (their sb is unused); L and S are the maxima. See item_params().
   uintptr_t cu_q = 0, cu_k = 0;
+  // The decoder variants (regular batches only; fastattn.reference.scaled_dot_product_attention states them: on
+  // the score of query row i at position i' = i + causal_offset, causal or not, and key j, in this order):
+  //   softcap > 0: s = softcap * tanh(s / softcap);  alibi: s += slope(b, h) * (j - i');  the mask; causal;
+  //   window: hidden unless i' - window_left <= j <= i' + window_right (-1: that side unbounded);
+  //   sinks (forward only): the softmax denominator also holds exp(sink[h]), and the lse includes it.
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  uintptr_t alibi = 0;                    // float32 slopes: slope(b, h) at alibi + b*alibi_sb + h*alibi_sh; 0 = none
+  int64_t alibi_sb = 0, alibi_sh = 0;
+  uintptr_t sinks = 0;                    // float32 (H,), contiguous; 0 = none
   // key/value head used by query head h (GQA).
   int64_t kv_head(int64_t h) const { return h / (H / Hk); }
   // multiplier of kept probabilities: 1 / (1 - p).
   double dropout_scale() const { return dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0; }
+  // Whether any variant changes the scores themselves (soft-cap, ALiBi, a left window bound): the kernels take
+  // their templated variant path. A right window bound only moves the causal diagonal; sinks touch the
+  // epilogue only.
+  bool score_variants() const { return softcap > 0.0 || alibi != 0 || window_left >= 0; }
+  bool any_variant() const { return score_variants() || window_right >= 0 || sinks != 0; }
+  float alibi_slope(int64_t b, int64_t h) const {
+    return alibi == 0 ? 0.f : reinterpret_cast<const float*>(alibi)[b * alibi_sb + h * alibi_sh];
+  }
 };
+
+// The keys query row i sees through causality and the window, as offsets from i:
+//   j <= i + hi  (when `upper`: is_causal and / or window_right >= 0)
+//   j >= i + lo  (when `lower`: window_left >= 0).
+// Both are clamped to [-L, S], which keeps the same visible keys (hi >= S - 1 shows every key to every row,
+// hi <= -L none; likewise for lo) and keeps i + hi exact as a float.
+struct KeyBounds {
+  bool upper = false, lower = false;
+  int64_t hi = 0, lo = 0;
+};
+inline KeyBounds key_bounds(const Params& p) {
+  KeyBounds kb;
+  const int64_t big = p.L + p.S + 2;
+  auto clamp = [&](int64_t x, int64_t a, int64_t b) { return std::min(std::max(x, a), b); };
+  const int64_t off = clamp(p.causal_offset, -2 * big, 2 * big);
+  int64_t hi = 2 * big;
+  if (p.is_causal) hi = off;
+  if (p.window_right >= 0) hi = std::min(hi, off + std::min(p.window_right, big));
+  kb.upper = p.is_causal || p.window_right >= 0;
+  kb.hi = clamp(hi, -p.L, p.S);
+  kb.lower = p.window_left >= 0;
+  kb.lo = kb.lower ? clamp(off - std::min(p.window_left, big), -p.L, p.S) : 0;
+  return kb;
+}
 
 // Batch item b as a call of its own: for a varlen batch, the pointers moved to the item's first query /
 // key row and L, S its lengths; b still indexes the mask (top-left corner) and the dropout counters, and
@@ -81,7 +123,12 @@ inline Params item_params(const Params& p, int64_t b) {
 // p with causal_offset limited to [-L, S]: the same visible keys (an offset >= S - 1 shows every query every
 // key, one <= -L shows no query any), and i + causal_offset stays small (no int64 overflow, exact as a float).
 // Varlen: L and S are the maxima, so the limits hold for every item too.
-inline bool causal_offset_in_range(const Params& p) { return p.causal_offset >= -p.L && p.causal_offset <= p.S; }
+// The window and ALiBi read causal_offset itself (key_bounds clamps the window's bounds, ALiBi's bias depends
+// on the exact position): such calls keep it as it is.
+inline bool causal_offset_in_range(const Params& p) {
+  return (p.causal_offset >= -p.L && p.causal_offset <= p.S) || p.alibi != 0 || p.window_left >= 0 ||
+         p.window_right >= 0;
+}
 inline Params with_causal_offset_in_range(const Params& p) {
   Params c = p;
   c.causal_offset = std::min(std::max(p.causal_offset, -p.L), p.S);

@@ -214,28 +214,85 @@ def _check_out_lo(out_lo: Tensor | None, out: Tensor) -> None:
 
 
 # ============================================================================================ attention
+def _variants_set(window: tuple[int, int], softcap: float, alibi_slopes: Tensor | None,
+                  sinks: Tensor | None) -> bool:
+    return tuple(window) != (-1, -1) or softcap != 0.0 or alibi_slopes is not None or sinks is not None
+
+
+def _set_variants(p, q: Tensor, window: tuple[int, int], softcap: float, alibi_slopes: Tensor | None,
+                  sinks: Tensor | None = None) -> None:
+    """Fills the decoder variants' Params fields (csrc/params.h), checking what the kernels read: window two ints
+    >= -1, softcap >= 0, alibi_slopes float32 (B, H) on q's device in any strides, sinks float32 contiguous (H,)."""
+    B, H = q.shape[0], q.shape[1]
+    left, right = (int(w) for w in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be two ints >= -1 (-1: unbounded), got {tuple(window)}")
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
+    p.window_left, p.window_right, p.softcap = left, right, float(softcap)
+    if alibi_slopes is not None:
+        if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (B, H) or \
+                alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be float32 ({B}, {H}) on {q.device}, got {alibi_slopes.dtype} "
+                             f"{tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
+        p.alibi = alibi_slopes.data_ptr()
+        p.alibi_sb, p.alibi_sh = alibi_slopes.stride()
+    if sinks is not None:
+        if sinks.dtype != torch.float32 or tuple(sinks.shape) != (H,) or not sinks.is_contiguous() or \
+                sinks.device != q.device:
+            raise ValueError(f"sinks must be a contiguous float32 ({H},) tensor on {q.device}, got {sinks.dtype} "
+                             f"{tuple(sinks.shape)} on {sinks.device}")
+        p.sinks = sinks.data_ptr()
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                  dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
+                  dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0,
+                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                  sinks: Tensor | None = None):
     """(out, lse): out (B, H, L, Ev) in q's dtype (laid out by ``fastattn._ops.empty_output``), lse (B, H, L) float32.
     ``return_lo`` (float16 / bfloat16, for training): (out, lse, out_lo), out_lo int16 laid out as out: the
     rounding residual of the fp32 result O in units of out's exponent (csrc/out_lo.h, encode_lo), from which
     :func:`attention_bwd` reads O back to ~2^-23 relative for its delta = rowsum(dout * O).
     ``causal_offset`` (with ``is_causal``): key j is visible to query i iff j <= i + causal_offset; 0 (the
     default) is top-left alignment (torch's ``is_causal``), S - L lower-right (torch's ``causal_lower_right``).
-    Any int: rows that see no key (i + causal_offset < 0) give out = 0 and lse = -inf, as fully masked rows do."""
+    Any int: rows that see no key (i + causal_offset < 0) give out = 0 and lse = -inf, as fully masked rows do.
+
+    The decoder variants (``fastattn.reference.scaled_dot_product_attention`` states them; query row i sits at
+    i' = i + causal_offset, causal or not): ``window`` (left, right), -1 = unbounded side: key j visible only if
+    i' - left <= j <= i' + right; ``softcap`` > 0: s = softcap * tanh(s / softcap); ``alibi_slopes`` float32
+    (B, H), any strides: s += slope * (j - i'); ``sinks`` float32 (H,): exp(sink) joins the softmax denominator
+    and the lse (a row with no visible key then has lse = sink)."""
     return _attention_fwd(module(), q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                          seed=seed, return_lo=return_lo, causal_offset=causal_offset)
+                          seed=seed, return_lo=return_lo, causal_offset=causal_offset, window=window,
+                          softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
 
 
 def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, is_causal: bool,
-                   dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0):
+                   dropout_p: float, seed: int, return_lo: bool = False, causal_offset: int = 0,
+                   window: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                   sinks: Tensor | None = None):
     """attention_fwd with an explicit kernel module. The tensors travel as (address, strides) tuples
-    (``fwd_views``): no Params object is built on this per-call path."""
+    (``fwd_views``): no Params object is built on this per-call path (calls with a variant build one)."""
     _check_kernel_inputs(q, k, v, mask)
     B, H, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
+    variants = _variants_set(window, softcap, alibi_slopes, sinks)
     res, run = _forward_outputs(empty_output(q, v, dropout_p), q.new_empty(B, H, L, dtype=torch.float32),
                                 return_lo, S != 0 and Ev != 0)
+    if variants:
+        p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
+                        causal_offset=causal_offset)
+        _set_variants(p, q, window, softcap, alibi_slopes, sinks)
+        if not run:
+            if sinks is not None and S == 0 and res[1].numel() > 0:  # no key at all: lse = the sink
+                res[1].copy_(sinks.view(1, H, 1).expand(B, H, L))
+            return res
+        out, lse = res[0], res[1]
+        p.out, p.lse = _t4(mod, out), _t4(mod, lse)
+        if return_lo:
+            p.out_lo = _t4(mod, res[2])
+        mod.fwd_params(p)
+        return res
     if not run:
         return res
     out, lse = res[0], res[1]
@@ -258,7 +315,9 @@ def _attention_fwd(mod, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *,
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, *,
                   scale: float, is_causal: bool, dropout_p: float, seed: int, mask_needs_grad: bool,
-                  out_lo: Tensor | None = None, causal_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                  out_lo: Tensor | None = None, causal_offset: int = 0, window: tuple[int, int] = (-1, -1),
+                  softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                  sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`attention_fwd`: (dq, dk, dv, dmask or None), contiguous, in the inputs' dtypes.
 
     dout and out (B, H, L, Ev), q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides; lse (B, H, L)
@@ -267,16 +326,26 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     the forward's int16 residual code (``return_lo``); delta = rowsum(dout * O) then uses the fp32 output O,
     as dP does, instead of out. ``causal_offset``: the forward's (with ``is_causal``, key j is visible to query
     i iff j <= i + causal_offset); rows that see no key get dq = 0 and add nothing to dk / dv.
-    Deterministic: bit-identical from run to run and for any thread count."""
+    Deterministic: bit-identical from run to run and for any thread count.
+
+    ``window``, ``softcap``, ``alibi_slopes``: the forward's (see :func:`attention_fwd`). With a soft-cap the mask
+    gradient is dS itself (the mask is added after the cap) and dq / dk use dS * (1 - tanh^2). The forward's
+    sinks need not be passed: its lse holds them, so P = exp(s - lse) is already the sink softmax (the sinks'
+    own gradient, -sum exp(sink - lse) * delta, is the caller's). ``sinks`` (optional) only sharpens float64,
+    whose backward recomputes the lse in double: without it, float64 rows whose recomputed lse falls short of the
+    forward's (a sink) use the forward's float32 lse."""
     return _attention_bwd(module(), dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal,
                           dropout_p=dropout_p, seed=seed, mask_needs_grad=mask_needs_grad, out_lo=out_lo,
-                          causal_offset=causal_offset)
+                          causal_offset=causal_offset, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                          sinks=sinks)
 
 
 def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    mask: Tensor | None, *, scale: float, is_causal: bool, dropout_p: float, seed: int,
                    mask_needs_grad: bool, mode: BwdMode = BwdMode.AUTO, out_lo: Tensor | None = None,
-                   causal_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                   causal_offset: int = 0, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                   alibi_slopes: Tensor | None = None,
+                   sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """attention_bwd with an explicit kernel module and schedule (``mode``)."""
     _check_kernel_inputs(q, k, v, mask)
     if dout.shape != out.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
@@ -291,6 +360,8 @@ def _attention_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         return dq, dk, dv, dmask
     p = make_params(mod, q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
                     causal_offset=causal_offset)
+    if _variants_set(window, softcap, alibi_slopes, sinks):
+        _set_variants(p, q, window, softcap, alibi_slopes, sinks)
     return _launch_bwd(mod, p, _t4, _t4(mod, lse), out, dout, out_lo, dq, dk, dv, dmask, mode)
 
 

@@ -90,7 +90,7 @@ def test_forward_and_gradients_match_reference(backend, dt, name, spec):
     torch.testing.assert_close(lse, l64, atol=2e-3 if dtype != torch.float32 else 1e-5, rtol=0)
     for n, got, r64, rlp in zip(("dq", "dk", "dv", "dsinks"), grads, g64, glp):
         if n == "dsinks":  # a sum over every row: float32 accumulation, compared in float32
-            torch.testing.assert_close(got.double(), r64, atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
+            torch.testing.assert_close(got.double(), r64.double(), atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
         else:
             assert_close(f"{tag} {n}", got, r64, rlp, backward=True)
 
