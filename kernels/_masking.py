@@ -1,6 +1,6 @@
 """Masks: how the launchers pass a mask to the kernels (kind, tensor, broadcast strides, the visible key range
-of a padding mask) and the @triton.jit helpers that read and apply it, with causality (``_scores``: the score
-tile of the forward and of the backward's recomputation).
+of a padding mask) and the @triton.jit helpers that read and apply it, with causality and the decoder variants
+(``_scores``: the score tile of the forward and of the backward's recomputation).
 
 A mask is None or 4-D with every dim full or 1, bool (True = attend) or float (added to the scores, -inf
 hides). Size-1 dims are read with stride 0 whatever their stored stride (no copy). The MASK_KIND constexpr
@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._tile import LOG2E, _dot
+from ._variants import _tanh, _window_visible
 
 NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2
 
@@ -95,16 +96,39 @@ def _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY: tl.constexpr):
 
 @triton.jit
 def _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm, stride_mn, causal_offset,
+            cap2, slope2, window_left, window_right,
             MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr, CAUSAL: tl.constexpr,
-            TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            TRANSPOSED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr):
     """Scores x @ yt in log2 units (qk_scale has log2(e) folded in), masked (M_tile: see _mask_tile),
     causal (key j hidden from query i unless j <= i + causal_offset) and with keys past the bound hidden:
     a (query, key) tile (x = q, yt = k^T), or with TRANSPOSED a (key, query) tile (x = k, yt = q^T) whose
-    keys past the bound are left as they are (the dK/dV kernel never stores those rows)."""
+    keys past the bound are left as they are (the dK/dV kernel never stores those rows).
+
+    The decoder variants (kernels/_variants.py), with query row i at position i + causal_offset: SOFTCAP
+    (qk_scale = scale / softcap, cap2 = softcap * log2(e)): s = cap2 * t, t = tanh(scale * x . y / softcap);
+    ALIBI: s += slope2 * (j - i') (slope2 = slope * log2(e)); WINDOW: keys outside [i' - window_left,
+    i' + window_right] hidden. Returns (s, t); t is s itself without SOFTCAP (the backward's 1 - t^2 needs it)."""
     s = _dot(x, yt, None, UPCAST_DOT, DOT_PRECISION) * qk_scale
+    t = s
+    if SOFTCAP:
+        t = _tanh(s)
+        s = t * cap2
+    if ALIBI:
+        if TRANSPOSED:
+            s += slope2 * (offs_n[:, None] - (offs_m + causal_offset)[None, :]).to(tl.float32)
+        else:
+            s += slope2 * (offs_n[None, :] - (offs_m + causal_offset)[:, None]).to(tl.float32)
     if MASK_KIND != 0:
         mv = _mask_tile(M_tile, rows, cols, in_m, in_n, stride_mm, stride_mn, KEYS_ONLY, TRANSPOSED)
         s = _apply_mask(s, mv, MASK_KIND)
+    if WINDOW:
+        if TRANSPOSED:
+            s = tl.where(_window_visible(offs_n[:, None], (offs_m + causal_offset)[None, :], window_left,
+                                         window_right), s, float("-inf"))
+        else:
+            s = tl.where(_window_visible(offs_n[None, :], (offs_m + causal_offset)[:, None], window_left,
+                                         window_right), s, float("-inf"))
     if TRANSPOSED:
         if CAUSAL:
             s = tl.where(offs_n[:, None] <= (offs_m + causal_offset)[None, :], s, float("-inf"))
@@ -112,5 +136,4 @@ def _scores(x, yt, M_tile, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, str
         s = tl.where(in_n[None, :] & (offs_n[None, :] <= (offs_m + causal_offset)[:, None]), s, float("-inf"))
     else:
         s = tl.where(in_n[None, :], s, float("-inf"))
-    return s
-
+    return s, t

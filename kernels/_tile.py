@@ -13,10 +13,10 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Dropout key, threshold and causal offset are plain runtime ints (the kernels' do_not_specialize): the JIT
-# would otherwise turn a value of 1 into a constexpr and mark multiples of 16 as divisible (and compile
-# another variant per value).
-RUNTIME_INTS = ["seed_lo", "seed_hi", "drop_threshold", "causal_offset"]
+# Dropout key, threshold, causal offset and window bounds are plain runtime ints (the kernels'
+# do_not_specialize): the JIT would otherwise turn a value of 1 into a constexpr and mark multiples of 16 as
+# divisible (and compile another variant per value).
+RUNTIME_INTS = ["seed_lo", "seed_hi", "drop_threshold", "causal_offset", "window_left", "window_right"]
 
 
 @triton.jit

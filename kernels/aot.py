@@ -22,7 +22,9 @@ specialises, so the causal variants, compiled with offset 0, are the code every 
 fp16 / bf16 forward and preprocess kernels are compiled as training calls, storing / reading ``out_lo`` (the
 output's rounding residual, kernels/attention_fwd.py): a few more registers in the epilogue than inference. The
 first config of each bucket is also compiled as ``pad`` (causal with a (B, 1, 1, S) bool padding
-mask: the key-range path that skips padded key blocks). On request (``VARLEN_VARIANTS``) the first config
+mask: the key-range path that skips padded key blocks). ``decoder`` is ``causal-bool`` with every decoder
+variant on (sliding window, soft-capping, ALiBi, sinks: kernels/_variants.py), compiled for every row;
+``decoder-full`` is ``full`` with them, for the "all" rows and the dmask kernel. On request (``VARLEN_VARIANTS``) the first config
 of each bucket is compiled as ``varlen`` (a packed batch read through cu_seqlens, causal with a full bool
 mask) or ``varlen-full`` (plus dropout and a broadcast float mask that needs a gradient); some of those
 cells still spill (kernels/README.md lists them).
@@ -48,7 +50,7 @@ import time
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
-VARIANTS = ("plain", "causal-bool", "full", "pad")
+VARIANTS = ("plain", "causal-bool", "full", "pad", "decoder", "decoder-full")
 # Packed (varlen) batches, compiled on request (variants=VARIANTS + VARLEN_VARIANTS): not yet spill-free in
 # every cell (kernels/README.md), so they are kept out of the default report until they are.
 VARLEN_VARIANTS = ("varlen", "varlen-full")
@@ -63,12 +65,14 @@ def _variants(kernel: str, cfg, index: int, variants) -> list[str]:
     if kernel == "bwd_preprocess":
         want = ["plain"] + (["varlen"] if index == 0 else [])  # no features
     elif kernel == "bwd_dmask":
-        want = ["full"] + (["varlen-full"] if index == 0 else [])  # float masks that need a gradient
+        want = ["full", "decoder-full"] + (["varlen-full"] if index == 0 else [])  # float masks that need a gradient
     else:
-        want = ["plain", "causal-bool"] + (["full"] if cfg.features == "all" else [])
+        want = ["plain", "causal-bool", "decoder"] + (["full", "decoder-full"] if cfg.features == "all" else [])
         if index == 0:
             want.append("pad")  # the key-range (padding mask) path, compiled once per bucket
             want.append("varlen-full" if cfg.features == "all" else "varlen")  # packed batches
+    if not cfg.decoder:  # a row the autotuner never picks for the decoder variants
+        want = [v for v in want if not v.startswith("decoder")]
     return [v for v in want if v in variants]
 
 
@@ -102,15 +106,19 @@ def _representative_plan(A, bucket: int, dtype: str, variant: str) -> dict:
     def lo_like(out):  # training: fp16 / bf16 forwards also store out_lo (in out's strides)
         return None if dt == torch.float32 else torch.empty_strided(out.shape, out.stride(), dtype=torch.int16)
 
-    def plan(mask, mask_grad, **kw):
+    def plan(mask, mask_grad, sinks=None, **kw):
         q, k, v, dout, out = bshd(H, L, E), bshd(Hk, S, E), bshd(Hk, S, E), bshd(H, L, E), bshd(H, L, E)
         lse = torch.empty(B, H, L, dtype=torch.float32)
         kw = dict(scale=E ** -0.5, seed=1234, out_lo=lo_like(out), **kw)
         dmask = torch.zeros_like(mask) if mask_grad else None
-        launches = A._fwd_plan(q, k, v, mask, out, lse, **kw)
+        launches = A._fwd_plan(q, k, v, mask, out, lse, sinks=sinks, **kw)
         launches += A._bwd_plan(dout, q, k, v, out, lse, mask, torch.empty_like(q), torch.empty_like(k),
                                 torch.empty_like(v), dmask, torch.empty_like(lse), **kw)
         return {launch.name: launch for launch in launches}
+
+    # Every decoder variant on (what a gpt-oss / Gemma 2 layer passes): per-head ALiBi slopes as the op passes
+    # them (a stride-0 expand over the batch).
+    decoder = dict(window=(64, 0), softcap=30.0, alibi_slopes=torch.zeros(H).expand(B, H), sinks=torch.zeros(H))
 
     if variant in ("varlen", "varlen-full"):
         # Packed (total, H, E) tensors, B sequences of at most L / S tokens read through cu_seqlens.
@@ -138,6 +146,12 @@ def _representative_plan(A, bucket: int, dtype: str, variant: str) -> dict:
     if variant == "full":
         full = plan(torch.zeros(B, H, L, S, dtype=dt), True, is_causal=True, dropout_p=0.1)
         bias = plan(torch.zeros(1, H, L, S, dtype=dt), True, is_causal=True, dropout_p=0.1)
+        return {**full, "bwd_dmask": bias["bwd_dmask"]}
+    if variant == "decoder":
+        return plan(torch.ones(B, H, L, S, dtype=torch.bool), False, is_causal=True, dropout_p=0.0, **decoder)
+    if variant == "decoder-full":
+        full = plan(torch.zeros(B, H, L, S, dtype=dt), True, is_causal=True, dropout_p=0.1, **decoder)
+        bias = plan(torch.zeros(1, H, L, S, dtype=dt), True, is_causal=True, dropout_p=0.1, **decoder)
         return {**full, "bwd_dmask": bias["bwd_dmask"]}
     raise ValueError(f"unknown variant {variant!r}")
 
@@ -314,14 +328,14 @@ def compile_report(archs=(80, 90), dtypes=("fp16", "bf16"), *, kernels=None, buc
 
 def format_table(rows: list[dict]) -> str:
     """The report as a text table (one line per compile)."""
-    head = (f"{'kernel':14} {'E':>3} {'dtype':5} {'config':13} {'rows':4} {'variant':11} {'arch':5} "
+    head = (f"{'kernel':14} {'E':>3} {'dtype':5} {'config':13} {'rows':4} {'variant':12} {'arch':5} "
             f"{'regs':>4} {'spill':>5} {'smem KiB':>10} {'tensor':>6} {'time':>6}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         smem = f"{r['shared'] / 1024:.1f}/{r['shared_limit'] // 1024}" if r["shared"] is not None else "-"
         na = lambda x: "-" if x is None else x  # noqa: E731
         lines.append(f"{r['kernel']:14} {r['head_dim']:>3} {r['dtype']:5} {r['config']:13} {r['features']:4} "
-                     f"{r['variant']:11} sm_{r['arch']:<2} {na(r['registers']):>4} {na(r['spill_bytes']):>5} "
+                     f"{r['variant']:12} sm_{r['arch']:<2} {na(r['registers']):>4} {na(r['spill_bytes']):>5} "
                      f"{smem:>10} {na(r['tensor_cores']):>6} {r['compile_s']:>5.1f}s  "
                      f"{'ok' if r['ok'] else 'FAIL: ' + '; '.join(r['problems'])}")
     return "\n".join(lines)

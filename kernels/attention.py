@@ -14,10 +14,12 @@ Where things are (kernels/):
 
 Launcher contract (shared with the C++ CPU kernels, see fastattn/_cpu.py):
 
-    attention_fwd(q, k, v, mask, *, scale, is_causal, dropout_p, seed, return_lo=False, causal_offset=0)
+    attention_fwd(q, k, v, mask, *, scale, is_causal, dropout_p, seed, return_lo=False, causal_offset=0,
+                  window=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None)
         -> (out, lse), or (out, lse, out_lo) with return_lo
     attention_bwd(dout, q, k, v, out, lse, mask, *, scale, is_causal, dropout_p, seed,
-                  mask_needs_grad, out_lo=None, causal_offset=0) -> (dq, dk, dv, dmask | None)
+                  mask_needs_grad, out_lo=None, causal_offset=0, window=(-1, -1), softcap=0.0,
+                  alibi_slopes=None) -> (dq, dk, dv, dmask | None)
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides (read in place). mask: None or 4-D
 with every dim full or 1 (size-1 dims broadcast through stride 0); bool (True = attend) or float
@@ -32,6 +34,12 @@ float32, natural log, -inf (and out = 0) for rows that see no key. out_lo (fp16 
 laid out as out, the rounding residual of the fp32 result O in units of out's exponent,
 round((O - out) * 2^(K - e)) (K = 22 bf16, 25 fp16; csrc/out_lo.h ``encode_lo`` explains it); the backward
 reads O back from it. ``varlen_fwd`` / ``varlen_bwd`` run the same kernels on packed (variable-length) batches.
+
+The decoder variants (sliding window, logit soft-capping, ALiBi, attention sinks; their math in
+``fastattn.reference.scaled_dot_product_attention`` and kernels/_variants.py) are constexpr switches of the
+kernels: a call without them passes None for their arguments and runs the plain kernels. They read query
+positions i + causal_offset whether or not ``is_causal`` (so the offset is then passed unclamped). Key blocks
+wholly outside the window are skipped like those past the causal diagonal. The varlen launchers take none.
 
 Dropout uses counter-based Philox4x32-10 (kernels/_dropout.py; fastattn/_philox.py is the spec); the backward
 regenerates the same bits.
@@ -54,7 +62,7 @@ from fastattn._ops import empty_output
 from ._host import dot_precision, import_in_current_mode, is_interpreted, named_strides
 
 # Reloading this module after TRITON_INTERPRET changed re-decorates the kernels in the new mode.
-import_in_current_mode(__package__, ("_tile", "_masking", "_dropout", "attention_fwd", "attention_bwd"))
+import_in_current_mode(__package__, ("_tile", "_variants", "_masking", "_dropout", "attention_fwd", "attention_bwd"))
 
 from ._dropout import dropout_args  # noqa: E402
 from ._masking import FLOAT_MASK, kv_range_of, mask_args, mask_strides  # noqa: E402
@@ -92,10 +100,16 @@ def _heavy(name: str, args: dict) -> bool:
     return name == "bwd_dmask" or bool(args.get("DROPOUT")) or args.get("MASK_KIND") == FLOAT_MASK
 
 
-def candidate_configs(name: str, head: int, dtype: torch.dtype, heavy: bool) -> list[TileConfig]:
-    """The CONFIGS rows the autotuner may pick for kernel ``name`` with these features."""
+def _decoder(args: dict) -> bool:
+    """Any decoder variant on (the rows marked decoder=False are then left out)."""
+    return any(bool(args.get(k)) for k in ("WINDOW", "SOFTCAP", "ALIBI", "SINKS"))
+
+
+def candidate_configs(name: str, head: int, dtype: torch.dtype, heavy: bool, decoder: bool = False) -> list[TileConfig]:
+    """The CONFIGS rows the autotuner may pick for kernel ``name`` with these features (``decoder``: a decoder
+    variant is on)."""
     rows = CONFIGS[name][(head, dtype_class(dtype))]
-    return [c for c in rows if c.features == "all" or not heavy]
+    return [c for c in rows if (c.features == "all" or not heavy) and (c.decoder or not decoder)]
 
 
 def _make_tuned(name: str):
@@ -106,9 +120,11 @@ def _make_tuned(name: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         dtype = args["Q"].dtype if "Q" in args else args["Out"].dtype
-        return [by_tile[c] for c in candidate_configs(name, args["TUNE_HEAD"], dtype, _heavy(name, args))]
+        return [by_tile[c] for c in candidate_configs(name, args["TUNE_HEAD"], dtype, _heavy(name, args),
+                                                      _decoder(args))]
 
-    key = [k for k in ("TUNE_HEAD", "TUNE_LEN", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN") if k in fn.arg_names]
+    key = [k for k in ("TUNE_HEAD", "TUNE_LEN", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN", "WINDOW", "SOFTCAP",
+                       "ALIBI", "SINKS") if k in fn.arg_names]
     return triton.autotune(list(by_tile.values()), key=key, prune_configs_by={"early_config_prune": prune})(fn)
 
 
@@ -174,6 +190,7 @@ class _Problem:
     drop_scale: float
     causal_offset: int
     constexprs: dict
+    variants: dict  # the decoder variants' kernel arguments (None where off) and switches, sinks excepted
 
     def common(self, scale: float) -> dict:
         return dict(H=self.H, GROUP=self.H // self.Hk, L=self.L, S=self.S, causal_offset=self.causal_offset,
@@ -213,16 +230,65 @@ def _seq_args(lse: torch.Tensor, vl: _Varlen | None, dummy: torch.Tensor) -> dic
     return dict(stride_lb=0, stride_lh=lse.stride(0), CuQ=vl.cu_q, CuK=vl.cu_k, VARLEN=True)
 
 
-def _causal_offset(causal_offset: int, is_causal: bool, L: int, S: int) -> int:
+def _causal_offset(causal_offset: int, is_causal: bool, L: int, S: int, positional: bool = False) -> int:
     """The kernels' causal_offset: 0 without causality, else clamped to [-L, S]. Exact: with offset >= S - 1
     every query sees every key, with offset <= -L none sees any; the clamp keeps offs_m + causal_offset and
-    start_m + BLOCK_M + causal_offset in int32."""
+    start_m + BLOCK_M + causal_offset in int32. ``positional`` (a window or ALiBi: they read query positions
+    i + causal_offset whether or not causal): the offset itself, which must then fit int32 with room."""
     off = operator.index(causal_offset)
+    if positional:
+        if L + S + abs(off) >= _POS_LIMIT:
+            raise ValueError(f"causal_offset with a window or ALiBi must satisfy L + S + |causal_offset| < 2**29, "
+                             f"got L={L}, S={S}, causal_offset={off}")
+        return off
     return min(max(off, -L), S) if is_causal else 0
 
 
+# Positions, offsets and window bounds stay below this, so every sum of two of them (plus a block) fits int32.
+_POS_LIMIT = 2 ** 29
+
+
+def _variant_args(q, B: int, H: int, L: int, S: int, offset: int, window, softcap, alibi_slopes) -> dict:
+    """The kernel arguments of the decoder variants but sinks (the forward adds those): None for a variant that
+    is off (the JIT then drops the argument, and the plain kernels compile as without variants), the
+    WINDOW / SOFTCAP / ALIBI switches. An unbounded window side (-1) becomes a bound no key reaches,
+    L + S + |offset| (a larger one is cut to it: the same keys)."""
+    window = tuple(operator.index(w) for w in window)
+    if len(window) != 2 or min(window) < -1:
+        raise ValueError(f"window must be (left, right) with each side >= -1 (-1: unbounded), got {window}")
+    softcap = float(softcap)
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap}")
+    windowed = window != (-1, -1)
+    far = L + S + abs(offset)
+    args = dict(window_left=None, window_right=None, softcap=None, Alibi=None, stride_ab=None, stride_ah=None,
+                WINDOW=windowed, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None)
+    if windowed:
+        args.update(window_left=far if window[0] < 0 else min(window[0], far),
+                    window_right=far if window[1] < 0 else min(window[1], far))
+    if softcap > 0.0:
+        args["softcap"] = softcap
+    if alibi_slopes is not None:
+        a = alibi_slopes
+        if (a.dtype != torch.float32 or a.device != q.device or a.dim() not in (1, 2)
+                or tuple(a.shape[-1:]) != (H,) or (a.dim() == 2 and a.shape[0] not in (1, B))):
+            raise ValueError(f"alibi_slopes must be float32 (B, H) = ({B}, {H}) or (H,) on {q.device}, got "
+                             f"{a.dtype} {tuple(a.shape)} on {a.device}")
+        args.update(Alibi=a, stride_ab=a.stride(0) if a.dim() == 2 and a.shape[0] > 1 else 0,
+                    stride_ah=a.stride(-1))
+    return args
+
+
+def _check_sinks(sinks: torch.Tensor | None, q: torch.Tensor, H: int) -> None:
+    if sinks is not None and (sinks.dtype != torch.float32 or sinks.shape != (H,) or sinks.device != q.device
+                              or not sinks.is_contiguous()):
+        raise ValueError(f"sinks must be a contiguous float32 ({H},) tensor on {q.device}, got {sinks.dtype} "
+                         f"{tuple(sinks.shape)} on {sinks.device}")
+
+
 def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _Varlen | None = None,
-             causal_offset: int = 0) -> _Problem:
+             causal_offset: int = 0, window=(-1, -1), softcap: float = 0.0,
+             alibi_slopes: torch.Tensor | None = None) -> _Problem:
     B, H, Hk, L, S, E, Ev = _dims(q, k, v, vl)
     if E > 256 or Ev > 256:
         raise ValueError(f"the Triton kernels support head dims up to 256, got E={E}, Ev={Ev}")
@@ -242,9 +308,11 @@ def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _V
     constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_E=pad_dim(E), BLOCK_EV=pad_dim(Ev),
                       IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
                       UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, DOT_PRECISION=dot_precision(q.dtype))
+    positional = tuple(window) != (-1, -1) or alibi_slopes is not None
+    offset = _causal_offset(causal_offset, is_causal, L, S, positional)
     return _Problem(B, H, Hk, L, S, E, Ev, mask_t, mask_kind, mstr, keys_only, kv_range, rstr,
-                    seed_lo, seed_hi, threshold, drop_scale, _causal_offset(causal_offset, is_causal, L, S),
-                    constexprs)
+                    seed_lo, seed_hi, threshold, drop_scale, offset, constexprs,
+                    _variant_args(q, B, H, L, S, offset, window, softcap, alibi_slopes))
 
 
 # K of the out_lo code (module doc; csrc/out_lo.h explains the choice): |O - out| < one ulp of out, 2^(e-7)
@@ -280,11 +348,14 @@ def _out_lo_in_out_strides(out_lo: torch.Tensor | None, out: torch.Tensor) -> to
 
 
 def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
-              vl: _Varlen | None = None, out_lo: torch.Tensor | None = None, causal_offset: int = 0) -> list[_Launch]:
+              vl: _Varlen | None = None, out_lo: torch.Tensor | None = None, causal_offset: int = 0,
+              window=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None) -> list[_Launch]:
     """Launches of the forward; ``vl``: q/k/v/out are packed (see _Varlen), lse is (H, total_q). ``out_lo``
-    (int16, out's strides): also store the residual code there."""
+    (int16, out's strides): also store the residual code there. The decoder variants: see attention_fwd."""
     B, H, _, L, _, _, _ = _dims(q, k, v, vl)
-    problem = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset)
+    problem = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset, window, softcap, alibi_slopes)
+    _check_sinks(sinks, q, H)
     return [_Launch("fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
         Q=q, K=k, V=v, Mask=problem.mask, KVRange=problem.kv_range, Out=out, Lse=lse, **_out_lo_args(out, out_lo),
         **named_strides("q", _strides4(q, vl)), **named_strides("k", _strides4(k, vl)),
@@ -292,16 +363,18 @@ def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
         **named_strides("m", problem.mask_strides), stride_rb=problem.kv_range_strides[0],
         stride_rh=problem.kv_range_strides[1], **named_strides("o", _strides4(out, vl)),
         **_seq_args(lse, vl, problem.kv_range),
-        **problem.common(scale), **problem.constexprs, MASK_KIND=problem.mask_kind, KEYS_ONLY=problem.keys_only))]
+        **problem.common(scale), **problem.constexprs, MASK_KIND=problem.mask_kind, KEYS_ONLY=problem.keys_only,
+        **problem.variants, Sinks=sinks, SINKS=sinks is not None))]
 
 
 def _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, *, scale, is_causal, dropout_p,
               seed, vl: _Varlen | None = None, out_lo: torch.Tensor | None = None,
-              causal_offset: int = 0) -> list[_Launch]:
+              causal_offset: int = 0, window=(-1, -1), softcap: float = 0.0,
+              alibi_slopes: torch.Tensor | None = None) -> list[_Launch]:
     """Launches of the backward; ``vl``: packed tensors, lse and delta (H, total_q). ``out_lo``: the forward's
-    (out's strides), or None."""
+    (out's strides), or None. The decoder variants: see attention_bwd."""
     B, H, Hk, L, S, _, Ev = _dims(q, k, v, vl)
-    problem = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset)
+    problem = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset, window, softcap, alibi_slopes)
     common = problem.common(scale)
     seq = _seq_args(lse, vl, problem.kv_range)
     do_st = _strides4(dout, vl)
@@ -316,7 +389,7 @@ def _bwd_plan(dout, q, k, v, out, lse, mask, dq, dk, dv, dmask, delta, *, scale,
                   **named_strides("q", _strides4(q, vl)), **named_strides("k", _strides4(k, vl)),
                   **named_strides("v", _strides4(v, vl)),
                   **named_strides("m", problem.mask_strides), **named_strides("do", do_st),
-                  **common, **problem.constexprs, **seq)
+                  **common, **problem.constexprs, **seq, **problem.variants)
     masked = dict(KVRange=problem.kv_range, stride_rb=problem.kv_range_strides[0],
                   stride_rh=problem.kv_range_strides[1], MASK_KIND=problem.mask_kind, KEYS_ONLY=problem.keys_only)
     plan.append(_Launch("bwd_dkdv", lambda bm, bn: (triton.cdiv(S, bn), B * Hk), dict(
@@ -350,7 +423,11 @@ def _forward(q, k, v, mask, out: torch.Tensor, lse: torch.Tensor, *, return_lo: 
         return res
     if no_keys:
         out.zero_()
-        lse.fill_(float("-inf"))
+        sinks = plan.get("sinks")
+        if sinks is None:
+            lse.fill_(float("-inf"))
+        else:  # the sink alone in the denominator (lse (B, H, L))
+            lse.copy_(sinks.view(1, -1, 1).expand_as(lse))
         if out_lo is not None:
             out_lo.zero_()
         return res
@@ -382,29 +459,45 @@ def _backward(dout, q, k, v, out, lse, mask, *, mask_needs_grad: bool, out_lo: t
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                   scale: float, is_causal: bool, dropout_p: float, seed: int, return_lo: bool = False,
-                  causal_offset: int = 0):
+                  causal_offset: int = 0, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None):
     """Attention forward: (out (B, H, L, Ev) in q's dtype, lse (B, H, L) float32), and out_lo (int16, out's
     layout) last with ``return_lo`` (fp16 / bf16 training). ``causal_offset`` (with ``is_causal``): key j is
-    visible to query i iff j <= i + causal_offset (S - L: lower-right). See the module doc."""
+    visible to query i iff j <= i + causal_offset (S - L: lower-right). See the module doc.
+
+    The decoder variants (query row i at position i' = i + causal_offset, whether or not ``is_causal``):
+    ``window`` (left, right), -1 unbounded: key j hidden unless i' - left <= j <= i' + right; ``softcap`` > 0:
+    scores -> softcap * tanh(scores / softcap); ``alibi_slopes`` float32 (B, H) (any strides, stride 0 along a
+    broadcast batch): scores += slope * (j - i'); ``sinks`` contiguous float32 (H,): exp(sink_h) joins every
+    row's softmax denominator (lse includes it; a row with no visible key gets out 0, lse = sink_h)."""
     B, H, L, _ = q.shape
     out = empty_output(q, v, dropout_p)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    if k.shape[2] == 0:
+        _check_sinks(sinks, q, H)  # validated where the kernel plan would do it
     return _forward(q, k, v, mask, out, lse, return_lo=return_lo, no_rows=B * H * L == 0, no_keys=k.shape[2] == 0,
-                    scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed, causal_offset=causal_offset)
+                    scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed, causal_offset=causal_offset,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
 
 
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, mask: torch.Tensor | None, *, scale: float, is_causal: bool,
                   dropout_p: float, seed: int, mask_needs_grad: bool, out_lo: torch.Tensor | None = None,
-                  causal_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  causal_offset: int = 0, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention backward: (dq, dk, dv, dmask or None), contiguous. dk/dv are summed over each GQA group;
     dmask (float masks, when ``mask_needs_grad``) has the mask's shape and dtype, broadcast dims summed.
     ``out_lo``: the forward's residual code (``return_lo``), for delta from the fp32 output. ``causal_offset``:
-    the forward's. Deterministic: no atomics, fixed reduction order."""
+    the forward's. Deterministic: no atomics, fixed reduction order. ``window`` / ``softcap`` / ``alibi_slopes``:
+    the forward's (see attention_fwd). No sinks argument: the forward's lse holds the sink, so the recomputed
+    P is already the sink softmax (the sinks' own gradient, -sum_{b,i} exp(sink_h - lse) delta, is the op's);
+    with ``softcap``, dq / dk take dS (1 - t^2), t = tanh(scale q.k / softcap), dmask dS."""
     B, H, L, _ = q.shape
     return _backward(dout, q, k, v, out, lse, mask, mask_needs_grad=mask_needs_grad, out_lo=out_lo,
                      empty=B * H * L == 0 or k.shape[2] == 0, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                     seed=seed, causal_offset=causal_offset)
+                     seed=seed, causal_offset=causal_offset, window=window, softcap=softcap,
+                     alibi_slopes=alibi_slopes)
 
 
 def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,

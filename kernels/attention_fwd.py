@@ -4,6 +4,9 @@ folded into the scale.
     out[b, h, i, :] = sum_j softmax_j(scale * q_i . k_j + mask_ij) v_j      (dropout: kept p_ij / (1 - p))
     lse[b, h, i]    = log sum_j exp(scale * q_i . k_j + mask_ij)
 
+with the decoder variants on the scores when switched on (soft-capping, ALiBi, sliding window, sinks in the
+denominator: kernels/_variants.py).
+
 ``_attn_fwd``: one program per (query block, b, h); loops over the visible key blocks only (the key range of a
 padding mask, cut by causality). Arguments, shapes and the launch plan: kernels/attention.py.
 """
@@ -15,18 +18,21 @@ import triton.language as tl
 from ._dropout import _philox_keep
 from ._masking import _kv_range, _scores
 from ._tile import LN2, LOG2E, RUNTIME_INTS, _dot, _seq_bounds
+from ._variants import _alibi_slope, _fold_sink, _variant_scales
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn, S, qk_scale,
-               causal_offset, seed_lo, seed_hi, drop_threshold,
+               causal_offset, seed_lo, seed_hi, drop_threshold, cap2, slope2, window_left, window_right,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
                BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
                DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr):
     """Online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N; none when hi <= lo); scores in
-    log2 units; APPLY_CAUSAL hides key j from query i unless j <= i + causal_offset."""
+    log2 units; APPLY_CAUSAL hides key j from query i unless j <= i + causal_offset; the decoder variants as
+    in _scores."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -40,8 +46,9 @@ def _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
         in_n = offs_n < S
         kt = tl.load(K_bh + n64 * stride_kn + kt_off, mask=in_n[None, :] & (offs_e[:, None] < HEAD_DIM),
                      other=0.0)
-        s = _scores(q, kt, M_row + n64 * stride_mn, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm,
-                    stride_mn, causal_offset, MASK_KIND, KEYS_ONLY, APPLY_CAUSAL, False, UPCAST_DOT, DOT_PRECISION)
+        s, _ = _scores(q, kt, M_row + n64 * stride_mn, rows, cols, offs_m, offs_n, in_m, in_n, qk_scale, stride_mm,
+                       stride_mn, causal_offset, cap2, slope2, window_left, window_right, MASK_KIND, KEYS_ONLY,
+                       APPLY_CAUSAL, False, UPCAST_DOT, DOT_PRECISION, SOFTCAP, ALIBI, WINDOW)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only hidden keys keeps m = -inf; subtract 0 there (p = 0, not NaN).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,22 +82,27 @@ def _encode_lo(o, out, LO_SHIFT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
-def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
+def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK, Alibi, Sinks,
               stride_qb, stride_qh, stride_qm, stride_qe,
               stride_kb, stride_kh, stride_kn, stride_ke,
               stride_vb, stride_vh, stride_vn, stride_ve,
               stride_mb, stride_mh, stride_mm, stride_mn,
               stride_rb, stride_rh,
               stride_ob, stride_oh, stride_om, stride_oe,
-              stride_lb, stride_lh,
+              stride_lb, stride_lh, stride_ab, stride_ah,
               H, GROUP, L, S, causal_offset, sm_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
-              TUNE_HEAD, TUNE_LEN,
+              window_left, window_right, softcap, TUNE_HEAD, TUNE_LEN,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_EV: tl.constexpr, MASK_KIND: tl.constexpr, KEYS_ONLY: tl.constexpr,
               IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST_DOT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              VARLEN: tl.constexpr = False, LO_SHIFT: tl.constexpr = 0):
-    """LO_SHIFT != 0 (fp16 / bf16 training): also store out_lo (see _encode_lo) through Out's strides."""
+              VARLEN: tl.constexpr = False, LO_SHIFT: tl.constexpr = 0, WINDOW: tl.constexpr = False,
+              SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, SINKS: tl.constexpr = False):
+    """LO_SHIFT != 0 (fp16 / bf16 training): also store out_lo (see _encode_lo) through Out's strides.
+    The decoder variants (kernels/_variants.py; query row i at position i + causal_offset, whether or not
+    IS_CAUSAL): WINDOW (window_left / window_right: finite, >= 0), SOFTCAP (softcap > 0), ALIBI (Alibi: float32
+    slopes read at b * stride_ab + h * stride_ah) and SINKS (Sinks: float32 (H,), folded into l and lse). The
+    launchers pass None for the arguments of a variant that is off."""
     tl.static_assert(BLOCK_E >= HEAD_DIM)
     tl.static_assert(BLOCK_EV >= HEAD_DIM_V)
     start_m = tl.program_id(0) * BLOCK_M
@@ -122,12 +134,18 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
+    qk_scale, cap2 = _variant_scales(sm_scale, softcap, SOFTCAP)
+    slope2 = _alibi_slope(Alibi, b, h, stride_ab, stride_ah, ALIBI)
 
     # Visible key blocks: the key-only mask's [lo, hi) range, cut by causality at the block's last row
-    # (keys j <= start_m + BLOCK_M - 1 + causal_offset). hi <= lo (every row of the block has
-    # i + causal_offset < 0, or the mask leaves no key): no iteration, the epilogue stores out = 0, lse = -inf.
+    # (keys j <= start_m + BLOCK_M - 1 + causal_offset) and by the window (keys from the first row's
+    # i' - window_left to the last row's i' + window_right). hi <= lo (every row of the block has
+    # i + causal_offset < 0, the window lies outside the keys, or the mask leaves no key): no iteration, the
+    # epilogue stores out = 0, lse = -inf (the sink with SINKS).
     lo, hi = _kv_range(KVRange, b, h, stride_rb, stride_rh, S, KEYS_ONLY)
+    if WINDOW:
+        lo = tl.maximum(lo, start_m + causal_offset - window_left)
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset + window_right)
     lo = (lo // BLOCK_N) * BLOCK_N
     if VARLEN:
         hi = tl.minimum(hi, tl.where(start_m < L, S, 0))
@@ -140,8 +158,12 @@ def _attn_fwd(Q, K, V, Mask, KVRange, Out, OutLo, Lse, CuQ, CuK,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, M_row, b, h, offs_m, in_m, lo, hi,
                                stride_kn, stride_ke, stride_vn, stride_ve, stride_mm, stride_mn,
                                S, qk_scale, causal_offset, seed_lo, seed_hi, drop_threshold,
+                               cap2, slope2, window_left, window_right,
                                HEAD_DIM, HEAD_DIM_V, BLOCK_E, BLOCK_EV, MASK_KIND, KEYS_ONLY,
-                               DROPOUT, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, IS_CAUSAL)
+                               DROPOUT, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                               SOFTCAP, ALIBI, WINDOW)
+    if SINKS:
+        acc, m_i, l_i = _fold_sink(acc, m_i, l_i, tl.load(Sinks + h) * LOG2E)
 
     # Rows that saw no visible key: out = 0, lse = -inf.
     empty = l_i == 0.0

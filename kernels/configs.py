@@ -49,6 +49,8 @@ class TileConfig:
     # "all": usable with every feature; "base": only without dropout and float masks (those add a
     # Philox word tile and a float mask tile per step, so larger tiles would spill registers).
     features: str = "all"
+    # False: not with the decoder variants (window, soft-cap, ALiBi, sinks), whose score tile would spill it.
+    decoder: bool = True
 
     def kwargs(self) -> dict[str, int]:
         return {"BLOCK_M": self.block_m, **({"BLOCK_N": self.block_n} if self.block_n else {})}
@@ -63,10 +65,13 @@ def _c(*rows: tuple) -> list[TileConfig]:
 
 
 _B = "base"
+_ND = False  # the row's decoder field: not with the decoder variants (they would spill it)
 # Keyed by kernel, then by (head-dim bucket, dtype class). The head-dim bucket is the padded head dim
 # max(next_pow2(E), next_pow2(Ev)) rounded up to 64, 128 or 256 (head_bucket).
 # Rows: (BLOCK_M, BLOCK_N, num_warps, num_stages[, "base"]). The autotuner times the rows allowed for
 # the call's features (see TileConfig.features); each row is checked in its worst feature combination.
+# Rows marked _ND spill with the decoder variants (their score tile: tanh, ALiBi, the window compares) and
+# are left out of those calls; the 8-warp dmask (128, "16") and dK/dV (256, "32") rows stand in for them.
 # Forward: large query tiles amortise each K/V load; at E=256 a 64-row tile keeps acc (64 x 256 fp32)
 # in registers. dK/dV hold two fp32 (BLOCK_N x E) accumulators plus K and V, so key tiles are smaller,
 # and 32-key tiles once dropout/float-mask tiles join them. dQ is the forward's shape with one more dot.
@@ -75,7 +80,7 @@ CONFIGS: dict[str, dict[tuple[int, str], list[TileConfig]]] = {
         (64, "16"): _c((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3, _B)),
         (128, "16"): _c((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)),
         (256, "16"): _c((64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 3), (64, 64, 8, 2, _B)),
-        (64, "32"): _c((128, 64, 8, 2), (64, 32, 4, 3)),
+        (64, "32"): _c((128, 64, 8, 2, "all", _ND), (64, 32, 4, 3)),
         (128, "32"): _c((64, 32, 8, 2), (32, 32, 4, 3), (64, 32, 4, 2, _B)),
         (256, "32"): _c((32, 32, 4, 2), (32, 16, 4, 2), (64, 16, 8, 2, _B)),
     },
@@ -93,23 +98,23 @@ CONFIGS: dict[str, dict[tuple[int, str], list[TileConfig]]] = {
         (256, "16"): _c((32, 16, 8, 1), (32, 16, 4, 1)),
         (64, "32"): _c((16, 32, 4, 2), (16, 32, 8, 2)),
         (128, "32"): _c((16, 32, 8, 2), (32, 32, 4, 2, _B), (16, 32, 4, 2, _B)),
-        (256, "32"): _c((16, 16, 4, 1), (32, 32, 8, 1, _B)),
+        (256, "32"): _c((16, 16, 4, 1, "all", _ND), (32, 32, 8, 1, _B, _ND), (16, 16, 8, 1)),
     },
     "bwd_dq": {
         (64, "16"): _c((128, 32, 8, 3), (64, 32, 4, 3)),
         (128, "16"): _c((64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2, _B)),
-        (256, "16"): _c((32, 32, 4, 2), (64, 32, 8, 2, _B), (64, 16, 4, 2, _B)),
+        (256, "16"): _c((32, 32, 4, 2), (64, 32, 8, 2, _B), (64, 16, 4, 2, _B, _ND)),
         (64, "32"): _c((64, 32, 8, 2), (128, 32, 8, 2, _B)),
         (128, "32"): _c((64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2, _B)),
         (256, "32"): _c((32, 16, 4, 2), (16, 32, 4, 2)),
     },
-    "bwd_dmask": {  # always runs with a float mask
+    "bwd_dmask": {  # always runs with a float mask; with the decoder variants 32x32 needs 8 warps at E=128
         (64, "16"): _c((32, 32, 4, 2), (64, 32, 4, 2)),
-        (128, "16"): _c((32, 32, 4, 2)),
+        (128, "16"): _c((32, 32, 4, 2, "all", _ND), (32, 32, 8, 2)),
         (256, "16"): _c((16, 32, 4, 1)),
         (64, "32"): _c((16, 32, 4, 2)),
-        (128, "32"): _c((16, 32, 8, 2), (32, 16, 4, 1)),
-        (256, "32"): _c((16, 32, 8, 1), (32, 16, 8, 1)),
+        (128, "32"): _c((16, 32, 8, 2), (32, 16, 4, 1, "all", _ND)),
+        (256, "32"): _c((16, 32, 8, 1), (32, 16, 8, 1, "all", _ND)),
     },
 }
 

@@ -53,10 +53,11 @@ from fastattn._validation import check_decode_launch
 from ._host import import_in_current_mode
 
 # The shared @triton.jit helpers, decorated in the current TRITON_INTERPRET mode (kernels/_host.py).
-import_in_current_mode(__package__, ("_tile",))
+import_in_current_mode(__package__, ("_tile", "_variants"))
 
 from ._masking import mask_args  # noqa: E402
 from ._tile import LN2, LOG2E, _dot  # noqa: E402
+from ._variants import _fold_sink, _tanh, _variant_scales, _window_visible  # noqa: E402
 from .configs import (DECODE_CONFIGS, DECODE_INTERPRETER_CONFIG, DECODE_MERGE_CONFIG, HEAD_BUCKETS,  # noqa: E402
                       DecodeConfig, dtype_class, head_bucket, pad_dim)
 
@@ -78,14 +79,6 @@ def _block_m(rows: int, table: dict[int, DecodeConfig]) -> int:
 # ----------------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    """tanh(x) = sign(x) (1 - t) / (1 + t), t = exp(-2 |x|) in (0, 1]: no overflow for any x."""
-    t = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
 @triton.jit
 def _normalise(acc, m, l):
     """(acc / l, m + log2(l)): a row's output and lse (log2 units) from its running max m, denominator l and
@@ -156,12 +149,8 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
 
     q = tl.load(Q + b * stride_qb + i[:, None] * stride_qm + h[:, None] * stride_qh + offs_e[None, :] * stride_qe,
                 mask=in_m[:, None] & (offs_e[None, :] < HEAD_DIM), other=0.0)
-    if SOFTCAP:
-        # softcap * tanh(scale * qk / softcap) in log2 units: the scale goes inside, log2(e) outside.
-        qk_scale = sm_scale / softcap
-        cap2 = softcap * LOG2E
-    else:
-        qk_scale = sm_scale * LOG2E
+    # softcap * tanh(scale * qk / softcap) in log2 units: the scale goes inside, log2(e) outside.
+    qk_scale, cap2 = _variant_scales(sm_scale, softcap, SOFTCAP)
     if ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h * stride_ah, mask=in_m, other=0.0) * LOG2E
     if MASK_KIND != 0:
@@ -217,8 +206,7 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
         if IS_CAUSAL:
             visible &= offs_n[None, :] <= qpos[:, None]
         if WINDOW:
-            visible &= ((offs_n[None, :] >= qpos[:, None] - window_left)
-                        & (offs_n[None, :] <= qpos[:, None] + window_right))
+            visible &= _window_visible(offs_n[None, :], qpos[:, None], window_left, window_right)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only hidden keys keeps m = -inf; subtract 0 there (p = 0, not NaN).
@@ -239,14 +227,9 @@ def _decode_fwd(Q, K, V, BlockTable, SeqLens, Alibi, Mask, Sinks, Out, Lse, Part
                  mask=in_m[:, None] & (offs_ev[None, :] < HEAD_DIM_V))
     else:
         if SINKS:
-            # The sink joins the denominator: rescale to m = max(m, sink) and add exp2(sink - m).
+            # The sink joins the denominator (see _fold_sink).
             sink2 = tl.load(Sinks + h, mask=in_m, other=float("-inf")) * LOG2E
-            m_new = tl.maximum(m_i, sink2)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.math.exp2(sink2 - m_safe)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            acc, m_i, l_i = _fold_sink(acc, m_i, l_i, sink2)
         o, lse2 = _normalise(acc, m_i, l_i)
         tl.store(Lse + b * stride_lb + h * stride_lh + i, lse2 * LN2, mask=in_m)
         tl.store(Out + b * stride_ob + i[:, None] * stride_om + h[:, None] * stride_oh + offs_ev[None, :] * stride_oe,

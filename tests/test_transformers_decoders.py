@@ -28,35 +28,10 @@ LOGITS_ATOL = 10 * ATOL[torch.float32]
 GRAD_ATOL = 10 * ATOL_BWD[torch.float32]  # relative to the largest gradient entry of each parameter
 
 
-def _variants_run_on_default_backend() -> bool:
-    """Whether the default CPU backend runs the decoder variants outside the decode route (a (4, 4) prefill
-    with softcap and a window)."""
-    q = torch.randn(1, 2, 4, 8)
-    try:
-        fastattn.scaled_dot_product_attention(q, q, q, is_causal=True, softcap=5.0, window=(2, 0))
-    except (TypeError, NotImplementedError, ValueError):
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def impl() -> str:
-    """The default backend's "fastattn"; while the main (non-decode) kernels do not take the variants yet,
-    a stand-in that runs the one-token decode steps on the default backend (the decode kernels, which run all
-    the variants) and the other calls (prefill, training) on backend="reference" (same semantics)."""
-    if _variants_run_on_default_backend():
-        return fastattn_hf.register()
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    default, reference = fastattn_hf._make_attention_forward(None), fastattn_hf._make_attention_forward("reference")
-
-    def attention(module, query, *args, **kwargs):
-        return (default if query.shape[2] == 1 else reference)(module, query, *args, **kwargs)
-
-    name = "fastattn_decode_kernels_reference_prefill"
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, fastattn_hf.attention_mask)
-    return name
+    """The "fastattn" attention implementation on the default backend."""
+    return fastattn_hf.register()
 
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
