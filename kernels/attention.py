@@ -19,7 +19,7 @@ Launcher contract (shared with the C++ CPU kernels, see fastattn/_cpu.py):
         -> (out, lse), or (out, lse, out_lo) with return_lo
     attention_bwd(dout, q, k, v, out, lse, mask, *, scale, is_causal, dropout_p, seed,
                   mask_needs_grad, out_lo=None, causal_offset=0, window=(-1, -1), softcap=0.0,
-                  alibi_slopes=None) -> (dq, dk, dv, dmask | None)
+                  alibi_slopes=None, sinks=None) -> (dq, dk, dv, dmask | None)
 
 q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) in any strides (read in place). mask: None or 4-D
 with every dim full or 1 (size-1 dims broadcast through stride 0); bool (True = attend) or float
@@ -484,13 +484,13 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, mask: torch.Tensor | None, *, scale: float, is_causal: bool,
                   dropout_p: float, seed: int, mask_needs_grad: bool, out_lo: torch.Tensor | None = None,
                   causal_offset: int = 0, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                  alibi_slopes: torch.Tensor | None = None
+                  alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention backward: (dq, dk, dv, dmask or None), contiguous. dk/dv are summed over each GQA group;
     dmask (float masks, when ``mask_needs_grad``) has the mask's shape and dtype, broadcast dims summed.
     ``out_lo``: the forward's residual code (``return_lo``), for delta from the fp32 output. ``causal_offset``:
     the forward's. Deterministic: no atomics, fixed reduction order. ``window`` / ``softcap`` / ``alibi_slopes``:
-    the forward's (see attention_fwd). No sinks argument: the forward's lse holds the sink, so the recomputed
+    the forward's (see attention_fwd). ``sinks`` is not read: the forward's lse holds the sink, so the recomputed
     P is already the sink softmax (the sinks' own gradient, -sum_{b,i} exp(sink_h - lse) delta, is the op's);
     with ``softcap``, dq / dk take dS (1 - t^2), t = tanh(scale q.k / softcap), dmask dS."""
     B, H, L, _ = q.shape

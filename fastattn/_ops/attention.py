@@ -37,10 +37,11 @@ def causal_offset(q: Tensor, k: Tensor, lower_right: bool) -> int:
 
 
 def variant_kwargs(q: Tensor, window_left: int, window_right: int, softcap: float,
-                   alibi_slopes: Tensor | None, sinks: Tensor | None = None, *, forward: bool = True) -> dict:
+                   alibi_slopes: Tensor | None, sinks: Tensor | None = None) -> dict:
     """The launchers' keyword arguments for the decoder variants that are on (none for a plain call): window
     (left, right), softcap, alibi_slopes as float32 (B, H) (a per-head (H,) tensor as a stride-0 expand), and
-    in the forward sinks as float32 (H,). The backward takes no sinks: the forward's lse includes them."""
+    sinks as float32 (H,). The backward's kernels need no sinks (the forward's lse includes them); a launcher
+    that recomputes lse in more precision than the forward's float32 (the C++ float64 path) reads them."""
     kw = {}
     if (window_left, window_right) != (-1, -1):
         kw["window"] = (window_left, window_right)
@@ -49,7 +50,7 @@ def variant_kwargs(q: Tensor, window_left: int, window_right: int, softcap: floa
     if alibi_slopes is not None:
         a = alibi_slopes.to(torch.float32)
         kw["alibi_slopes"] = a.expand(q.shape[0], q.shape[1]) if a.dim() == 1 else a
-    if forward and sinks is not None:
+    if sinks is not None:
         kw["sinks"] = sinks.to(torch.float32).contiguous()
     return kw
 
@@ -187,16 +188,17 @@ def attention_bwd(
     window_right: int = -1,
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask); dmask has the mask's 4-D shape when ``mask_needs_grad`` else is empty.
     ``out_lo``: the forward's (``return_lo``), or None (or empty): delta then comes from out alone. The
-    variants as the forward took them; no sinks: ``lse`` includes them (their gradient is ``sinks_grad``)."""
+    variants as the forward took them (``lse`` includes the sinks; their own gradient is ``sinks_grad``)."""
     launcher = _launchers.launcher_for("attention", backend, q.device)
     dq, dk, dv, dmask = launcher.attention_bwd(
         dout, q, k, v, out, lse, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
         seed=int(seed.item()), mask_needs_grad=mask_needs_grad, out_lo=lo_or_none(out_lo),
         causal_offset=causal_offset(q, k, lower_right),
-        **variant_kwargs(q, window_left, window_right, softcap, alibi_slopes, forward=False))
+        **variant_kwargs(q, window_left, window_right, softcap, alibi_slopes, sinks))
     if dmask is None:
         dmask = q.new_empty(0)
     return contiguous_grad(dq), contiguous_grad(dk), contiguous_grad(dv), dmask
@@ -209,7 +211,7 @@ def contiguous_grad(t: Tensor) -> Tensor:
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right, dropout_p, seed, backend,
-      mask_needs_grad, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+      mask_needs_grad, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
     dmask = torch.empty_like(mask, memory_format=torch.contiguous_format) if mask_needs_grad else q.new_empty(0)
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -233,7 +235,7 @@ def _backward(ctx, dout, _dlse, _dlo):
     mask_needs_grad = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = attention_bwd(dout, q, k, v, out, lse, out_lo, mask, scale, is_causal, lower_right,
                                       dropout_p, seed, backend, mask_needs_grad, window_left, window_right, softcap,
-                                      alibi_slopes)
+                                      alibi_slopes, sinks)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[15]:
         dsinks = sinks_grad(sinks, lse, dout, out, out_lo)
