@@ -9,10 +9,10 @@
 // GQA group, row r = i * G + g) are processed together, so each K / V row of the item's keys is read once
 // for the whole group, in key order (sequential rows, which the hardware prefetcher follows). Keys go by in
 // blocks of kBlockN:
-//   1. scores: a tile of kRowTile query rows x kDotKeys keys of dot products is accumulated in registers over
+//   1. scores: a tile of kRowTile query rows x kDotKeysFor keys of dot products is accumulated in registers over
 //      E (K rows converted to fp32 chunk by chunk); scores are kept in log2 units (log2(e) folded into scale);
 //   2. online softmax per row, vectorised over the block: m = running max, l = running sum of 2^(s - m);
-//   3. acc[r] = acc[r] * 2^(m_old - m) + sum_j p_rj v_j, a group of kAccChunks Ev chunks at a time with the
+//   3. acc[r] = acc[r] * 2^(m_old - m) + sum_j p_rj v_j, a group of kAccChunksFor Ev chunks at a time with the
 //      accumulators of kRowTile rows in registers across the block (the block's V rows stay in L1 between
 //      groups).
 // The keys a window cannot show to any of the item's rows are never read. A split covers a run of whole key
@@ -51,8 +51,12 @@ namespace {
 using simd::vf;
 using simd::W;
 
-constexpr int64_t kBlockN = 32;  // keys per block: a multiple of every ISA's 2 * W
-constexpr int kRowTile = W == 16 ? 4 : 2;  // query rows sharing each K / V chunk load
+constexpr int64_t kBlockN = 32;  // keys per block: a multiple of every ISA's 2 * W and of 8
+#if defined(FASTATTN_HAVE_AVX2)
+constexpr int kRowTile = 4;  // query rows sharing each K / V chunk load (and its widening to fp32)
+#else
+constexpr int kRowTile = 2;  // the portable vectors are emulated: fewer live accumulators
+#endif
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -102,13 +106,36 @@ FASTATTN_INLINE void block_rows(const CacheRows<T>& c, int64_t se, int64_t D, in
   }
 }
 
+// Asks for the cache lines of rows [j0, j0 + nb) (D elements each, unit head-dim stride) ahead of their use:
+// the hardware prefetcher alone keeps too few lines in flight for one K and one V stream per thread.
+template <typename T>
+FASTATTN_INLINE void prefetch_rows(const CacheRows<T>& c, int64_t se, int64_t D, int64_t j0, int64_t nb) {
+  if (se != 1) return;
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < nb; ++j) {
+    const char* r = reinterpret_cast<const char*>(c.row(j0 + j));
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
+  }
+}
+
 // Tile sizes of the two microkernels, chosen so that their accumulators, operands and broadcasts fit the
 // ISA's vector registers (32 with AVX-512, 16 otherwise):
-//   dots: kRowTile rows x kDotKeys keys of accumulators; each q chunk load then feeds kDotKeys FMAs and each
+//   dots: kRowTile rows x kDotKeysFor keys of accumulators; each q chunk load then feeds that many FMAs and each
 //   K chunk load kRowTile FMAs (one load per FMA would leave the loads, not the FMAs, as the limit);
-//   accumulate: kRowTile rows x kAccChunks Ev chunks of accumulators, each p broadcast feeding kAccChunks FMAs.
-constexpr int kDotKeys = W == 16 ? 4 : 2;
-constexpr int kAccChunks = W == 16 ? 4 : 2;
+//   accumulate: kRowTile rows x kAccChunksFor Ev chunks of accumulators, each p broadcast feeding that many FMAs.
+// With AVX2 (16 registers) a tile holds 8 accumulators whatever its row count: NR rows x 8 / NR keys (dots) and
+// NR rows x 8 / NR chunks (accumulate), so a tile of one row (MHA, or the last row of a group) still gives each
+// q or p broadcast several FMAs, and 8 dot products are reduced together (reduce_add8).
+#if defined(FASTATTN_HAVE_AVX512)
+template <int NR> constexpr int kDotKeysFor = 4;
+template <int NR> constexpr int kAccChunksFor = 4;
+#elif defined(FASTATTN_HAVE_AVX2)
+template <int NR> constexpr int kDotKeysFor = NR == 1 ? 8 : NR == 2 ? 4 : 2;
+template <int NR> constexpr int kAccChunksFor = NR == 1 ? 8 : NR == 2 ? 4 : 2;
+#else
+template <int NR> constexpr int kDotKeysFor = 2;
+template <int NR> constexpr int kAccChunksFor = 2;
+#endif
 
 #if defined(FASTATTN_HAVE_AVX512)
 // (sum of a[0], ..., sum of a[3]): the four horizontal sums at once, in 13 instructions instead of 4 x 8.
@@ -124,28 +151,74 @@ FASTATTN_INLINE __m128 reduce_add4(const __m512* a) {
 }
 #endif
 
+#if defined(FASTATTN_HAVE_AVX2) && !defined(FASTATTN_HAVE_AVX512)
+// (sum of a[0], ..., sum of a[7]) in one vector: three rounds of hadd pair up the vectors within each 128-bit
+// half, one add of the two halves finishes (9 instructions instead of 8 x 5).
+FASTATTN_INLINE __m256 reduce_add8(const __m256* a) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  // h0123 = (a0..a3 over the low half | a0..a3 over the high half); likewise h4567 for a4..a7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+#endif
+
+// Paired bfloat16 rows (AVX2). Widening bf16 to fp32 lane by lane (zero-extend 8 halves, shift) costs two
+// instructions per 8 values. Loaded 32 bits at a time instead, 16 bf16 values are two fp32 vectors for the
+// price of one instruction each: the low halves shifted up are the even elements (0, 2, ..., 14), the high
+// halves masked are the odd ones (1, 3, ..., 15). A dot product does not care about the order of its terms, so
+// q is stored in the same "paired" order (each 16-column chunk: its 8 even columns, then its 8 odd ones) and
+// the output accumulators too, which merge_rows puts back in column order. Taken for bfloat16 when E and Ev
+// are multiples of 16 (a whole number of chunks); every other call runs the lane-by-lane path.
+#if defined(FASTATTN_HAVE_AVX2) && !defined(FASTATTN_HAVE_AVX512)
+constexpr bool kHavePairs = true;
+FASTATTN_INLINE void load_pair(const bf16_t* p, __m256& even, __m256& odd) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#else
+constexpr bool kHavePairs = false;
+template <typename T> FASTATTN_INLINE void load_pair(const T*, vf&, vf&) {}  // never called
+#endif
+// Where column e of a paired row is stored.
+FASTATTN_INLINE int64_t paired(int64_t e) { return (e & ~int64_t{15}) | ((e & 1) << 3) | ((e & 15) >> 1); }
+
 // s[t * kBlockN + j] = mul * <qf[t], k_j> for the NR rows of qf (stride Ep, zero-padded), keys j < nb, in
 // groups of KG keys.
-template <typename T, int NR, int KG>
+template <typename T, int NR, int KG, bool kPaired = false>
 FASTATTN_INLINE void dots_group(const float* qf, int64_t Ep, int64_t E, const T* const* kr, float mul, float* s) {
   const int64_t full = E / W, tail = E - full * W;
   vf a[NR][KG];
   for (int t = 0; t < NR; ++t)
     for (int g = 0; g < KG; ++g) a[t][g] = simd::zero();
-  for (int64_t c = 0; c < full; ++c) {
-    vf kv[KG];
-    for (int g = 0; g < KG; ++g) kv[g] = simd::load_cvt(kr[g] + c * W);
-    for (int t = 0; t < NR; ++t) {
-      const vf qv = simd::load(qf + t * Ep + c * W);
-      for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qv, kv[g], a[t][g]);
+  if constexpr (kPaired) {  // E % 16 == 0; qf in paired order
+    for (int64_t c = 0; c < E; c += 2 * W) {
+      for (int g = 0; g < KG; ++g) {
+        vf ke, ko;
+        load_pair(kr[g] + c, ke, ko);
+        for (int t = 0; t < NR; ++t) {
+          a[t][g] = simd::fmadd(simd::load(qf + t * Ep + c), ke, a[t][g]);
+          a[t][g] = simd::fmadd(simd::load(qf + t * Ep + c + W), ko, a[t][g]);
+        }
+      }
     }
-  }
-  if (tail) {
-    vf kv[KG];
-    for (int g = 0; g < KG; ++g) kv[g] = simd::load_cvt_n(kr[g] + full * W, tail);
-    for (int t = 0; t < NR; ++t) {
-      const vf qv = simd::load(qf + t * Ep + full * W);
-      for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qv, kv[g], a[t][g]);
+  } else {
+    for (int64_t c = 0; c < full; ++c) {
+      vf kv[KG];
+      for (int g = 0; g < KG; ++g) kv[g] = simd::load_cvt(kr[g] + c * W);
+      for (int t = 0; t < NR; ++t) {
+        const vf qv = simd::load(qf + t * Ep + c * W);
+        for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qv, kv[g], a[t][g]);
+      }
+    }
+    if (tail) {
+      vf kv[KG];
+      for (int g = 0; g < KG; ++g) kv[g] = simd::load_cvt_n(kr[g] + full * W, tail);
+      for (int t = 0; t < NR; ++t) {
+        const vf qv = simd::load(qf + t * Ep + full * W);
+        for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qv, kv[g], a[t][g]);
+      }
     }
   }
 #if defined(FASTATTN_HAVE_AVX512)
@@ -153,23 +226,33 @@ FASTATTN_INLINE void dots_group(const float* qf, int64_t Ep, int64_t E, const T*
     for (int t = 0; t < NR; ++t) _mm_storeu_ps(s + t * kBlockN, _mm_mul_ps(reduce_add4(a[t]), _mm_set1_ps(mul)));
     return;
   }
+#elif defined(FASTATTN_HAVE_AVX2)
+  if constexpr (NR * KG == 8) {
+    // a[t][g] is a[0][t * KG + g]: the 8 sums come out row-major, KG keys of each row in turn.
+    alignas(32) float r[8];
+    _mm256_store_ps(r, _mm256_mul_ps(reduce_add8(&a[0][0]), _mm256_set1_ps(mul)));
+    for (int t = 0; t < NR; ++t)
+      for (int g = 0; g < KG; ++g) s[t * kBlockN + g] = r[t * KG + g];
+    return;
+  }
 #endif
   for (int t = 0; t < NR; ++t)
     for (int g = 0; g < KG; ++g) s[t * kBlockN + g] = simd::reduce_add(a[t][g]) * mul;
 }
 
-template <typename T, int NR>
+template <typename T, int NR, bool kPaired>
 FASTATTN_INLINE void block_dots(const float* qf, int64_t Ep, int64_t E, const T* const* krows, int64_t nb,
                                 float mul, float* s) {
+  constexpr int KG = kDotKeysFor<NR>;
   int64_t j = 0;
-  for (; j + kDotKeys <= nb; j += kDotKeys) dots_group<T, NR, kDotKeys>(qf, Ep, E, krows + j, mul, s + j);
-  for (; j < nb; ++j) dots_group<T, NR, 1>(qf, Ep, E, krows + j, mul, s + j);
+  for (; j + KG <= nb; j += KG) dots_group<T, NR, KG, kPaired>(qf, Ep, E, krows + j, mul, s + j);
+  for (; j < nb; ++j) dots_group<T, NR, 1, kPaired>(qf, Ep, E, krows + j, mul, s + j);
 }
 
 // acc[t] = acc[t] * alpha[t] + sum_{j < nb} p[t * kBlockN + j] v_j over CG chunks of W columns from column
 // c0 for the NR rows of acc (row stride ast, rows padded to a multiple of W); the last chunk holds `last` <= W
 // columns.
-template <typename T, int NR, int CG>
+template <typename T, int NR, int CG, bool kPaired = false>
 FASTATTN_INLINE void accumulate_group(float* acc, int64_t ast, int64_t c0, int64_t last, const float* p,
                                       const float* alpha, const T* const* vrows, int64_t nb) {
   vf a[NR][CG];
@@ -179,9 +262,13 @@ FASTATTN_INLINE void accumulate_group(float* acc, int64_t ast, int64_t c0, int64
   }
   for (int64_t j = 0; j < nb; ++j) {
     vf vv[CG];
-    for (int c = 0; c < CG; ++c)
-      vv[c] = (c == CG - 1 && last < W) ? simd::load_cvt_n(vrows[j] + c0 + c * W, last)
-                                        : simd::load_cvt(vrows[j] + c0 + c * W);
+    if constexpr (kPaired) {  // CG even, whole chunks: chunk 2c holds the pair's even columns, 2c + 1 its odd
+      for (int c = 0; c < CG; c += 2) load_pair(vrows[j] + c0 + c * W, vv[c], vv[c + 1]);
+    } else {
+      for (int c = 0; c < CG; ++c)
+        vv[c] = (c == CG - 1 && last < W) ? simd::load_cvt_n(vrows[j] + c0 + c * W, last)
+                                          : simd::load_cvt(vrows[j] + c0 + c * W);
+    }
     for (int t = 0; t < NR; ++t) {
       const vf pv = simd::set1(p[t * kBlockN + j]);
       for (int c = 0; c < CG; ++c) a[t][c] = simd::fmadd(pv, vv[c], a[t][c]);
@@ -191,19 +278,20 @@ FASTATTN_INLINE void accumulate_group(float* acc, int64_t ast, int64_t c0, int64
     for (int c = 0; c < CG; ++c) simd::store(acc + t * ast + c0 + c * W, a[t][c]);
 }
 
-template <typename T, int NR>
+template <typename T, int NR, bool kPaired>
 FASTATTN_INLINE void block_accumulate(float* acc, int64_t ast, int64_t Ev, const float* p, const float* alpha,
                                       const T* const* vrows, int64_t nb) {
+  constexpr int CG = kAccChunksFor<NR>;
   const int64_t chunks = (Ev + W - 1) / W;
-  for (int64_t c = 0; c < chunks; c += kAccChunks) {
-    const int64_t cg = std::min<int64_t>(kAccChunks, chunks - c);
-    const int64_t last = Ev - (c + cg - 1) * W;  // columns of the group's last chunk
-    switch (cg) {
-      case 4: accumulate_group<T, NR, 4>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
-      case 3: accumulate_group<T, NR, 3>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
-      case 2: accumulate_group<T, NR, 2>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
-      default: accumulate_group<T, NR, 1>(acc, ast, c * W, last, p, alpha, vrows, nb); break;
-    }
+  int64_t c = 0;
+  for (; c + CG <= chunks; c += CG) {
+    const int64_t last = Ev - (c + CG - 1) * W;  // columns of the group's last chunk
+    accumulate_group<T, NR, CG, kPaired>(acc, ast, c * W, last, p, alpha, vrows, nb);
+  }
+  if constexpr (kPaired) {  // chunks is even: the rest a pair at a time
+    for (; c < chunks; c += 2) accumulate_group<T, NR, 2, true>(acc, ast, c * W, W, p, alpha, vrows, nb);
+  } else {
+    for (; c < chunks; ++c) accumulate_group<T, NR, 1>(acc, ast, c * W, Ev - c * W, p, alpha, vrows, nb);
   }
 }
 
@@ -241,7 +329,7 @@ FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, in
 }
 
 // Runs item (b, hk, split) and leaves each row's [m, l, acc] at state + r * (kStateHead + Evp).
-template <typename T, bool kVariants>
+template <typename T, bool kVariants, bool kPaired>
 void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float* state) {
   const int64_t G = p.H / p.Hk, L = p.L, R = G * L, E = p.E, Ev = p.Ev;
   const int64_t Ep = round_up(E, W), Evp = round_up(Ev, W), stride = kStateHead + Evp;
@@ -290,7 +378,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
     const int64_t i = r / G, h = hk * G + r % G;
     const T* qr = reinterpret_cast<const T*>(p.q.ptr) + b * p.q.sb + h * p.q.sh + i * p.q.sl;
     float* qf = buf.qf + r * Ep;
-    for (int64_t e = 0; e < E; ++e) qf[e] = to_f32(qr[e * p.q.se]);
+    for (int64_t e = 0; e < E; ++e) qf[kPaired ? paired(e) : e] = to_f32(qr[e * p.q.se]);
     std::fill(qf + E, qf + Ep, 0.f);
     const int64_t ip = qbase + i;
     const int64_t big = std::numeric_limits<int64_t>::max() / 4;
@@ -307,9 +395,12 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
   const float cap = static_cast<float>(p.softcap);
   for (int64_t j0 = k0; j0 < k1; j0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, k1 - j0);
+    // This block's V rows (read after its scores) and the next block's K rows.
+    prefetch_rows(vc, p.v.se, Ev, j0, nb);
+    if (j0 + kBlockN < k1) prefetch_rows(kc, p.k.se, E, j0 + kBlockN, std::min(kBlockN, k1 - j0 - kBlockN));
     block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
     for_row_tiles(R, [&](int64_t r0, auto nr) {
-      block_dots<T, decltype(nr)::value>(buf.qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, buf.s + r0 * kBlockN);
+      block_dots<T, decltype(nr)::value, kPaired>(buf.qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, buf.s + r0 * kBlockN);
     });
     for (int64_t r = 0; r < R; ++r) {
       float* s = buf.s + r * kBlockN;
@@ -357,7 +448,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
     }
     block_rows(vc, p.v.se, Ev, j0, nb, buf.vst, buf.vrows);
     for_row_tiles(R, [&](int64_t r0, auto nr) {
-      block_accumulate<T, decltype(nr)::value>(state + r0 * stride + kStateHead, stride, Ev, buf.s + r0 * kBlockN,
+      block_accumulate<T, decltype(nr)::value, kPaired>(state + r0 * stride + kStateHead, stride, Ev, buf.s + r0 * kBlockN,
                                                buf.alpha + r0, buf.vrows, nb);
     });
   }
@@ -366,7 +457,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
 // Writes out / lse of the R rows of (b, hk) from the states of its splits (split s's row r at
 // states + (s * R + r) * stride): M = max_s m_s (and the sink), l = sum_s 2^(m_s - M) l_s [+ 2^(sink - M)],
 // out = sum_s 2^(m_s - M) acc_s / l, lse = (M + log2 l) ln 2, splits taken in order.
-template <typename T>
+template <typename T, bool kPaired>
 void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, const float* states, float* tmp) {
   const int64_t G = p.H / p.Hk, R = G * p.L, Ev = p.Ev, Evp = round_up(Ev, W), stride = kStateHead + Evp;
   for (int64_t r = 0; r < R; ++r) {
@@ -391,13 +482,13 @@ void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, co
     if (p.sinks) l += std::exp2(sink - M_use);
     const float inv = l == 0.f ? 0.f : 1.f / l;
     T* o = reinterpret_cast<T*>(p.out.ptr) + b * p.out.sb + h * p.out.sh + i * p.out.sl;
-    for (int64_t e = 0; e < Ev; ++e) o[e * p.out.se] = from_f32<T>(tmp[e] * inv);
+    for (int64_t e = 0; e < Ev; ++e) o[e * p.out.se] = from_f32<T>(tmp[kPaired ? paired(e) : e] * inv);
     float* lse = reinterpret_cast<float*>(p.lse.ptr) + b * p.lse.sb + h * p.lse.sh + i * p.lse.sl;
     *lse = l == 0.f ? kNegInf : (M_use + std::log2(l)) * kLn2;
   }
 }
 
-template <typename T, bool kVariants>
+template <typename T, bool kVariants, bool kPaired>
 void decode_typed(const DecodeParams& p) {
   const int64_t G = p.H / p.Hk, R = G * p.L, Evp = round_up(p.Ev, W), stride = kStateHead + Evp;
   const int64_t splits = p.num_splits, items = p.B * p.Hk * splits;
@@ -408,8 +499,8 @@ void decode_typed(const DecodeParams& p) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t b = it / p.Hk, hk = it % p.Hk;
         std::unique_ptr<float[]> mine(new float[item_floats + Evp]);
-        run_item<T, kVariants>(p, b, hk, 0, mine.get());
-        merge_rows<T>(p, b, hk, 1, mine.get(), mine.get() + item_floats);
+        run_item<T, kVariants, kPaired>(p, b, hk, 0, mine.get());
+        merge_rows<T, kPaired>(p, b, hk, 1, mine.get(), mine.get() + item_floats);
       }
     }, 1);
     return;
@@ -419,20 +510,28 @@ void decode_typed(const DecodeParams& p) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t s = it % splits, bh = it / splits;
       // States of (b, hk) are stored split-major: split s's row r at (bh * splits + s) * R + r.
-      run_item<T, kVariants>(p, bh / p.Hk, bh % p.Hk, s, states.get() + (bh * splits + s) * item_floats);
+      run_item<T, kVariants, kPaired>(p, bh / p.Hk, bh % p.Hk, s, states.get() + (bh * splits + s) * item_floats);
     }
   }, 1);
   parallel_for(p.B * p.Hk, p.num_threads, [&](int64_t begin, int64_t end, int) {
     std::unique_ptr<float[]> tmp(new float[Evp + 1]);
     for (int64_t bh = begin; bh < end; ++bh)
-      merge_rows<T>(p, bh / p.Hk, bh % p.Hk, splits, states.get() + bh * splits * item_floats, tmp.get());
+      merge_rows<T, kPaired>(p, bh / p.Hk, bh % p.Hk, splits, states.get() + bh * splits * item_floats, tmp.get());
   });
 }
 
 template <typename T>
 void decode_dtype(const DecodeParams& p) {
-  if (p.softcap > 0.0 || p.alibi != 0 || p.mask_dtype != kNone) decode_typed<T, true>(p);
-  else decode_typed<T, false>(p);
+  const bool variants = p.softcap > 0.0 || p.alibi != 0 || p.mask_dtype != kNone;
+  if constexpr (kHavePairs && std::is_same<T, bf16_t>::value) {
+    if (p.E % 16 == 0 && p.Ev % 16 == 0) {
+      if (variants) decode_typed<T, true, true>(p);
+      else decode_typed<T, false, true>(p);
+      return;
+    }
+  }
+  if (variants) decode_typed<T, true, false>(p);
+  else decode_typed<T, false, false>(p);
 }
 
 }  // namespace
@@ -450,6 +549,14 @@ void check_decode_params(const DecodeParams& p) {
   if (p.block_table != 0 && p.page_size < 1) fail("page_size must be >= 1");
   if (p.block_table != 0 && p.mask_dtype != kNone) fail("mask is supported with a contiguous cache only");
   if (p.seqlens == 0 && p.B > 0) fail("cache_seqlens is missing");
+}
+
+int64_t decode_num_splits(int64_t items, int64_t keys, int threads) {
+  const int64_t want = 4 * std::max(1, threads);
+  if (items >= want) return 1;
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  return std::max<int64_t>(1, std::min({cdiv(want, std::max<int64_t>(1, items)), cdiv(keys, kDecodeMinSplitKeys),
+                                        kDecodeMaxSplits}));
 }
 
 void decode(const DecodeParams& p) {
@@ -494,6 +601,8 @@ void register_decode(py::module_& m) {
       .def_readwrite("window_right", &DecodeParams::window_right)
       .def_readwrite("num_splits", &DecodeParams::num_splits)
       .def_readwrite("num_threads", &DecodeParams::num_threads);
+  m.def("decode_num_splits", &decode_num_splits, py::arg("items"), py::arg("keys"), py::arg("threads"),
+        "The key splits the eager route gives a decode call (csrc/decode.h; fastattn/_cpu.py decode_num_splits).");
   m.def("decode_fwd",
         [](const DecodeParams& p) {
           check_decode_params(p);

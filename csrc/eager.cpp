@@ -8,12 +8,22 @@
 // checks, the one source of error messages, raise them. It raises only for internal errors (a torch call
 // that fails, an allocation). No torch headers: the torch objects it compares against arrive once, through
 // eager_init (fastattn/_cpu.py).
+//
+// Decode-shaped calls (fastattn/functional.py decode_route: L <= 16 query rows against S >= 4 L keys, fp16 /
+// bf16 / fp32, E, Ev <= 256) run the decode kernel (decode.cpp) exactly as the Python decode route has the
+// launcher run it (fastattn/functional.py _decode, fastattn/_cpu.py _decode_fwd): every sequence of length
+// n = L for top-left is_causal (the keys past L, which no row sees, are never read) and S otherwise, the same
+// views, scale, threads and key splits (decode_num_splits), so the results are bit-identical. The other calls
+// run the attention kernel, as the attention op would.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <vector>
 
+#include "decode.h"
 #include "forward.h"
 #include "params.h"
 #include "register.h"
@@ -204,6 +214,9 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
     p.mask.sb = st[0]; p.mask.sh = st[1]; p.mask.sl = st[2]; p.mask.se = st[3];
     p.mask_dtype = m.dtype;
   }
+  // decode_route's shape and dtype rule (the grad, dropout, tracing and backend parts are checked above).
+  const bool decode_shaped = L <= 16 && S >= 4 * L && E <= 256 && Ev <= 256 &&
+                             (q.dtype == kF32 || q.dtype == kF16 || q.dtype == kBF16);
   p.B = B; p.H = H; p.Hk = Hk; p.L = L; p.S = S; p.E = E; p.Ev = Ev;
   p.scale = scale.is_none() ? 1.0 / std::sqrt(static_cast<double>(E)) : sc;
   p.is_causal = is_causal.ptr() == Py_True;
@@ -235,6 +248,40 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
     p.lse.ptr = data_ptr(lse.ptr());  // contiguous (B, H, L)
     p.lse.sb = H * L; p.lse.sh = L; p.lse.sl = 1;
   }  // else p.lse.ptr = 0: the kernel skips the lse
+  if (decode_shaped) {
+    DecodeParams d;
+    d.q = p.q; d.k = p.k; d.v = p.v; d.out = p.out;
+    d.mask = p.mask;
+    d.mask_dtype = p.mask_dtype;
+    d.dtype = p.dtype;
+    d.B = B; d.H = H; d.Hk = Hk; d.L = L; d.E = E; d.Ev = Ev;
+    // Lower-right causal over the first n keys places row i at n - L + i: n = L is is_causal's top-left row i.
+    const std::vector<int32_t> seqlens(static_cast<size_t>(B), static_cast<int32_t>(p.is_causal ? L : S));
+    d.seqlens = reinterpret_cast<uintptr_t>(seqlens.data());
+    std::vector<float> lse_scratch;  // the kernel always writes the lse
+    if (lse) {
+      d.lse = p.lse;
+    } else {
+      lse_scratch.resize(static_cast<size_t>(B * H * L));
+      d.lse.ptr = reinterpret_cast<uintptr_t>(lse_scratch.data());
+      d.lse.sb = H * L; d.lse.sh = L; d.lse.sl = 1;
+    }
+    d.scale = p.scale;
+    d.causal = p.is_causal;
+    d.num_threads = p.num_threads;
+    d.num_splits = decode_num_splits(B * Hk, S, p.num_threads);  // the launcher's keys: the cache's S
+    try {
+      check_decode_params(d);
+    } catch (const std::invalid_argument&) {
+      return py::none();
+    }
+    {
+      py::gil_scoped_release nogil;
+      decode(d);
+    }
+    if (lse) return py::make_tuple(out, lse);
+    return out;
+  }
   if (forward_params_error(p) != nullptr) return py::none();  // declined, never raised: Python names the problem
   {
     py::gil_scoped_release nogil;

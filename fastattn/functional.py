@@ -2,6 +2,15 @@
 
 Three routes take a call:
 
+* CPU eager inference: the whole call in C++. A call whose query is a plain CPU ``torch.Tensor`` and that uses
+  none of the decoder variants is offered to ``eager_fwd`` of the C++ kernel module (csrc/eager.cpp, through
+  the CPython API, no torch headers). It takes plain eager inference: 4-D query / key / value, no dropout,
+  backend None or "cpu", nothing empty, nothing that needs a gradient, no tracing, ``torch.compile``, dispatch
+  mode or functorch transform. It reads the tensors, allocates the output as the op does and runs the kernel
+  the op would run, so the results are bit-identical: decode-shaped calls (the decode route's rule below) the
+  decode kernel with the decode launcher's views, scale, threads and key splits, the others the attention
+  kernel. It returns None for every call it cannot take whole, including every call with a bad argument,
+  without raising: the checks and their errors are Python's (fastattn/_validation.py).
 * Decode: inference on a short query block against many keys (``decode_route``: L <= 16 query rows, S >= 4 L
   keys, no dropout, nothing that needs a gradient, no torch.compile or functorch transform, fp16 / bf16 /
   fp32, head dims <= 256) runs the op ``fastattn::decode_fwd`` (fastattn/_ops/decode.py), which splits the keys
@@ -9,15 +18,9 @@ Three routes take a call:
   (nothing copied) with every sequence's length S; the mask (bool or float) through its broadcast strides;
   is_causal (top-left: row i sees keys j <= i) as the decode kernel's lower-right causal over the first L keys
   only (length L: row i sits at position L - L + i = i), a lower-right CausalBias as lower-right causal over all
-  S keys; the output is laid out as the attention op lays out its own (``empty_output``). On CPU tensors this
-  route comes before the eager route below, and only where the CPU decode launcher is built.
-* CPU eager inference: the whole call in C++. A call whose query is a plain CPU ``torch.Tensor`` is offered to
-  ``eager_fwd`` of the C++ kernel module (csrc/eager.cpp, through the CPython API, no torch headers). It takes
-  plain eager inference: 4-D query / key / value, no dropout, backend None or "cpu", nothing empty, nothing
-  that needs a gradient, no tracing, ``torch.compile``, dispatch mode or functorch transform. It reads the
-  tensors, allocates the output as the op does and runs the same kernel, so the results are bit-identical. It
-  returns None for every call it cannot take whole, including every call with a bad argument, without raising:
-  the checks and their errors are Python's (fastattn/_validation.py).
+  S keys; the variants as the decode kernel's own (a window or ALiBi only where the row positions agree:
+  lower-right, or top-left causal); the output is laid out as the attention op lays out its own
+  (``empty_output``).
 * Everything else goes through the custom op ``fastattn::attention_fwd`` (fastattn/_ops/attention.py), which
   autograd, torch.compile, torch.export and opcheck see.
 """
@@ -93,13 +96,6 @@ def _causal_bias(bias: CausalBias, query: Tensor, key: Tensor, is_causal) -> boo
         raise ValueError(f"attn_mask is a CausalBias for (L, S) = ({bias.seq_len_q}, {bias.seq_len_kv}), but the "
                          f"query has L = {L} and the key S = {S}")
     return bias.variant == CausalVariant.LOWER_RIGHT and L != S
-
-
-def _decode_candidate(query, key, dropout_p, backend) -> bool:
-    """Before any check: a call the decode route may take, which the CPU eager route then leaves alone (a call
-    that the decode route declines after all runs the attention op, the eager route's kernel)."""
-    return (type(key) is Tensor and query.dim() >= 2 and key.dim() >= 2 and dropout_p == 0.0
-            and decode_shaped(query.shape[-2], key.shape[-2]) and _decode_launcher_built(backend, query.device))
 
 
 def _decode(q4: Tensor, k4: Tensor, v4: Tensor, mask4: Tensor | None, scale: float, is_causal: bool,
@@ -178,8 +174,7 @@ def scaled_dot_product_attention(
     """
     variants = (window is not None or softcap is not None or sinks is not None or alibi_slopes is not None
                 or lower_right is not False)
-    if (not variants and not torch.compiler.is_compiling() and type(query) is Tensor and query.is_cpu
-            and not _decode_candidate(query, key, dropout_p, backend)):
+    if not variants and not torch.compiler.is_compiling() and type(query) is Tensor and query.is_cpu:
         # The CPU eager inference route (module doc); None: the call takes the op below.
         eager = _launchers.cpu_eager()
         if eager is not None:

@@ -182,6 +182,8 @@ TINY_OPS = [
     ("varlen", dict(B=4, L=32, S=32, mask="bert"), None),
     ("varlen", dict(B=4, L=32, S=32, mask="short", mode="fwd+bwd"), None),
     ("hard", dict(top_k=3), "reference"),
+    ("decode", dict(H=4, Hk=2, L=1, S=77, E=8), "reference"),
+    ("decode", dict(B=1, H=2, L=1, S=40, E=16, dtype="bf16"), "reference"),
 ]
 
 
@@ -201,12 +203,39 @@ def test_fastattn_provider_runs_a_tiny_case(op, fields, against):
     x = o.inputs(c, False)
     got = o.provider("fastattn-cpu").fn(x)
     if against is not None:
-        torch.testing.assert_close(got, o.provider(against).fn(x), atol=1e-5, rtol=1e-5)
+        tol = 1e-5 if c.dtype == "f32" else 1e-2
+        torch.testing.assert_close(got.float(), o.provider(against).fn(x).float(), atol=tol, rtol=tol)
     else:  # varlen: the packed output holds the padded batch's real rows
         padded = o.provider("fastattn-cpu-padded").fn(x)
         torch.testing.assert_close(padded, o.provider("torch").fn(x), atol=1e-5, rtol=1e-5)
         real = x["attn_mask"].view(c.B, c.S)
         torch.testing.assert_close(got, padded.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _launchers.cpu_available()[0], reason="the C++ CPU kernels are not built")
+def test_decode_rows_report_bytes_and_read_bandwidth(capsys, monkeypatch, tmp_path):
+    """The decode family's rows carry the bytes of K and V read, GB/s and the share of the read bandwidth
+    measured in the same run; the tables and the summary show them."""
+    c = tiny_case(op="decode", H=4, Hk=2, L=1, S=64, E=8)
+    assert fb.OPERATIONS["decode"].bytes_read(c) == c.B * 2 * 64 * (8 + 8) * 4
+    rep = fb.run([c], None, TINY, progress=False, measure_memory=False, command="test")
+    assert rep["read_bandwidth"]["cpu"] > 0
+    rows = {r.provider: r for r in fb.results_of(rep)}
+    assert {"torch", "fastattn-cpu", "reference"} <= set(rows)
+    for r in rows.values():
+        assert r.ok and r.bytes_read == c.B * 2 * 64 * 16 * 4
+        assert r.bytes_per_s == pytest.approx(r.bytes_read / r.median_s)
+        assert r.bandwidth_frac == pytest.approx(r.bytes_per_s / rep["read_bandwidth"]["cpu"])
+    table = fb.format_bandwidth_table(rep)
+    assert "% read bw" in table.splitlines()[0] and "fastattn-cpu" in table
+    assert "read bandwidth" in fb.format_summary(rep) and "read bandwidth cpu" in fb.format_header(rep)
+    assert fb.format_bandwidth_table(fb.run([tiny_case()], ["torch"], TINY, progress=False,
+                                            measure_memory=False)) == ""
+    # The CLI runs the family when named (it is not in the default run) and prints the bandwidth table.
+    monkeypatch.setattr(fb.timing, "QUICK", TINY)
+    assert cli.main(["bench", "--op", "decode", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "decode-cpu-B1-H32_8-L1-S4096-E128-bf16-fwd" in listed and "5 case(s)" in listed
 
 
 def test_default_run_is_sdpa_and_case_ids_are_unique():

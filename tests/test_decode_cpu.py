@@ -199,3 +199,14 @@ def test_empty_head_dims(E, Ev):
     """E = 0: every score is 0 (uniform weights); Ev = 0: an empty output, the lse still computed."""
     q, k, v, lens, _ = _problem(E=E, Ev=Ev)
     _check("avx512" if _cpu._unusable_reason("avx512") is None else "portable", q, k, v, lens, None, scale=1.0)
+
+
+def test_num_splits_rule_is_the_eager_routes():
+    """The eager route (csrc/eager.cpp) splits the keys with the C++ copy of the launcher's rule."""
+    from fastattn import _cpu
+    mod = _cpu.module()
+    for items in (1, 2, 3, 7, 8, 9, 32, 128):
+        for keys in (1, 1023, 1024, 1025, 4096, 32768, 10**6):
+            for threads in (1, 2, 3, 16):
+                assert mod.decode_num_splits(items, keys, threads) == _cpu.decode_num_splits(items, keys, threads), \
+                    (items, keys, threads)

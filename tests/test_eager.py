@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import _cpu, _launchers
-from conftest import DTYPE_IDS, make_qkv
+from conftest import DTYPE_IDS, make_qkv, padding_mask
 
 ALL = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -148,3 +148,74 @@ def test_inputs_not_modified_and_fresh_output():
     assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
     for t, t0 in zip((q, k, v, mask), before):
         assert torch.equal(t, t0)
+
+
+# ------------------------------------------------------------------------------------------ decode shapes
+def _python_route(monkeypatch, *args, **kw):
+    """fastattn.scaled_dot_product_attention with the eager entry switched off: the Python path, whose decode
+    route runs the op fastattn::decode_fwd."""
+    with monkeypatch.context() as m:
+        m.setattr(_launchers, "cpu_eager", lambda: None)
+        return fastattn.scaled_dot_product_attention(*args, **kw)
+
+
+DECODE_SHAPES = {  # (B, H, Hk, L, S, E, Ev)
+    "L1-gqa4": (2, 8, 2, 1, 77, 40, 24),
+    "L3-mha-odd": (2, 3, 3, 3, 37, 17, 33),
+    "L16-S64": (1, 4, 2, 16, 64, 64, 64),
+    "L1-split": (1, 4, 2, 1, 2100, 32, 32),  # B * Hk items < 4 threads each: the keys are split (and merged)
+}
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool-pad", "float-full", "float-inf"])
+@pytest.mark.parametrize("shape", list(DECODE_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_decode_shaped_same_bits_as_decode_route(monkeypatch, eager_took, dtype, shape, mask_kind):
+    """A decode-shaped call (L <= 16, S >= 4 L) runs the decode kernel from C++ with the launcher's views, scale,
+    threads and key splits: the same bits as the Python path's decode route (the op fastattn::decode_fwd),
+    output strides and lse included, with or without a mask, causal (top-left: the first L keys) or not, for
+    (B, N, H, D)-strided views."""
+    B, H, Hk, L, S, E, Ev = DECODE_SHAPES[shape]
+    q, k, v = make_qkv(B, H, Hk, L, S, E, Ev, dtype, bshd=True)
+    mask = (padding_mask([S // 3, S][:B], S) if mask_kind == "bool-pad"  # B = 1: a short sequence
+            else MASKS[mask_kind](B, H, L, S, dtype))
+    for is_causal, scale in [(False, None), (True, 0.3)]:
+        out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, scale=scale,
+                                                         enable_gqa=Hk != H, return_lse=True)
+        assert eager_took[-1] is True, "the eager entry declined a plain decode-shaped call"
+        want, want_lse = _python_route(monkeypatch, q, k, v, mask, is_causal=is_causal, scale=scale,
+                                       enable_gqa=Hk != H, return_lse=True)
+        assert out.dtype == dtype and out.shape == want.shape and out.stride() == want.stride()
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        plain = fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, scale=scale,
+                                                      enable_gqa=Hk != H)  # no lse asked: scratch lse
+        assert torch.equal(plain, want)
+    # contiguous inputs: the output takes the query's layout
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    out = fastattn.scaled_dot_product_attention(qc, kc, vc, mask, enable_gqa=Hk != H)
+    want = _python_route(monkeypatch, qc, kc, vc, mask, enable_gqa=Hk != H)
+    assert out.stride() == want.stride() and torch.equal(out, want)
+
+
+def test_decode_shaped_route_matches_the_reference():
+    """The eager decode path computes attention (fastattn.reference in float64, the tolerance policy)."""
+    from fastattn import reference, testing
+    q, k, v = make_qkv(1, 8, 2, 2, 300, 64, 64, torch.bfloat16)
+    mask = torch.rand(1, 1, 2, 300) > 0.2
+    out = _eager(q, k, v, mask, enable_gqa=True)
+    assert out is not None
+    ref64 = reference.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), mask, enable_gqa=True)
+    ref_lp = reference.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, upcast=False)
+    testing.assert_close("eager decode", out, ref64, ref_lp)
+
+
+def test_decode_shaped_calls_the_decode_route_declines(monkeypatch):
+    """Decode-shaped calls outside the decode rule (float64, head dim > 256) run the attention kernel from C++,
+    as the Python path runs the attention op for them; requires_grad still declines."""
+    for dtype, E in [(torch.float64, 32), (torch.float32, 264)]:
+        q, k, v = make_qkv(1, 2, 2, 1, 40, E, E, dtype)
+        out = _eager(q, k, v)
+        assert out is not None
+        assert torch.equal(out, _python_route(monkeypatch, q, k, v))
+    q, k, v = make_qkv(1, 2, 2, 1, 40, 32, 32)
+    assert _eager(q.requires_grad_(), k, v) is None

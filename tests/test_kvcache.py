@@ -333,6 +333,9 @@ def test_sdpa_decode_route(backend, kw, monkeypatch):
 
     calls = []
     monkeypatch.setattr(functional, "decode_fwd", lambda *a: calls.append(a) or decode_op(*a))
+    # The Python path (the CPU eager entry runs the same kernel from C++ with the same bits: tests/test_eager.py).
+    from fastattn import _launchers
+    monkeypatch.setattr(_launchers, "cpu_eager", lambda: None)
     out, lse = fastattn.scaled_dot_product_attention(q, k, v, **args, backend=backend, return_lse=True)
     assert len(calls) == 1
     assert out.stride() == empty_output(q, v, 0.0).stride() and out.dtype == q.dtype

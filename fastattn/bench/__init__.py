@@ -11,7 +11,9 @@ What is measured, and how (the rules every number in a report follows):
   load hits them alike. We report the median time per call over the rounds and the interquartile range as
   the spread. CUDA rounds are bracketed by ``torch.cuda.synchronize()``.
 * Ceiling: the throughput of a large square ``torch.mm`` in each dtype, measured in the same run with the
-  same threads, is what the GFLOP/s are compared with ("% mm").
+  same threads, is what the GFLOP/s are compared with ("% mm"). Memory-bound operations (decode) also give
+  the bytes they read and GB/s, compared with the read bandwidth measured in the same run (``torch.sum`` over
+  256 MiB, best of 5: "% read bw").
 * Memory (``memory.py``): the peak above what was live before one call. CPU: the process's resident-set
   high-water mark (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim(0)`` hands
   cached free memory back), which also sees a C++ kernel's own scratch buffers. CUDA:
@@ -21,7 +23,7 @@ The modules, in the order a run uses them:
 
     cases.py      Case (one configuration), the FLOP formula
     registry.py   Operation, Provider, register(), the shared availability checks, select_cases()
-    ops/          one module per operation (sdpa, additive, varlen, hard), each registering itself
+    ops/          one module per operation (sdpa, additive, varlen, hard, decode), each registering itself
     timing.py     the timer, the timed call of a case (forward, or forward + backward), the matmul ceiling
     memory.py     peak memory of one call, in this process or a fresh one
     run.py        run_case(), run_memory_case(), run(): a selection -> the report
@@ -43,10 +45,10 @@ from fastattn.bench.encoders import ENCODER_PROVIDERS, load_encoders, mean_poole
 from fastattn.bench.memory import MIB, cpu_memory_supported, memory_in_subprocess, peak_memory
 from fastattn.bench.registry import (BASELINE, OPERATIONS, Operation, Provider, need_cpu_kernel, need_naive_memory,
                                      need_triton_kernel, register, select_cases)
-from fastattn.bench.report import (Change, Result, compare_reports, format_compare, format_header,
-                                   format_memory_table, format_summary, format_table, geomean, load_report,
+from fastattn.bench.report import (Change, Result, compare_reports, format_bandwidth_table, format_compare,
+                                   format_header, format_memory_table, format_summary, format_table, geomean, load_report,
                                    results_of, save_report)
 from fastattn.bench.run import Progress, machine_info, run, run_case, run_memory_case
 from fastattn.bench.timing import (FULL, QUICK, Settings, Timing, ceiling_for, make_call, matmul_ceiling,
-                                   synchronizer, time_interleaved)
+                                   read_bandwidth, synchronizer, time_interleaved)
 from fastattn.bench.plots import plot

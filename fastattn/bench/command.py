@@ -10,8 +10,8 @@ from fastattn.bench.cases import DTYPES, Case
 from fastattn.bench.memory import MIB
 from fastattn.bench.plots import plot
 from fastattn.bench.registry import OPERATIONS, has_module, select_cases
-from fastattn.bench.report import (compare_reports, format_compare, format_header, format_memory_table,
-                                   format_summary, format_table, load_report, results_of, write_report)
+from fastattn.bench.report import (compare_reports, format_bandwidth_table, format_compare, format_header,
+                                   format_memory_table, format_summary, format_table, load_report, results_of, write_report)
 from fastattn.bench.run import run
 
 
@@ -70,6 +70,10 @@ def main(a) -> int:
     print(format_header(report))
     print()
     print(format_table(report, show_skipped=a.show_skipped))
+    bw = format_bandwidth_table(report)
+    if bw:
+        print("\nMemory-bound rows: bytes of K and V read per call, and their rate against the read bandwidth:")
+        print(bw)
     mem = format_memory_table(report, show_skipped=a.show_skipped)
     if mem:
         print("\nPeak memory above the inputs (one call, fresh process; RSS high-water mark on CPU):")
@@ -83,6 +87,8 @@ def main(a) -> int:
         print("\nSkipped providers (--show-skipped for every row): "
               + "; ".join(f"{p} ({s[len('skipped: '):]})" for p, s in dict(skipped).items()))
     sections = [format_table(report, markdown=True)]
+    if bw:
+        sections.append(format_bandwidth_table(report, markdown=True))
     if mem:
         sections.append(format_memory_table(report, markdown=True))
     if summary:

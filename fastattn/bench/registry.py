@@ -38,7 +38,9 @@ class Operation:
     """An operation to benchmark: its cases, how to build inputs, who computes it, what it costs.
     ``inputs(case, requires_grad)`` returns the keyword inputs of the providers, on ``case.device``;
     ``grad_inputs`` names the ones differentiated in "fwd+bwd" cases. ``in_default_run``: whether
-    ``fastattn bench`` without ``--op`` runs it (the others run when named: ``--op varlen``)."""
+    ``fastattn bench`` without ``--op`` runs it (the others run when named: ``--op varlen``).
+    ``bytes_read(case)``: for a memory-bound operation, the bytes one call must read; its rows then also
+    report GB/s and the share of the read bandwidth measured in the same run (None: FLOP rates only)."""
     name: str
     description: str
     cases: Callable[[], list[Case]]
@@ -47,6 +49,7 @@ class Operation:
     flops: Callable[[Case], float] = case_flops
     grad_inputs: tuple[str, ...] = ("query", "key", "value")
     in_default_run: bool = True
+    bytes_read: Callable[[Case], float] | None = None
 
     def providers_for(self, case: Case, names: Sequence[str] | None = None) -> list[Provider]:
         """The providers that have ``case``'s device (optionally only those in ``names``), baseline first."""

@@ -35,6 +35,9 @@ class Result:
     speedup: float | None = None  # baseline median / this median (same case)
     peak_bytes: int | None = None
     kept_bytes: int | None = None
+    bytes_read: float | None = None     # memory-bound operations: bytes one call reads (Operation.bytes_read)
+    bytes_per_s: float | None = None    # bytes_read / median
+    bandwidth_frac: float | None = None  # bytes_per_s / the read bandwidth measured in the same run
 
     @property
     def spread(self) -> float | None:
@@ -128,6 +131,7 @@ def text_table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows if i < len(r) and not spans(r, i)])
               for i, h in enumerate(header)]
     right = {i for i, h in enumerate(header) if h in ("median", "IQR", "GFLOP/s", "% mm", "x torch", "peak MiB",
+                                                      "K+V MiB", "GB/s", "% read bw",
                                                       "old", "new", "change", "peak", "kept", "extra", "time")}
 
     def fmt(r):
@@ -157,6 +161,24 @@ def _table_order(r: Result):
     names = [p.name for p in op.providers] if op else []
     return (c.op, c.device, c.mode, c.causal, c.mask, c.dtype != "f32", c.dtype, (c.B, c.H, c.E), c.L, c.S,
             names.index(r.provider) if r.provider in names else len(names), r.provider)
+
+
+BANDWIDTH_COLUMNS = ["op", "dev", "shape", "dtype", "variant", "provider", "median", "K+V MiB", "GB/s", "% read bw",
+                     "x torch"]
+
+
+def format_bandwidth_table(report: dict, *, markdown: bool = False) -> str:
+    """The memory-bound rows (operations with ``bytes_read``): bytes of K and V read per call, GB/s, and their
+    share of the read bandwidth measured in the same run; "" when the report has none."""
+    rows = [r for r in results_of(report) if r.kind == "time" and r.ok and r.bytes_read]
+    cells = []
+    for r in sorted(rows, key=_table_order):
+        c = Case.from_dict(r.case)
+        cells.append([c.op, c.device, c.shape, c.dtype, c.variant, r.provider, fmt_time(r.median_s),
+                      f"{r.bytes_read / MIB:.1f}", "-" if r.bytes_per_s is None else f"{r.bytes_per_s / 1e9:.1f}",
+                      "-" if r.bandwidth_frac is None else f"{100 * r.bandwidth_frac:.0f}%",
+                      "-" if r.speedup is None else f"{r.speedup:.2f}x"])
+    return text_table(BANDWIDTH_COLUMNS, cells, markdown) if cells else ""
 
 
 MEMORY_COLUMNS = ["op", "dev", "shape", "dtype", "variant", "provider", "time", "peak", "kept", "extra", "limit",
@@ -198,9 +220,21 @@ def format_summary(report: dict) -> str:
     lines = []
     for (op, dev, fam, dt, var, prov), rs in sorted(groups.items()):
         share = [r.ceiling_frac for r in rs if r.ceiling_frac]
+        bw = [r.bandwidth_frac for r in rs if r.bandwidth_frac]
         gm = geomean([r.speedup for r in rs])
         lines.append(f"  {op} {dev} {fam:16} {dt:4} {var:18} {prov:16} geomean {gm:5.2f}x torch over {len(rs)} "
-                     f"shape(s)" + (f", {100 * statistics.mean(share):.0f}% of matmul" if share else ""))
+                     f"shape(s)" + (f", {100 * statistics.mean(share):.0f}% of matmul" if share else "")
+                     + (f", {100 * min(bw):.0f}% of read bandwidth at worst" if bw else ""))
+    # Memory-bound families across dtypes (the decode targets mix bf16 and f32): one line each.
+    fams: dict[tuple, list[Result]] = {}
+    for (op, dev, fam, dt, var, prov), rs in groups.items():
+        if any(r.bandwidth_frac for r in rs):
+            fams.setdefault((op, dev, fam, prov), []).extend(rs)
+    for (op, dev, fam, prov), rs in sorted(fams.items()):
+        bw = [r.bandwidth_frac for r in rs if r.bandwidth_frac]
+        lines.append(f"  {op} {dev} {fam:16} all dtypes {prov:16} geomean {geomean([r.speedup for r in rs]):5.2f}x "
+                     f"torch over {len(rs)} case(s), slowest {min(r.speedup for r in rs):.2f}x; read bandwidth "
+                     f"{100 * min(bw):.0f}% at worst, {100 * statistics.mean(bw):.0f}% mean")
     return "\n".join(lines)
 
 
@@ -221,6 +255,8 @@ def format_header(report: dict) -> str:
         low = [k for k, v in ceil.items() if ceiling_for(ceil, *k.split("/")) != v]
         if low:
             lines.append(f"         ({', '.join(low)}: % mm uses the f32 ceiling, which is higher here)")
+    for dev, bw in (report.get("read_bandwidth") or {}).items():
+        lines.append(f"read bandwidth {dev} (torch.sum over 256 MiB float32, best of 5, this run): {bw / 1e9:.1f} GB/s")
     s = report["settings"]
     lines.append(f"timing   median of {s['min_rounds']}..{s['rounds']} rounds of >= {s['min_round_s'] * 1e3:.0f} ms "
                  f"after {s['warmup_s'] * 1e3:.0f} ms warm-up, providers interleaved; IQR = interquartile range")

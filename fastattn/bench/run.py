@@ -18,7 +18,8 @@ from fastattn.bench.cases import Case
 from fastattn.bench.memory import cpu_memory_supported, memory_in_subprocess, peak_memory
 from fastattn.bench.registry import BASELINE, OPERATIONS, has_module
 from fastattn.bench.report import Result
-from fastattn.bench.timing import QUICK, Settings, ceiling_for, make_call, matmul_ceiling, time_interleaved
+from fastattn.bench.timing import (QUICK, Settings, ceiling_for, make_call, matmul_ceiling, read_bandwidth,
+                                   time_interleaved)
 
 
 def machine_info() -> dict:
@@ -55,10 +56,13 @@ def machine_info() -> dict:
 
 
 def run_case(case: Case, providers: Sequence[str] | None = None, settings: Settings = QUICK,
-             ceilings: dict[str, float] | None = None, measure_memory: bool = True) -> list[Result]:
-    """Time one case on each provider that can run it (skips carry the reason), side by side."""
+             ceilings: dict[str, float] | None = None, measure_memory: bool = True,
+             bandwidths: dict[str, float] | None = None) -> list[Result]:
+    """Time one case on each provider that can run it (skips carry the reason), side by side. ``bandwidths``:
+    read bandwidth per device (bytes/s), what memory-bound operations' rows are compared with."""
     op = OPERATIONS[case.op]
     flops = op.flops(case)
+    nbytes = op.bytes_read(case) if op.bytes_read is not None else None
     rows: dict[str, Result] = {}
     calls: dict[str, Callable[[], Any]] = {}
     inputs = {}
@@ -92,6 +96,11 @@ def run_case(case: Case, providers: Sequence[str] | None = None, settings: Setti
             ceil = ceiling_for(ceilings or {}, case.device, case.dtype)
             if ceil and row.flops_per_s:
                 row.ceiling_frac = row.flops_per_s / ceil
+            if nbytes and t.median > 0:
+                row.bytes_read, row.bytes_per_s = nbytes, nbytes / t.median
+                bw = (bandwidths or {}).get(case.device)
+                if bw:
+                    row.bandwidth_frac = row.bytes_per_s / bw
             if measure_memory:
                 row.peak_bytes, row.kept_bytes = peak_memory(calls[name], case.device)
     base = rows.get(BASELINE)
@@ -198,12 +207,16 @@ def run(cases: Sequence[Case], providers: Sequence[str] | None = None, settings:
     for dev, dt in sorted({(c.device, c.dtype) for c in timed} | {(c.device, "f32") for c in timed}):
         bar.step(f"matmul ceiling {dev} {dt}")
         ceilings[f"{dev}/{dt}"] = matmul_ceiling(dt, dev, settings=settings)
+    bandwidths: dict[str, float] = {}
+    for dev in sorted({c.device for c in timed if OPERATIONS[c.op].bytes_read is not None}):
+        bar.step(f"read bandwidth {dev}")
+        bandwidths[dev] = read_bandwidth(dev)
     bar.advance()
     results: list[Result] = []
     try:
         for c in timed:
             bar.step(f"{c.op} {c.shape} {c.dtype} {c.variant}")
-            results += run_case(c, providers, settings, ceilings, measure_memory)
+            results += run_case(c, providers, settings, ceilings, measure_memory, bandwidths)
             bar.advance()
         for c in mem:
             bar.step(f"memory {c.op} {c.shape} {c.variant}")
@@ -218,6 +231,7 @@ def run(cases: Sequence[Case], providers: Sequence[str] | None = None, settings:
         "machine": machine_info(),
         "settings": dataclasses.asdict(settings),
         "ceilings": ceilings,
+        "read_bandwidth": bandwidths,
         "skipped_devices": skipped_devices,
         "seconds": time.perf_counter() - t_start,
         "results": [dataclasses.asdict(r) for r in results],

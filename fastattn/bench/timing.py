@@ -1,5 +1,6 @@
-"""The one timer (:func:`time_interleaved`), the timed call of a case (:func:`make_call`) and the matmul
-ceiling the throughputs are compared with.
+"""The one timer (:func:`time_interleaved`), the timed call of a case (:func:`make_call`), the matmul
+ceiling the throughputs are compared with, and the read bandwidth memory-bound cases are compared with
+(:func:`read_bandwidth`).
 
 Each provider is warmed up, then timed in rounds of enough calls to last ``min_round_s``; the providers of
 a case take turns round by round, so background load hits them alike. We report the median time per call
@@ -169,6 +170,23 @@ def matmul_ceiling(dtype: str, device: str = "cpu", n: int | None = None, settin
         if tf32:
             torch.backends.cuda.matmul.allow_tf32 = prev
     return 2.0 * n**3 / t.median
+
+
+# ================================================================================== read bandwidth
+def read_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s the machine reads from memory now: ``torch.sum`` over a ``mib`` MiB float32 tensor (far larger
+    than any cache) with the current threads, best of ``repeats`` (the first call also faults the pages in).
+    What a memory-bound kernel's GB/s are compared with ("% read bw")."""
+    sync = synchronizer([device])
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        x.sum()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
 
 
 def ceiling_for(ceilings: dict[str, float], device: str, dtype: str) -> float | None:
