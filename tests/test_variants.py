@@ -202,3 +202,18 @@ def test_opcheck_with_variants():
             torch.randn(4, requires_grad=True))
     torch.library.opcheck(attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                            "test_autograd_registration"))
+
+
+def test_vmap_with_variants():
+    """torch.func.vmap over calls with per-call ALiBi slopes and a shared sink vector: each mapped call as if
+    run alone."""
+    q, k, v = (torch.randn(3, 2, 4, 6, 8) for _ in range(3))
+    slopes = torch.rand(3, 2, 4) * 0.3
+    sinks = torch.randn(4)
+
+    def f(q, k, v, a):
+        return fastattn.scaled_dot_product_attention(q, k, v, window=(2, 1), alibi_slopes=a, sinks=sinks)
+
+    got = torch.func.vmap(f)(q, k, v, slopes)
+    want = torch.stack([f(q[n], k[n], v[n], slopes[n]) for n in range(3)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

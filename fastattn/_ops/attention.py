@@ -149,6 +149,7 @@ def _fold_vmap_dim(t: Tensor | None, bdim: int | None, n: int, broadcast: bool =
 def _(info, in_dims, q, k, v, mask, scale, is_causal, lower_right, dropout_p, seed, backend, return_lo,
       window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, sinks=None):
     # torch.func.vmap: the mapped calls become more batch items of one call (every item is independent).
+    in_dims = tuple(in_dims) + (None,) * (16 - len(in_dims))  # the defaulted arguments the caller left out
     if in_dims[8] is not None:
         raise ValueError("fastattn.scaled_dot_product_attention under vmap: the dropout seed cannot be vmapped")
     if in_dims[15] is not None:
