@@ -172,6 +172,13 @@ def scaled_dot_product_attention(
     gradients), never NaN. Tensor subclasses with ``__torch_function__`` are offered the call first, as torch's
     functions do. Inputs are never modified.
     """
+    if lower_right is True and window is None and alibi_slopes is None and not isinstance(attn_mask, CausalBias):
+        # Only is_causal reads the alignment here, and a single row at the end of the keys sees them all: such a
+        # call (a decoder step) is a plain one, which the eager route below may take.
+        if is_causal is False:
+            lower_right = False
+        elif is_causal is True and isinstance(query, Tensor) and query.dim() >= 2 and query.shape[-2] == 1:
+            lower_right = is_causal = False
     variants = (window is not None or softcap is not None or sinks is not None or alibi_slopes is not None
                 or lower_right is not False)
     if not variants and not torch.compiler.is_compiling() and type(query) is Tensor and query.is_cpu:

@@ -217,3 +217,17 @@ def test_vmap_with_variants():
     got = torch.func.vmap(f)(q, k, v, slopes)
     want = torch.stack([f(q[n], k[n], v[n], slopes[n]) for n in range(3)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_lower_right_decoder_step_is_a_plain_call(eager_took):
+    """lower_right=True with is_causal and one query row (a decoder step: the row sees every key), or without
+    is_causal, reads no alignment: the call is a plain one and the C++ eager route takes it, with the numbers
+    of lower-right causal attention."""
+    q, k, v = make_qkv(2, 4, 2, 1, 40, 16, 16)
+    mask = padding_mask([40, 31], 40)
+    a = fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=True, lower_right=True, enable_gqa=True)
+    b = fastattn.scaled_dot_product_attention(q, k, v, mask, lower_right=True, enable_gqa=True)
+    assert eager_took == [True, True]
+    ref, _ = _reference(q, k, v, dict(attn_mask=mask, is_causal=True, lower_right=True), True)
+    assert_close("decoder step", a, ref)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
