@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastattn import _philox
 from fastattn._ops.attention import empty_output
-from fastattn._validation import check_decode_launch
+from fastattn._validation import check_decode_launch, check_launch_sinks, check_launch_window_softcap
 
 ISAS = ("avx512", "avx2", "portable")
 
@@ -224,11 +224,7 @@ def _set_variants(p, q: Tensor, window: tuple[int, int], softcap: float, alibi_s
     """Fills the decoder variants' Params fields (csrc/params.h), checking what the kernels read: window two ints
     >= -1, softcap >= 0, alibi_slopes float32 (B, H) on q's device in any strides, sinks float32 contiguous (H,)."""
     B, H = q.shape[0], q.shape[1]
-    left, right = (int(w) for w in window)
-    if left < -1 or right < -1:
-        raise ValueError(f"window must be two ints >= -1 (-1: unbounded), got {tuple(window)}")
-    if not softcap >= 0.0 or softcap == float("inf"):
-        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
+    left, right, softcap = check_launch_window_softcap(window, softcap)
     p.window_left, p.window_right, p.softcap = left, right, float(softcap)
     if alibi_slopes is not None:
         if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (B, H) or \
@@ -237,11 +233,8 @@ def _set_variants(p, q: Tensor, window: tuple[int, int], softcap: float, alibi_s
                              f"{tuple(alibi_slopes.shape)} on {alibi_slopes.device}")
         p.alibi = alibi_slopes.data_ptr()
         p.alibi_sb, p.alibi_sh = alibi_slopes.stride()
+    check_launch_sinks(sinks, q, H)
     if sinks is not None:
-        if sinks.dtype != torch.float32 or tuple(sinks.shape) != (H,) or not sinks.is_contiguous() or \
-                sinks.device != q.device:
-            raise ValueError(f"sinks must be a contiguous float32 ({H},) tensor on {q.device}, got {sinks.dtype} "
-                             f"{tuple(sinks.shape)} on {sinks.device}")
         p.sinks = sinks.data_ptr()
 
 

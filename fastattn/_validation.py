@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from numbers import Real
 
 import torch
@@ -337,6 +338,26 @@ def check_variants(query: Tensor, lead: tuple[int, ...], window, softcap, sinks,
         raise ValueError("alibi_slopes carry no gradient in fastattn (they are fixed per head): pass "
                          "alibi_slopes.detach()")
     return int(window[0]), int(window[1]), float(softcap)
+
+
+def check_launch_window_softcap(window, softcap) -> tuple[int, int, float]:
+    """The attention launchers' window and softcap (both devices): (left, right) ints >= -1 (-1: unbounded),
+    softcap finite >= 0 (0: off). Returns (left, right, softcap)."""
+    window = tuple(operator.index(w) for w in window)
+    if len(window) != 2 or min(window) < -1:
+        raise ValueError(f"window must be (left, right) with each side >= -1 (-1: unbounded), got {window}")
+    softcap = float(softcap)
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap}")
+    return window[0], window[1], softcap
+
+
+def check_launch_sinks(sinks: Tensor | None, q: Tensor, H: int) -> None:
+    """The attention launchers' sinks (both devices): None or a contiguous float32 (H,) tensor on q's device."""
+    if sinks is not None and (sinks.dtype != torch.float32 or tuple(sinks.shape) != (H,)
+                              or sinks.device != q.device or not sinks.is_contiguous()):
+        raise ValueError(f"sinks must be a contiguous float32 ({H},) tensor on {q.device}, got {sinks.dtype} "
+                         f"{tuple(sinks.shape)} on {sinks.device}")
 
 
 def check_num_splits(num_splits) -> None:

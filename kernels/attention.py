@@ -58,6 +58,7 @@ import torch
 import triton
 
 from fastattn._ops import empty_output
+from fastattn._validation import check_launch_sinks, check_launch_window_softcap
 
 from ._host import dot_precision, import_in_current_mode, is_interpreted, named_strides
 
@@ -253,12 +254,8 @@ def _variant_args(q, B: int, H: int, L: int, S: int, offset: int, window, softca
     is off (the JIT then drops the argument, and the plain kernels compile as without variants), the
     WINDOW / SOFTCAP / ALIBI switches. An unbounded window side (-1) becomes a bound no key reaches,
     L + S + |offset| (a larger one is cut to it: the same keys)."""
-    window = tuple(operator.index(w) for w in window)
-    if len(window) != 2 or min(window) < -1:
-        raise ValueError(f"window must be (left, right) with each side >= -1 (-1: unbounded), got {window}")
-    softcap = float(softcap)
-    if not softcap >= 0.0 or softcap == float("inf"):
-        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap}")
+    *window, softcap = check_launch_window_softcap(window, softcap)
+    window = tuple(window)
     windowed = window != (-1, -1)
     far = L + S + abs(offset)
     args = dict(window_left=None, window_right=None, softcap=None, Alibi=None, stride_ab=None, stride_ah=None,
@@ -277,13 +274,6 @@ def _variant_args(q, B: int, H: int, L: int, S: int, offset: int, window, softca
         args.update(Alibi=a, stride_ab=a.stride(0) if a.dim() == 2 and a.shape[0] > 1 else 0,
                     stride_ah=a.stride(-1))
     return args
-
-
-def _check_sinks(sinks: torch.Tensor | None, q: torch.Tensor, H: int) -> None:
-    if sinks is not None and (sinks.dtype != torch.float32 or sinks.shape != (H,) or sinks.device != q.device
-                              or not sinks.is_contiguous()):
-        raise ValueError(f"sinks must be a contiguous float32 ({H},) tensor on {q.device}, got {sinks.dtype} "
-                         f"{tuple(sinks.shape)} on {sinks.device}")
 
 
 def _problem(q, k, v, mask, is_causal: bool, dropout_p: float, seed: int, vl: _Varlen | None = None,
@@ -355,7 +345,7 @@ def _fwd_plan(q, k, v, mask, out, lse, *, scale, is_causal, dropout_p, seed,
     (int16, out's strides): also store the residual code there. The decoder variants: see attention_fwd."""
     B, H, _, L, _, _, _ = _dims(q, k, v, vl)
     problem = _problem(q, k, v, mask, is_causal, dropout_p, seed, vl, causal_offset, window, softcap, alibi_slopes)
-    _check_sinks(sinks, q, H)
+    check_launch_sinks(sinks, q, H)
     return [_Launch("fwd", lambda bm, bn: (triton.cdiv(L, bm), B * H), dict(
         Q=q, K=k, V=v, Mask=problem.mask, KVRange=problem.kv_range, Out=out, Lse=lse, **_out_lo_args(out, out_lo),
         **named_strides("q", _strides4(q, vl)), **named_strides("k", _strides4(k, vl)),
@@ -474,7 +464,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     out = empty_output(q, v, dropout_p)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     if k.shape[2] == 0:
-        _check_sinks(sinks, q, H)  # validated where the kernel plan would do it
+        check_launch_sinks(sinks, q, H)  # validated where the kernel plan would do it
     return _forward(q, k, v, mask, out, lse, return_lo=return_lo, no_rows=B * H * L == 0, no_keys=k.shape[2] == 0,
                     scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed, causal_offset=causal_offset,
                     window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
