@@ -7,7 +7,7 @@
 //
 // Algorithm. A work item is (b, kv head, key split). Its R = L * G query rows (the L rows of every head of the
 // GQA group, row r = i * G + g) are processed together, so each K / V row of the item's keys is read once
-// for the whole group, in key order (sequential rows, which the hardware prefetcher follows). Keys go by in
+// for the whole group, in key order, and asked for ahead of use (prefetch_rows). Keys go by in
 // blocks of kBlockN:
 //   1. scores: a tile of kRowTile query rows x kDotKeysFor keys of dot products is accumulated in registers over
 //      E (K rows converted to fp32 chunk by chunk); scores are kept in log2 units (log2(e) folded into scale);
@@ -106,15 +106,28 @@ FASTATTN_INLINE void block_rows(const CacheRows<T>& c, int64_t se, int64_t D, in
   }
 }
 
-// Asks for the cache lines of rows [j0, j0 + nb) (D elements each, unit head-dim stride) ahead of their use:
-// the hardware prefetcher alone keeps too few lines in flight for one K and one V stream per thread.
+// Asks for the cache lines of rows [j0, j0 + nb) (D elements each, unit head-dim stride) ahead of their use.
+// A thread streams two sequences of rows (K and V) and the hardware prefetcher alone keeps too few lines in
+// flight for them, so the kernel asks for each line itself, a little at a time: every group of a few keys
+// whose scores are computed first asks for those keys' V rows (read once the block's scores are known) and
+// the K rows a block ahead. Asking for a whole block at once instead fills the core's miss buffers and stalls
+// the loads behind them.
+// (An asm statement on x86: GCC may judge a lambda that only prefetches to have no effect and drop its calls.)
+FASTATTN_INLINE void prefetch_line(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 template <typename T>
 FASTATTN_INLINE void prefetch_rows(const CacheRows<T>& c, int64_t se, int64_t D, int64_t j0, int64_t nb) {
   if (se != 1) return;
   const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t j = 0; j < nb; ++j) {
     const char* r = reinterpret_cast<const char*>(c.row(j0 + j));
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o, 0, 3);
+    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(r + o);
   }
 }
 
@@ -123,14 +136,16 @@ FASTATTN_INLINE void prefetch_rows(const CacheRows<T>& c, int64_t se, int64_t D,
 //   dots: kRowTile rows x kDotKeysFor keys of accumulators; each q chunk load then feeds that many FMAs and each
 //   K chunk load kRowTile FMAs (one load per FMA would leave the loads, not the FMAs, as the limit);
 //   accumulate: kRowTile rows x kAccChunksFor Ev chunks of accumulators, each p broadcast feeding that many FMAs.
-// With AVX2 (16 registers) a tile holds 8 accumulators whatever its row count: NR rows x 8 / NR keys (dots) and
-// NR rows x 8 / NR chunks (accumulate), so a tile of one row (MHA, or the last row of a group) still gives each
-// q or p broadcast several FMAs, and 8 dot products are reduced together (reduce_add8).
+// With AVX2 (16 registers) a tile holds 8 accumulators whatever its row count: NR rows x 8 / NR chunks
+// (accumulate) and NR rows x 8 / NR keys (dots), except that a one-row tile (MHA, or the last row of a group)
+// takes its keys two at a time: it reads two cache rows per q row, so the limit is memory, and the keys of
+// each group are also the unit of the prefetch (prefetch_rows), which wants small steps. 8 dot products are
+// reduced together (reduce_add8).
 #if defined(FASTATTN_HAVE_AVX512)
 template <int NR> constexpr int kDotKeysFor = 4;
 template <int NR> constexpr int kAccChunksFor = 4;
 #elif defined(FASTATTN_HAVE_AVX2)
-template <int NR> constexpr int kDotKeysFor = NR == 1 ? 8 : NR == 2 ? 4 : 2;
+template <int NR> constexpr int kDotKeysFor = NR == 2 ? 4 : 2;
 template <int NR> constexpr int kAccChunksFor = NR == 1 ? 8 : NR == 2 ? 4 : 2;
 #else
 template <int NR> constexpr int kDotKeysFor = 2;
@@ -240,13 +255,20 @@ FASTATTN_INLINE void dots_group(const float* qf, int64_t Ep, int64_t E, const T*
     for (int g = 0; g < KG; ++g) s[t * kBlockN + g] = simd::reduce_add(a[t][g]) * mul;
 }
 
-template <typename T, int NR, bool kPaired>
+// The block's scores, a group of keys at a time; before_group(j, m) runs before the group of keys [j, j + m).
+template <typename T, int NR, bool kPaired, typename F>
 FASTATTN_INLINE void block_dots(const float* qf, int64_t Ep, int64_t E, const T* const* krows, int64_t nb,
-                                float mul, float* s) {
+                                float mul, float* s, F&& before_group) {
   constexpr int KG = kDotKeysFor<NR>;
   int64_t j = 0;
-  for (; j + KG <= nb; j += KG) dots_group<T, NR, KG, kPaired>(qf, Ep, E, krows + j, mul, s + j);
-  for (; j < nb; ++j) dots_group<T, NR, 1, kPaired>(qf, Ep, E, krows + j, mul, s + j);
+  for (; j + KG <= nb; j += KG) {
+    before_group(j, int64_t{KG});
+    dots_group<T, NR, KG, kPaired>(qf, Ep, E, krows + j, mul, s + j);
+  }
+  for (; j < nb; ++j) {
+    before_group(j, int64_t{1});
+    dots_group<T, NR, 1, kPaired>(qf, Ep, E, krows + j, mul, s + j);
+  }
 }
 
 // acc[t] = acc[t] * alpha[t] + sum_{j < nb} p[t * kBlockN + j] v_j over CG chunks of W columns from column
@@ -395,12 +417,20 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
   const float cap = static_cast<float>(p.softcap);
   for (int64_t j0 = k0; j0 < k1; j0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, k1 - j0);
-    // This block's V rows (read after its scores) and the next block's K rows.
-    prefetch_rows(vc, p.v.se, Ev, j0, nb);
-    if (j0 + kBlockN < k1) prefetch_rows(kc, p.k.se, E, j0 + kBlockN, std::min(kBlockN, k1 - j0 - kBlockN));
     block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
+    // While the first row tile's scores are computed: the V rows of each key group and the K rows a block
+    // ahead of it.
+    const auto ahead = [&](int64_t j, int64_t m) {
+      prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
+      const int64_t jn = j0 + kBlockN + j;
+      if (jn < k1) prefetch_rows(kc, p.k.se, E, jn, std::min(m, k1 - jn));
+    };
+    const auto nothing = [](int64_t, int64_t) {};
     for_row_tiles(R, [&](int64_t r0, auto nr) {
-      block_dots<T, decltype(nr)::value, kPaired>(buf.qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, buf.s + r0 * kBlockN);
+      constexpr int NR = decltype(nr)::value;
+      float* s = buf.s + r0 * kBlockN;
+      if (r0 == 0) block_dots<T, NR, kPaired>(buf.qf, Ep, E, buf.krows, nb, dot_mul, s, ahead);
+      else block_dots<T, NR, kPaired>(buf.qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, s, nothing);
     });
     for (int64_t r = 0; r < R; ++r) {
       float* s = buf.s + r * kBlockN;
