@@ -20,6 +20,11 @@
 //    a worker that has not joined by then stays out and the caller waits only for chunks already in flight.
 //    Its waits spin for at most FASTATTN_SPIN_US microseconds (default 50; none with more threads than CPUs)
 //    and then sleep, so a waiting thread gives its core back.
+// With the cores shared, a loop's threads must also sit on different CPUs: the scheduler is as happy to stack
+// two of them on one CPU (their loop then gets one CPU) as to pair each with another process's thread (one
+// and a half). So an own-pool worker that joins a loop on the CPU of another thread of the loop moves off it
+// for good (ThreadPool::spread), and a thread of torch's team that starts a region on the caller's CPU moves
+// off it for that region only (omp_run). The caller is never moved.
 // FASTATTN_POOL=openmp / own picks one; by default (auto, TeamChooser) loops run on the OpenMP team, and the
 // caller times the end of each region: when the team keeps arriving late (the cores are shared), loops move
 // to the own pool, and one region now and then tries the OpenMP team again. Forked children and builds
@@ -40,6 +45,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -55,6 +61,30 @@ namespace FASTATTN_NS {
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// The CPU the calling thread runs on now (-1 where the system does not say).
+inline int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+// Moves the calling thread off `cpu`: its affinity becomes what it was (saved in `before`) minus that CPU.
+// False, and nothing changed, when that would leave no CPU or the system refuses.
+inline bool leave_cpu(int cpu, cpu_set_t& before) {
+#if defined(__linux__)
+  if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(before), &before) != 0) return false;
+  cpu_set_t want = before;
+  CPU_CLR(cpu, &want);
+  return CPU_COUNT(&want) > 0 && sched_setaffinity(0, sizeof(want), &want) == 0;
+#else
+  (void)cpu;
+  (void)before;
+  return false;
+#endif
 }
 
 // Busy-waits (with pause) until pred() or `us` microseconds pass; returns pred()'s last value.
@@ -101,9 +131,10 @@ class ThreadPool {
   static constexpr int64_t kMaxThreads = 1024;
 
   ThreadPool() {
-    cpu_set_t set;
-    ncpu_ = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set)
-                                                         : static_cast<int>(std::thread::hardware_concurrency());
+    CPU_ZERO(&allowed_);
+    have_allowed_ = sched_getaffinity(0, sizeof(allowed_), &allowed_) == 0;
+    ncpu_ = have_allowed_ ? CPU_COUNT(&allowed_) : static_cast<int>(std::thread::hardware_concurrency());
+    for (auto& c : cpu_) c.store(-1, std::memory_order_relaxed);
   }
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -128,6 +159,8 @@ class ThreadPool {
     call_ = call;
     n_ = n;
     grain_ = grain;
+    for (int t = 1; t < nt; ++t) cpu_[t].store(-1, std::memory_order_relaxed);
+    cpu_[0].store(current_cpu(), std::memory_order_relaxed);
     next_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> kGenShift) + 1;
@@ -188,6 +221,9 @@ class ThreadPool {
 
   void loop(int tid, uint64_t seen) {
     in_worker() = true;
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "fastattn-pool");  // how the workers show in top and /proc
+#endif
     auto posted = [&] { return (state_.load(std::memory_order_seq_cst) >> kGenShift) != seen; };
     for (;;) {
       if (!spin_until(posted, spin_us_.load(std::memory_order_relaxed))) {
@@ -199,6 +235,7 @@ class ThreadPool {
       const uint64_t s = state_.load(std::memory_order_acquire);
       seen = s >> kGenShift;
       if (!join(tid, s)) continue;
+      spread(tid, static_cast<int>((s >> kNtShift) & kNtMask));
       work(tid);
       leave();
     }
@@ -214,6 +251,34 @@ class ThreadPool {
     return false;
   }
 
+  // Keeps the loop's threads on different CPUs. When other processes hold some of the cores, the scheduler
+  // is as content to put two of the loop's threads on one CPU (and a busy process alone on another) as to
+  // pair each with a busy process: 3 runnable threads on 2 CPUs are "balanced" either way. Stacked, the two
+  // threads get one CPU between them; paired, one and a half. So a worker that joins a loop on a CPU where
+  // the caller or another worker of the loop already runs moves off it: its affinity becomes the CPUs the
+  // process was allowed at the start minus those of the others (never empty; the scheduler still picks
+  // among the rest). Only the pool's own workers are moved, never the caller or any other thread.
+  void spread(int tid, int nt) {
+    int mine = current_cpu();
+    if (mine < 0 || !have_allowed_ || ncpu_ < 2) return;
+    cpu_set_t others;
+    CPU_ZERO(&others);
+    bool clash = false;
+    for (int t = 0; t < std::min(nt, static_cast<int>(kMaxThreads)); ++t) {
+      const int c = t == tid ? -1 : cpu_[t].load(std::memory_order_relaxed);
+      if (c < 0 || c >= CPU_SETSIZE) continue;
+      CPU_SET(c, &others);
+      clash = clash || c == mine;
+    }
+    if (clash) {
+      cpu_set_t want;
+      CPU_ZERO(&want);
+      for (int c = 0; c < CPU_SETSIZE; ++c)
+        if (CPU_ISSET(c, &allowed_) && !CPU_ISSET(c, &others)) CPU_SET(c, &want);
+      if (CPU_COUNT(&want) > 0 && sched_setaffinity(0, sizeof(want), &want) == 0) mine = current_cpu();
+    }
+    cpu_[tid].store(mine, std::memory_order_relaxed);
+  }
   void leave() {
     const uint64_t before = state_.fetch_sub(1, std::memory_order_seq_cst);
     if ((before & kClosed) && (before & kCountMask) == 1 && caller_sleeping_.load(std::memory_order_seq_cst)) {
@@ -231,6 +296,9 @@ class ThreadPool {
   std::atomic<bool> caller_sleeping_{false};
   std::atomic<long> spin_us_{0};
   int ncpu_ = 1;
+  cpu_set_t allowed_;   // the CPUs the process could use when the pool was made
+  bool have_allowed_ = false;
+  std::atomic<int> cpu_[kMaxThreads];  // the CPU each thread of the open loop found itself on (-1: not known)
   void* ctx_ = nullptr;
   Call call_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
@@ -276,9 +344,14 @@ RegionTiming omp_run(int64_t n, int nt, int64_t grain, Call&& call) {
   RegionTiming t;
   const int64_t t0 = now_ns();
   int64_t t_done = t0;
+  const int caller_cpu = current_cpu();
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
+    // A team thread that starts on the caller's CPU leaves it for the region (see ThreadPool::spread for
+    // why) and gets its own affinity back at the end: torch's threads are only borrowed.
+    cpu_set_t before;
+    const bool moved = tid != 0 && caller_cpu >= 0 && current_cpu() == caller_cpu && leave_cpu(caller_cpu, before);
     int64_t chunks = 0;
     try {
       for (;;) {
@@ -292,6 +365,7 @@ RegionTiming omp_run(int64_t n, int nt, int64_t grain, Call&& call) {
       if (!error) error = std::current_exception();
       next.store(n, std::memory_order_relaxed);
     }
+    if (moved) sched_setaffinity(0, sizeof(before), &before);
     if (tid == 0) {
       t_done = now_ns();
       t.chunks = chunks;

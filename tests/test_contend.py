@@ -192,3 +192,42 @@ def test_kernels_give_the_same_bits_while_the_cores_are_busy():
                         assert torch.equal(a, b), f"{name}: output {i} differs under contention"
     finally:
         torch.set_num_threads(before)
+
+
+def _thread_affinities() -> dict[int, set[int]]:
+    """Affinity of every thread of this process but the kernels' own workers (named fastattn-pool)."""
+    out = {}
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                if f.read().strip() == "fastattn-pool":
+                    continue
+            out[int(t)] = os.sched_getaffinity(int(t))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(not _launchers.cpu_available()[0], reason="the C++ CPU kernels are not built")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_threads_the_kernels_do_not_own_keep_their_affinity():
+    """With the cores shared, the kernels move a thread of a loop off the CPU where another thread of the same
+    loop runs (csrc/parallel.h): their own workers for good, torch's OpenMP threads only for the loop. So the
+    caller and torch's threads end every call with the affinity they had."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = torch.randn(512, 512)
+        (x @ x).sum()  # torch's OpenMP team exists from here on
+        theirs = _thread_affinities()
+        with contend.spinners(2):
+            for _ in range(6):
+                for _name, fn in _calls():
+                    fn()
+                (x @ x).sum()
+        after = _thread_affinities()
+        for tid, cpus in theirs.items():
+            if tid in after:
+                assert after[tid] == cpus, f"thread {tid}: affinity {sorted(cpus)} became {sorted(after[tid])}"
+    finally:
+        torch.set_num_threads(before)
