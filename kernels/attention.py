@@ -254,8 +254,8 @@ def _variant_args(q, B: int, H: int, L: int, S: int, offset: int, window, softca
     is off (the JIT then drops the argument, and the plain kernels compile as without variants), the
     WINDOW / SOFTCAP / ALIBI switches. An unbounded window side (-1) becomes a bound no key reaches,
     L + S + |offset| (a larger one is cut to it: the same keys)."""
-    *window, softcap = check_launch_window_softcap(window, softcap)
-    window = tuple(window)
+    left, right, softcap = check_launch_window_softcap(window, softcap)
+    window = (left, right)
     windowed = window != (-1, -1)
     far = L + S + abs(offset)
     args = dict(window_left=None, window_right=None, softcap=None, Alibi=None, stride_ab=None, stride_ah=None,
