@@ -632,7 +632,7 @@ void register_decode(py::module_& m) {
       .def_readwrite("num_splits", &DecodeParams::num_splits)
       .def_readwrite("num_threads", &DecodeParams::num_threads);
   m.def("decode_num_splits", &decode_num_splits, py::arg("items"), py::arg("keys"), py::arg("threads"),
-        "The key splits the eager route gives a decode call (csrc/decode.h; fastattn/_cpu.py decode_num_splits).");
+        "The key splits of a decode call: the rule the launcher and the eager route share (csrc/decode.h).");
   m.def("decode_fwd",
         [](const DecodeParams& p) {
           check_decode_params(p);

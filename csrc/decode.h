@@ -39,8 +39,8 @@ void check_decode_params(const DecodeParams& p);
 void decode(const DecodeParams& p);
 // Key splits for `items` (b, kv head) work items over at most `keys` keys each on `threads` threads: none while
 // the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough splits for that,
-// each of at least kDecodeMinSplitKeys keys, at most kDecodeMaxSplits. fastattn/_cpu.py decode_num_splits is
-// the same rule (tests/test_decode_cpu.py compares them).
+// each of at least kDecodeMinSplitKeys keys, at most kDecodeMaxSplits. The one copy of the rule: the Python
+// launcher (fastattn/_cpu.py) and the eager route (eager.cpp) both call it.
 constexpr int64_t kDecodeMinSplitKeys = 1024, kDecodeMaxSplits = 64;
 int64_t decode_num_splits(int64_t items, int64_t keys, int threads);
 

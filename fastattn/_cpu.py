@@ -566,19 +566,12 @@ def _hard_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, p
 
 
 # ============================================================================================ decode
-# Keys per split the launcher aims at when it splits (csrc/decode.cpp: a split is a run of whole key blocks).
-_DECODE_MIN_SPLIT_KEYS = 1024
-_DECODE_MAX_SPLITS = 64
-
-
 def decode_num_splits(items: int, keys: int, threads: int) -> int:
     """Key splits for ``items`` (b, kv head) work items over at most ``keys`` keys each on ``threads`` threads:
     none while the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough
-    splits for that, each of at least _DECODE_MIN_SPLIT_KEYS keys."""
-    want = 4 * max(1, threads)
-    if items >= want:
-        return 1
-    return max(1, min(-(-want // max(1, items)), -(-keys // _DECODE_MIN_SPLIT_KEYS), _DECODE_MAX_SPLITS))
+    splits for that, each of at least 1024 keys, at most 64. The kernel module's rule (csrc/decode.h), which the
+    eager route (csrc/eager.cpp) uses too."""
+    return module().decode_num_splits(items, keys, threads)
 
 
 def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
@@ -650,7 +643,7 @@ def _decode_fwd(mod, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     threads = torch.get_num_threads()
     if num_splits is None:
         keys = min(capacity, window[0] + L) if window[0] >= 0 else capacity
-        num_splits = decode_num_splits(B * Hk, keys, threads)
+        num_splits = mod.decode_num_splits(B * Hk, keys, threads)
     p.num_splits = int(num_splits)
     p.num_threads = threads
     mod.decode_fwd(p)

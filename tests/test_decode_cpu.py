@@ -201,12 +201,20 @@ def test_empty_head_dims(E, Ev):
     _check("avx512" if _cpu._unusable_reason("avx512") is None else "portable", q, k, v, lens, None, scale=1.0)
 
 
-def test_num_splits_rule_is_the_eager_routes():
-    """The eager route (csrc/eager.cpp) splits the keys with the C++ copy of the launcher's rule."""
+def test_num_splits_rule():
+    """The one split rule (csrc/decode.h), which the launcher and the eager route (csrc/eager.cpp) both call:
+    none while the items give every thread 4, else enough for that, each split >= 1024 keys, at most 64."""
     from fastattn import _cpu
     mod = _cpu.module()
+
+    def rule(items, keys, threads):
+        want = 4 * max(1, threads)
+        if items >= want:
+            return 1
+        return max(1, min(-(-want // max(1, items)), -(-keys // 1024), 64))
+
     for items in (1, 2, 3, 7, 8, 9, 32, 128):
         for keys in (1, 1023, 1024, 1025, 4096, 32768, 10**6):
             for threads in (1, 2, 3, 16):
-                assert mod.decode_num_splits(items, keys, threads) == _cpu.decode_num_splits(items, keys, threads), \
+                assert mod.decode_num_splits(items, keys, threads) == rule(items, keys, threads), \
                     (items, keys, threads)
