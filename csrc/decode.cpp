@@ -120,6 +120,14 @@ FASTATTN_INLINE void prefetch_line(const char* p) {
   __builtin_prefetch(p, 0, 3);
 #endif
 }
+// The same into L2 only.
+FASTATTN_INLINE void prefetch_line_l2(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
 
 template <typename T>
 FASTATTN_INLINE void prefetch_rows(const CacheRows<T>& c, int64_t se, int64_t D, int64_t j0, int64_t nb) {
@@ -350,9 +358,11 @@ FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, in
   return {a, std::min(hi, a + per * kBlockN)};
 }
 
-// Runs item (b, hk, split) and leaves each row's [m, l, acc] at state + r * (kStateHead + Evp).
+// Runs item (b, kv heads [hk0, hk0 + nh), split) and leaves row r of kv head hk0 + hh's [m, l, acc] at
+// state + (hh * R + r) * (kStateHead + Evp). The heads go through each key block in turn, so when the cache
+// stores a key's heads side by side (heads_together) the item reads each block's rows as one run of memory.
 template <typename T, bool kVariants, bool kPaired>
-void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float* state) {
+void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t split, float* state) {
   const int64_t G = p.H / p.Hk, L = p.L, R = G * L, E = p.E, Ev = p.Ev;
   const int64_t Ep = round_up(E, W), Evp = round_up(Ev, W), stride = kStateHead + Evp;
   const int64_t n = reinterpret_cast<const int32_t*>(p.seqlens)[b];
@@ -360,7 +370,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
   const std::pair<int64_t, int64_t> run = split_keys(p, keys.first, keys.second, split);
   const int64_t k0 = run.first, k1 = run.second;
 
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < nh * R; ++r) {
     float* st = state + r * stride;
     st[0] = kNegInf;
     st[1] = 0.f;
@@ -379,10 +389,10 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
       const T** krows;
       const T** vrows;
     } b;
-    b.qf = a.take<float>(R * Ep);
+    b.qf = a.take<float>(nh * R * Ep);
     b.s = a.take<float>(R * kBlockN);
     b.alpha = a.take<float>(R);
-    b.slope = a.take<float>(R);
+    b.slope = a.take<float>(nh * R);
     b.rlo = a.take<int64_t>(R);
     b.rhi = a.take<int64_t>(R);
     b.kst = a.take<T>(stage_k ? kBlockN * E : 0);
@@ -396,12 +406,14 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
   const auto buf = carve(arena);
 
   const int64_t qbase = n - L;  // row i sits at i' = qbase + i
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t i = r / G, h = hk * G + r % G;
+  for (int64_t r = 0; r < nh * R; ++r) {  // row r % R of kv head hk0 + r / R
+    const int64_t i = (r % R) / G, h = (hk0 + r / R) * G + r % G;
     const T* qr = reinterpret_cast<const T*>(p.q.ptr) + b * p.q.sb + h * p.q.sh + i * p.q.sl;
     float* qf = buf.qf + r * Ep;
     for (int64_t e = 0; e < E; ++e) qf[kPaired ? paired(e) : e] = to_f32(qr[e * p.q.se]);
     std::fill(qf + E, qf + Ep, 0.f);
+    buf.slope[r] = p.alibi ? reinterpret_cast<const float*>(p.alibi)[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
+    if (r >= R) continue;  // the key bounds depend on the row's position only
     const int64_t ip = qbase + i;
     const int64_t big = std::numeric_limits<int64_t>::max() / 4;
     buf.rlo[r] = p.window_left >= 0 ? ip - p.window_left : -big;
@@ -409,92 +421,136 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, float
     if (p.causal) rhi = std::min(rhi, ip + 1);
     if (p.window_right >= 0) rhi = std::min(rhi, ip + p.window_right + 1);
     buf.rhi[r] = rhi;
-    buf.slope[r] = p.alibi ? reinterpret_cast<const float*>(p.alibi)[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
   }
 
-  const CacheRows<T> kc = cache_rows<T>(p, p.k, b, hk), vc = cache_rows<T>(p, p.v, b, hk);
   const float dot_mul = kVariants ? static_cast<float>(p.scale) : static_cast<float>(p.scale) * kLog2e;
   const float cap = static_cast<float>(p.softcap);
+  // Heads taken together (nh > 1) with unit head-dim strides and heads in increasing address order: a key's
+  // K (V) rows of heads hk0 ... hk0 + nh - 1 lie in one span of k_lines (v_lines) cache lines from its head
+  // hk0 row.
+  const bool spans = nh > 1 && p.k.se == 1 && p.v.se == 1 && p.k.sh >= 0 && p.v.sh >= 0;
+  const CacheRows<T> k_span = cache_rows<T>(p, p.k, b, hk0), v_span = cache_rows<T>(p, p.v, b, hk0);
+  const auto lines_of = [](int64_t bytes) { return (bytes + 63) / 64; };
+  const int64_t k_lines = lines_of(((nh - 1) * p.k.sh + E) * static_cast<int64_t>(sizeof(T)));
+  const int64_t span_lines = k_lines + lines_of(((nh - 1) * p.v.sh + Ev) * static_cast<int64_t>(sizeof(T)));
+  const int64_t span_keys = (kBlockN + nh - 1) / nh;  // next-block keys per head pass
   for (int64_t j0 = k0; j0 < k1; j0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, k1 - j0);
-    block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
-    // While the first row tile's scores are computed: the V rows of each key group and the K rows a block
-    // ahead of it.
-    const auto ahead = [&](int64_t j, int64_t m) {
-      prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
-      const int64_t jn = j0 + kBlockN + j;
-      if (jn < k1) prefetch_rows(kc, p.k.se, E, jn, std::min(m, k1 - jn));
-    };
-    const auto nothing = [](int64_t, int64_t) {};
-    for_row_tiles(R, [&](int64_t r0, auto nr) {
-      constexpr int NR = decltype(nr)::value;
-      float* s = buf.s + r0 * kBlockN;
-      if (r0 == 0) block_dots<T, NR, kPaired>(buf.qf, Ep, E, buf.krows, nb, dot_mul, s, ahead);
-      else block_dots<T, NR, kPaired>(buf.qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, s, nothing);
-    });
-    for (int64_t r = 0; r < R; ++r) {
-      float* s = buf.s + r * kBlockN;
-      const int64_t i = r / G, ip = qbase + i;
-      if constexpr (kVariants) {
-        MaskView mv;
-        if (p.mask_dtype != kNone) {
-          const int64_t h = hk * G + r % G;
-          mv.ptr = reinterpret_cast<const char*>(p.mask.ptr) + (b * p.mask.sb + h * p.mask.sh) * dtype_bytes(p.mask_dtype);
-          mv.dtype = p.mask_dtype;
-          mv.sl = p.mask.sl;
-          mv.ss = p.mask.se;
+    const int64_t next_lines = std::max<int64_t>(0, std::min(kBlockN, k1 - j0 - kBlockN)) * span_lines;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const int64_t hk = hk0 + hh;
+      const CacheRows<T> kc = cache_rows<T>(p, p.k, b, hk), vc = cache_rows<T>(p, p.v, b, hk);
+      const CacheRows<T> k_next = cache_rows<T>(p, p.k, b, std::min(hk + 1, hk0 + nh - 1));
+      const float* qf = buf.qf + hh * R * Ep;
+      const float* slope = buf.slope + hh * R;
+      float* hstate = state + hh * R * stride;
+      block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
+      // While the first row tile's scores are computed: the V rows of each key group and the K rows a block
+      // ahead of it. Heads taken together instead ask for the next block's key spans in address order, head
+      // hh's pass taking its share of the keys (spread over its key groups), so that memory is asked for as
+      // runs rather than a head's slice of every key.
+      const auto ahead = [&](int64_t j, int64_t m) {
+        if (spans) {
+          // Lines [x, end) of the pass's share, line x being line x % span_lines of key x / span_lines's span.
+          const int64_t first = hh * span_keys * span_lines, lines = std::min(span_keys * span_lines, next_lines - first);
+          int64_t x = first + j * lines / nb;
+          const int64_t end = first + (j + m) * lines / nb;
+          int64_t key = j0 + kBlockN + x / span_lines, line = x % span_lines;
+          while (x < end) {
+            const char* kp = reinterpret_cast<const char*>(k_span.row(key));
+            const char* vp = reinterpret_cast<const char*>(v_span.row(key));
+            for (; x < end && line < span_lines; ++x, ++line)
+              prefetch_line_l2(line < k_lines ? kp + line * 64 : vp + (line - k_lines) * 64);
+            line = 0;
+            ++key;
+          }
+          // From L2 into L1: this head's V rows of the group, and the K rows of the same keys for the next pass
+          // (the next head, or the first head of the next block).
+          prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
+          if (hh + 1 < nh) {
+            prefetch_rows(k_next, p.k.se, E, j0 + j, m);
+          } else {
+            const int64_t jn = j0 + kBlockN + j;
+            if (jn < k1) prefetch_rows(k_span, p.k.se, E, jn, std::min(m, k1 - jn));
+          }
+          return;
         }
-        for (int64_t j = 0; j < nb; ++j) {
-          float x = s[j];
-          if (cap > 0.f) x = cap * std::tanh(x / cap);
-          if (p.alibi) x += buf.slope[r] * static_cast<float>(j0 + j - ip);
-          if (p.mask_dtype != kNone) x += mask_value<float>(mv, i, j0 + j, 1.f);
-          s[j] = x * kLog2e;
+        prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
+        const int64_t jn = j0 + kBlockN + j;
+        if (jn < k1) prefetch_rows(kc, p.k.se, E, jn, std::min(m, k1 - jn));
+      };
+      const auto nothing = [](int64_t, int64_t) {};
+      for_row_tiles(R, [&](int64_t r0, auto nr) {
+        constexpr int NR = decltype(nr)::value;
+        float* s = buf.s + r0 * kBlockN;
+        if (r0 == 0) block_dots<T, NR, kPaired>(qf, Ep, E, buf.krows, nb, dot_mul, s, ahead);
+        else block_dots<T, NR, kPaired>(qf + r0 * Ep, Ep, E, buf.krows, nb, dot_mul, s, nothing);
+      });
+      for (int64_t r = 0; r < R; ++r) {
+        float* s = buf.s + r * kBlockN;
+        const int64_t i = r / G, ip = qbase + i;
+        if constexpr (kVariants) {
+          MaskView mv;
+          if (p.mask_dtype != kNone) {
+            const int64_t h = hk * G + r % G;
+            mv.ptr = reinterpret_cast<const char*>(p.mask.ptr) + (b * p.mask.sb + h * p.mask.sh) * dtype_bytes(p.mask_dtype);
+            mv.dtype = p.mask_dtype;
+            mv.sl = p.mask.sl;
+            mv.ss = p.mask.se;
+          }
+          for (int64_t j = 0; j < nb; ++j) {
+            float x = s[j];
+            if (cap > 0.f) x = cap * std::tanh(x / cap);
+            if (p.alibi) x += slope[r] * static_cast<float>(j0 + j - ip);
+            if (p.mask_dtype != kNone) x += mask_value<float>(mv, i, j0 + j, 1.f);
+            s[j] = x * kLog2e;
+          }
         }
+        if (j0 < buf.rlo[r] || j0 + nb > buf.rhi[r]) {
+          for (int64_t j = 0; j < nb; ++j)
+            if (j0 + j < buf.rlo[r] || j0 + j >= buf.rhi[r]) s[j] = kNegInf;
+        }
+        for (int64_t j = nb; j < kBlockN; ++j) s[j] = kNegInf;
+        // Online softmax over the block.
+        vf mx = simd::load(s);
+        for (int64_t c = W; c < kBlockN; c += W) mx = simd::max(mx, simd::load(s + c));
+        float* st = hstate + r * stride;
+        const float bm = simd::reduce_max(mx), m_old = st[0];
+        const float m_new = bm > m_old ? bm : m_old;
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        const vf mv = simd::set1(m_use);
+        vf sum = simd::zero();
+        for (int64_t c = 0; c < kBlockN; c += W) {
+          const vf e = simd::exp2(simd::sub(simd::load(s + c), mv));
+          simd::store(s + c, e);
+          sum = simd::add(sum, e);
+        }
+        const float alpha = std::exp2(m_old - m_use);
+        buf.alpha[r] = alpha;
+        st[0] = m_new;
+        st[1] = st[1] * alpha + simd::reduce_add(sum);
       }
-      if (j0 < buf.rlo[r] || j0 + nb > buf.rhi[r]) {
-        for (int64_t j = 0; j < nb; ++j)
-          if (j0 + j < buf.rlo[r] || j0 + j >= buf.rhi[r]) s[j] = kNegInf;
-      }
-      for (int64_t j = nb; j < kBlockN; ++j) s[j] = kNegInf;
-      // Online softmax over the block.
-      vf mx = simd::load(s);
-      for (int64_t c = W; c < kBlockN; c += W) mx = simd::max(mx, simd::load(s + c));
-      float* st = state + r * stride;
-      const float bm = simd::reduce_max(mx), m_old = st[0];
-      const float m_new = bm > m_old ? bm : m_old;
-      const float m_use = m_new == kNegInf ? 0.f : m_new;
-      const vf mv = simd::set1(m_use);
-      vf sum = simd::zero();
-      for (int64_t c = 0; c < kBlockN; c += W) {
-        const vf e = simd::exp2(simd::sub(simd::load(s + c), mv));
-        simd::store(s + c, e);
-        sum = simd::add(sum, e);
-      }
-      const float alpha = std::exp2(m_old - m_use);
-      buf.alpha[r] = alpha;
-      st[0] = m_new;
-      st[1] = st[1] * alpha + simd::reduce_add(sum);
+      block_rows(vc, p.v.se, Ev, j0, nb, buf.vst, buf.vrows);
+      for_row_tiles(R, [&](int64_t r0, auto nr) {
+        block_accumulate<T, decltype(nr)::value, kPaired>(hstate + r0 * stride + kStateHead, stride, Ev,
+                                                          buf.s + r0 * kBlockN, buf.alpha + r0, buf.vrows, nb);
+      });
     }
-    block_rows(vc, p.v.se, Ev, j0, nb, buf.vst, buf.vrows);
-    for_row_tiles(R, [&](int64_t r0, auto nr) {
-      block_accumulate<T, decltype(nr)::value, kPaired>(state + r0 * stride + kStateHead, stride, Ev, buf.s + r0 * kBlockN,
-                                               buf.alpha + r0, buf.vrows, nb);
-    });
   }
 }
 
 // Writes out / lse of the R rows of (b, hk) from the states of its splits (split s's row r at
-// states + (s * R + r) * stride): M = max_s m_s (and the sink), l = sum_s 2^(m_s - M) l_s [+ 2^(sink - M)],
-// out = sum_s 2^(m_s - M) acc_s / l, lse = (M + log2 l) ln 2, splits taken in order.
+// states + s * split_stride + r * stride): M = max_s m_s (and the sink), l = sum_s 2^(m_s - M) l_s
+// [+ 2^(sink - M)], out = sum_s 2^(m_s - M) acc_s / l, lse = (M + log2 l) ln 2, splits taken in order.
 template <typename T, bool kPaired>
-void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, const float* states, float* tmp) {
+void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, const float* states,
+                int64_t split_stride, float* tmp) {
   const int64_t G = p.H / p.Hk, R = G * p.L, Ev = p.Ev, Evp = round_up(Ev, W), stride = kStateHead + Evp;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i = r / G, h = hk * G + r % G;
     float M = kNegInf;
     for (int64_t s = 0; s < splits; ++s) {
-      const float m = states[(s * R + r) * stride];
+      const float m = states[s * split_stride + r * stride];
       M = m > M ? m : M;
     }
     const float sink = p.sinks ? reinterpret_cast<const float*>(p.sinks)[h] * kLog2e : kNegInf;
@@ -503,7 +559,7 @@ void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, co
     float l = 0.f;
     std::fill(tmp, tmp + Ev, 0.f);
     for (int64_t s = 0; s < splits; ++s) {
-      const float* st = states + (s * R + r) * stride;
+      const float* st = states + s * split_stride + r * stride;
       if (st[1] == 0.f) continue;  // no visible key in this split
       const float w = std::exp2(st[0] - M_use);
       l += w * st[1];
@@ -521,32 +577,40 @@ void merge_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t splits, co
 template <typename T, bool kVariants, bool kPaired>
 void decode_typed(const DecodeParams& p) {
   const int64_t G = p.H / p.Hk, R = G * p.L, Evp = round_up(p.Ev, W), stride = kStateHead + Evp;
-  const int64_t splits = p.num_splits, items = p.B * p.Hk * splits;
-  const size_t item_floats = static_cast<size_t>(R * stride);
+  // A work item is (b, a group of nh kv heads, split): every head of b at once when the cache stores them
+  // side by side, else one.
+  const int64_t nh = decode_heads_per_item(p), groups = p.Hk / nh;
+  const int64_t splits = p.num_splits, items = p.B * groups * splits;
+  const int64_t item_floats = R * stride, group_floats = nh * item_floats;
   if (splits == 1) {
-    // Each item merges its own single state in its own scratch.
+    // Each item merges its own states in its own scratch.
     parallel_for(items, p.num_threads, [&](int64_t begin, int64_t end, int) {
+      std::unique_ptr<float[]> mine(new float[static_cast<size_t>(group_floats + Evp)]);
       for (int64_t it = begin; it < end; ++it) {
-        const int64_t b = it / p.Hk, hk = it % p.Hk;
-        std::unique_ptr<float[]> mine(new float[item_floats + Evp]);
-        run_item<T, kVariants, kPaired>(p, b, hk, 0, mine.get());
-        merge_rows<T, kPaired>(p, b, hk, 1, mine.get(), mine.get() + item_floats);
+        const int64_t b = it / groups, hk0 = it % groups * nh;
+        run_item<T, kVariants, kPaired>(p, b, hk0, nh, 0, mine.get());
+        for (int64_t hh = 0; hh < nh; ++hh)
+          merge_rows<T, kPaired>(p, b, hk0 + hh, 1, mine.get() + hh * item_floats, 0, mine.get() + group_floats);
       }
     }, 1);
     return;
   }
-  std::unique_ptr<float[]> states(new float[static_cast<size_t>(items) * item_floats]);
+  // Item (b, group g, split s) leaves its heads' states at ((b * groups + g) * splits + s) * group_floats, head
+  // by head: head hk0 + hh's split s at that place + hh * item_floats.
+  std::unique_ptr<float[]> states(new float[static_cast<size_t>(items * group_floats)]);
   parallel_for(items, p.num_threads, [&](int64_t begin, int64_t end, int) {
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t s = it % splits, bh = it / splits;
-      // States of (b, hk) are stored split-major: split s's row r at (bh * splits + s) * R + r.
-      run_item<T, kVariants, kPaired>(p, bh / p.Hk, bh % p.Hk, s, states.get() + (bh * splits + s) * item_floats);
+      const int64_t s = it % splits, bg = it / splits;
+      run_item<T, kVariants, kPaired>(p, bg / groups, bg % groups * nh, nh, s, states.get() + it * group_floats);
     }
   }, 1);
   parallel_for(p.B * p.Hk, p.num_threads, [&](int64_t begin, int64_t end, int) {
     std::unique_ptr<float[]> tmp(new float[Evp + 1]);
-    for (int64_t bh = begin; bh < end; ++bh)
-      merge_rows<T, kPaired>(p, bh / p.Hk, bh % p.Hk, splits, states.get() + bh * splits * item_floats, tmp.get());
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bg = bh / nh, hh = bh % nh;  // bh = b * Hk + hk, and hk = g * nh + hh
+      merge_rows<T, kPaired>(p, bh / p.Hk, bh % p.Hk, splits, states.get() + bg * splits * group_floats + hh * item_floats,
+                             group_floats, tmp.get());
+    }
   });
 }
 
@@ -580,6 +644,14 @@ void check_decode_params(const DecodeParams& p) {
   if (p.block_table != 0 && p.mask_dtype != kNone) fail("mask is supported with a contiguous cache only");
   if (p.seqlens == 0 && p.B > 0) fail("cache_seqlens is missing");
 }
+
+int64_t decode_heads_per_item(const DecodeParams& p) {
+  const auto mag = [](int64_t x) { return x < 0 ? -x : x; };
+  const bool side_by_side = mag(p.k.sh) < mag(p.k.sl) || mag(p.v.sh) < mag(p.v.sl);
+  return p.Hk > 1 && side_by_side ? p.Hk : 1;
+}
+
+int64_t decode_items(const DecodeParams& p) { return p.B * (p.Hk / decode_heads_per_item(p)); }
 
 int64_t decode_num_splits(int64_t items, int64_t keys, int threads) {
   const int64_t want = 4 * std::max(1, threads);
@@ -631,6 +703,7 @@ void register_decode(py::module_& m) {
       .def_readwrite("window_right", &DecodeParams::window_right)
       .def_readwrite("num_splits", &DecodeParams::num_splits)
       .def_readwrite("num_threads", &DecodeParams::num_threads);
+  m.def("decode_items", &decode_items, py::arg("params"), "The (b, kv heads) work items of a decode call, before key splits (csrc/decode.h).");
   m.def("decode_num_splits", &decode_num_splits, py::arg("items"), py::arg("keys"), py::arg("threads"),
         "The key splits of a decode call: the rule the launcher and the eager route share (csrc/decode.h).");
   m.def("decode_fwd",

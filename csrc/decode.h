@@ -37,7 +37,12 @@ struct DecodeParams {
 void check_decode_params(const DecodeParams& p);
 // Writes p.out and p.lse.
 void decode(const DecodeParams& p);
-// Key splits for `items` (b, kv head) work items over at most `keys` keys each on `threads` threads: none while
+// kv heads per work item: all Hk when the cache stores a key's heads side by side (a head stride below the key
+// stride: the (B, S, Hk, E) and paged layouts), so that a thread reads whole runs of memory; else 1.
+int64_t decode_heads_per_item(const DecodeParams& p);
+// The call's work items before key splits: B x (Hk / decode_heads_per_item).
+int64_t decode_items(const DecodeParams& p);
+// Key splits for `items` (b, kv heads) work items over at most `keys` keys each on `threads` threads: none while
 // the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough splits for that,
 // each of at least kDecodeMinSplitKeys keys, at most kDecodeMaxSplits. The one copy of the rule: the Python
 // launcher (fastattn/_cpu.py) and the eager route (eager.cpp) both call it.

@@ -84,6 +84,29 @@ def test_strided_and_torch_layout_caches(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_heads_side_by_side_equal_heads_apart(isa, dtype, splits):
+    """A cache that stores a key's kv heads side by side ((B, S, Hk, E), paged) is read by items that take every
+    kv head of a sequence at once, block by block; the same values with the heads apart ((B, Hk, S, E) viewed as
+    (B, S, Hk, E)) by one item per head. Same splits, same answer bit for bit."""
+    mod = isa_module(isa)
+    size = dict(LONG, S_max=208)  # a whole number of 16-key pages: the paged pool holds the same values
+    q, k, v, lens, _ = _problem(dtype=dtype, **size)
+    apart = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v)]
+    for cache, items in ((k, 3), (apart[0], 3 * k.shape[2])):  # 3 sequences; x Hk when one item per head
+        p = mod.DecodeParams()
+        p.B, p.Hk = k.shape[0], k.shape[2]
+        p.k = p.v = mod.Tensor4(0, cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3))
+        assert mod.decode_items(p) == items
+    together = _check(isa, q, k, v, lens, None, num_splits=splits)
+    one_by_one = _run(isa, q, *apart, lens, None, num_splits=splits)
+    paged = _run(isa, *_problem(dtype=dtype, page=16, **size), num_splits=splits)
+    for got in (one_by_one, paged):
+        assert torch.equal(got[0], together[0]) and torch.equal(got[1], together[1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_head_dim_strides_other_than_one(isa):
     """Caches whose head dim is not unit-stride (staged by the kernel) and a q of any strides."""
     q, k, v, lens, _ = _problem(E=16, Ev=16)
