@@ -133,6 +133,13 @@ template <typename T>
 FASTATTN_INLINE void prefetch_rows(const CacheRows<T>& c, int64_t se, int64_t D, int64_t j0, int64_t nb) {
   if (se != 1) return;
   const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  if (c.table == nullptr && c.s_slot == D) {  // rows packed back to back: one run of lines
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(c.base + j0 * D);
+    const uintptr_t end = begin + static_cast<uintptr_t>(nb * bytes);
+    uintptr_t a = begin & ~uintptr_t{63};
+    for (; a < end; a += 64) prefetch_line(reinterpret_cast<const char*>(a));
+    return;
+  }
   for (int64_t j = 0; j < nb; ++j) {
     const char* r = reinterpret_cast<const char*>(c.row(j0 + j));
     for (int64_t o = 0; o < bytes; o += 64) prefetch_line(r + o);
@@ -216,14 +223,15 @@ FASTATTN_INLINE void dots_group(const float* qf, int64_t Ep, int64_t E, const T*
   for (int t = 0; t < NR; ++t)
     for (int g = 0; g < KG; ++g) a[t][g] = simd::zero();
   if constexpr (kPaired) {  // E % 16 == 0; qf in paired order
+    // The KG keys' chunks first, then each row's q chunk once for all of them: NR + KG loads per 2 * NR * KG
+    // FMAs (q loaded per key instead would make the loads, not the FMAs, the limit).
     for (int64_t c = 0; c < E; c += 2 * W) {
-      for (int g = 0; g < KG; ++g) {
-        vf ke, ko;
-        load_pair(kr[g] + c, ke, ko);
-        for (int t = 0; t < NR; ++t) {
-          a[t][g] = simd::fmadd(simd::load(qf + t * Ep + c), ke, a[t][g]);
-          a[t][g] = simd::fmadd(simd::load(qf + t * Ep + c + W), ko, a[t][g]);
-        }
+      vf ke[KG], ko[KG];
+      for (int g = 0; g < KG; ++g) load_pair(kr[g] + c, ke[g], ko[g]);
+      for (int t = 0; t < NR; ++t) {
+        const vf qe = simd::load(qf + t * Ep + c), qo = simd::load(qf + t * Ep + c + W);
+        for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qe, ke[g], a[t][g]);
+        for (int g = 0; g < KG; ++g) a[t][g] = simd::fmadd(qo, ko[g], a[t][g]);
       }
     }
   } else {
@@ -290,6 +298,7 @@ FASTATTN_INLINE void accumulate_group(float* acc, int64_t ast, int64_t c0, int64
     const vf al = simd::set1(alpha[t]);
     for (int c = 0; c < CG; ++c) a[t][c] = simd::mul(simd::load(acc + t * ast + c0 + c * W), al);
   }
+#pragma GCC unroll 2
   for (int64_t j = 0; j < nb; ++j) {
     vf vv[CG];
     if constexpr (kPaired) {  // CG even, whole chunks: chunk 2c holds the pair's even columns, 2c + 1 its odd
