@@ -205,6 +205,10 @@ def test_fastattn_provider_runs_a_tiny_case(op, fields, against):
     if against is not None:
         tol = 1e-5 if c.dtype == "f32" else 1e-2
         torch.testing.assert_close(got.float(), o.provider(against).fn(x).float(), atol=tol, rtol=tol)
+        if op == "decode":  # the kv-cache layouts hold the same keys: the same rows, (B, L, H, Ev)
+            for name in ("fastattn-kvcache", "fastattn-paged"):
+                torch.testing.assert_close(o.provider(name).fn(x).transpose(1, 2).float(), got.float(),
+                                           atol=tol, rtol=tol)
     else:  # varlen: the packed output holds the padded batch's real rows
         padded = o.provider("fastattn-cpu-padded").fn(x)
         torch.testing.assert_close(padded, o.provider("torch").fn(x), atol=1e-5, rtol=1e-5)
@@ -221,7 +225,7 @@ def test_decode_rows_report_bytes_and_read_bandwidth(capsys, monkeypatch, tmp_pa
     rep = fb.run([c], None, TINY, progress=False, measure_memory=False, command="test")
     assert rep["read_bandwidth"]["cpu"] > 0
     rows = {r.provider: r for r in fb.results_of(rep)}
-    assert {"torch", "fastattn-cpu", "reference"} <= set(rows)
+    assert {"torch", "fastattn-cpu", "fastattn-kvcache", "fastattn-paged", "reference"} <= set(rows)
     for r in rows.values():
         assert r.ok and r.bytes_read == c.B * 2 * 64 * 16 * 4
         assert r.bytes_per_s == pytest.approx(r.bytes_read / r.median_s)
