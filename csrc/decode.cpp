@@ -5,10 +5,11 @@
 // j <= i', window i' - left <= j <= i' + right, a false bool mask); lse = log(sum_j exp(s_ij) [+ exp(sink)]),
 // out_i = sum_j exp(s_ij - lse) v_j. Rows with no visible key: out = 0, lse = -inf (or the sink).
 //
-// Algorithm. A work item is (b, kv head, key split). Its R = L * G query rows (the L rows of every head of the
-// GQA group, row r = i * G + g) are processed together, so each K / V row of the item's keys is read once
-// for the whole group, in key order, and asked for ahead of use (prefetch_rows). Keys go by in
-// blocks of kBlockN:
+// Algorithm. A work item is (b, kv head, key split); when the cache stores a key's kv heads side by side
+// ((B, S, Hk, E), paged) it is (b, every kv head, key split) instead, the heads taking each key block in turn
+// (decode_heads_per_item). For each kv head, its R = L * G query rows (the L rows of every head of the GQA
+// group, row r = i * G + g) are processed together, so each K / V row of the item's keys is read once for the
+// whole group, in key order, and asked for ahead of use (prefetch_rows). Keys go by in blocks of kBlockN:
 //   1. scores: a tile of kRowTile query rows x kDotKeysFor keys of dot products is accumulated in registers over
 //      E (K rows converted to fp32 chunk by chunk); scores are kept in log2 units (log2(e) folded into scale);
 //   2. online softmax per row, vectorised over the block: m = running max, l = running sum of 2^(s - m);
@@ -113,19 +114,14 @@ FASTATTN_INLINE void block_rows(const CacheRows<T>& c, int64_t se, int64_t D, in
 // the K rows a block ahead. Asking for a whole block at once instead fills the core's miss buffers and stalls
 // the loads behind them.
 // (An asm statement on x86: GCC may judge a lambda that only prefetches to have no effect and drop its calls.)
+// kToL2: the hint for L2 (a core may still fill L1), for lines wanted a while later.
+template <bool kToL2 = false>
 FASTATTN_INLINE void prefetch_line(const char* p) {
 #if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht0 %0" : : "m"(*p));
+  if constexpr (kToL2) asm volatile("prefetcht1 %0" : : "m"(*p));
+  else asm volatile("prefetcht0 %0" : : "m"(*p));
 #else
-  __builtin_prefetch(p, 0, 3);
-#endif
-}
-// The same into L2 only.
-FASTATTN_INLINE void prefetch_line_l2(const char* p) {
-#if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht1 %0" : : "m"(*p));
-#else
-  __builtin_prefetch(p, 0, 2);
+  __builtin_prefetch(p, 0, kToL2 ? 2 : 3);
 #endif
 }
 
@@ -469,7 +465,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
             const char* kp = reinterpret_cast<const char*>(k_span.row(key));
             const char* vp = reinterpret_cast<const char*>(v_span.row(key));
             for (; x < end && line < span_lines; ++x, ++line)
-              prefetch_line_l2(line < k_lines ? kp + line * 64 : vp + (line - k_lines) * 64);
+              prefetch_line<true>(line < k_lines ? kp + line * 64 : vp + (line - k_lines) * 64);
             line = 0;
             ++key;
           }
