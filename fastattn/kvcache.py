@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastattn import _launchers
 from fastattn._normalise import default_scale
-from fastattn._ops.decode import decode_fwd
+from fastattn._ops.decode import decode_fwd, run_decode
 from fastattn._validation import (check_cache_seqlens, check_cache_tensor, check_cache_values, check_inference_only,
                                   check_kvcache_scalars, shape_or_type)
 from fastattn.reference.decode import decode_attention
@@ -168,8 +168,15 @@ def attention_with_kvcache(
                                     alibi_slopes=alibi_slopes, upcast=False)
         out = out.transpose(1, 2).contiguous().transpose(1, 2) if bhsd else out
     else:
-        out, lse = decode_fwd(q, k_cache, v_cache, seqlens, block_table, None, scale, bool(causal), int(window[0]),
-                              int(window[1]), float(softcap), sinks, alibi_slopes, num_splits, backend,
-                              "bhsd" if bhsd else "bshd")
+        # A plain eager CPU call runs the op's body itself; everything else (torch.compile, export, tracing,
+        # dispatch modes, functorch transforms, tensor subclasses, CUDA) goes through the op.
+        tensors = (q, k_cache, v_cache, seqlens, block_table, sinks, alibi_slopes)
+        plain = (backend == "cpu" and all(t is None or type(t) is Tensor for t in tensors)
+                 and not torch.compiler.is_compiling()
+                 and not torch._C._is_tracing() and torch._C._len_torch_dispatch_stack() == 0
+                 and not torch._C._are_functorch_transforms_active())
+        out, lse = (run_decode if plain else decode_fwd)(
+            q, k_cache, v_cache, seqlens, block_table, None, scale, bool(causal), int(window[0]), int(window[1]),
+            float(softcap), sinks, alibi_slopes, num_splits, backend, "bhsd" if bhsd else "bshd")
     out = out.transpose(1, 2) if bhsd else out
     return (out, lse) if return_lse else out

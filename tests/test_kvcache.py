@@ -268,6 +268,30 @@ def test_opcheck(backend, out_layout):
                                       out_layout))
 
 
+def test_plain_cpu_calls_run_the_op_body_and_others_the_op():
+    """A plain eager CPU call skips the op's dispatch and runs its body; under a dispatch mode (as under tracing,
+    torch.compile or a functorch transform) the call goes through fastattn::decode_fwd. Same bits either way."""
+    _need("cpu")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = _problem(lens=(9, 3, 5), page=8)
+    p.pop("k"), p.pop("v")
+    plain = fastattn.attention_with_kvcache(**p, return_lse=True)
+    with Seen() as seen:
+        through_op = fastattn.attention_with_kvcache(**p, return_lse=True)
+    assert "fastattn.decode_fwd.default" in seen.ops
+    assert torch.equal(plain[0], through_op[0]) and torch.equal(plain[1], through_op[1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # scaled_dot_product_attention's decode route
 # ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ scaled_dot_product_attention for short query blocks) validate every argument, th
 memory included, before calling it.
 
 Inference only: no autograd formula is registered (the public functions refuse inputs that need a gradient).
-The op allocates its output in the layout ``out_layout`` names and has the launcher write into it:
+The op allocates its output in the layout ``out_layout`` names and has the launcher write into it
+(``run_decode``, which a plain eager CPU call of fastattn.attention_with_kvcache calls directly: the op's
+dispatch would cost more than the kernel on a short cache):
 
 * "bshd": (B, L, H, Ev) contiguous;
 * "bhsd": (B, H, L, Ev) contiguous, returned as its (B, L, H, Ev) view;
@@ -60,6 +62,13 @@ def decode_fwd(
 ) -> tuple[Tensor, Tensor]:
     """(out, lse): out (B, L, H, Ev) in q's dtype, laid out as ``out_layout`` says; lse (B, H, L) float32
     (natural log, sinks included; -inf for rows with no visible key and no sink)."""
+    return run_decode(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, causal, window_left, window_right,
+                      softcap, sinks, alibi_slopes, num_splits, backend, out_layout)
+
+
+def run_decode(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, causal, window_left, window_right,
+               softcap, sinks, alibi_slopes, num_splits, backend, out_layout):
+    """The body of ``fastattn::decode_fwd`` (same arguments and result)."""
     out = empty_decode_output(q, v_cache, out_layout)
     launcher = _launchers.launcher_for("decode", backend, q.device)
     _, lse = launcher.decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table=block_table, mask=mask,
