@@ -365,7 +365,7 @@ FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, in
 
 // Runs item (b, kv heads [hk0, hk0 + nh), split) and leaves row r of kv head hk0 + hh's [m, l, acc] at
 // state + (hh * R + r) * (kStateHead + Evp). The heads go through each key block in turn, so when the cache
-// stores a key's heads side by side (heads_together) the item reads each block's rows as one run of memory.
+// stores a key's heads side by side (decode_heads_per_item) the item reads each block's rows as one run of memory.
 template <typename T, bool kVariants, bool kPaired>
 void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t split, float* state) {
   const int64_t G = p.H / p.Hk, L = p.L, R = G * L, E = p.E, Ev = p.Ev;
@@ -431,10 +431,10 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
   const float dot_mul = kVariants ? static_cast<float>(p.scale) : static_cast<float>(p.scale) * kLog2e;
   const float cap = static_cast<float>(p.softcap);
   // Heads taken together (nh > 1) with unit head-dim strides and heads in increasing address order: a key's
-  // K (V) rows of heads hk0 ... hk0 + nh - 1 lie in one span of k_lines (v_lines) cache lines from its head
-  // hk0 row.
+  // K rows of heads hk0 ... hk0 + nh - 1 lie in one span of k_lines cache lines from its head hk0 row, its V
+  // rows in one of span_lines - k_lines lines.
   const bool spans = nh > 1 && p.k.se == 1 && p.v.se == 1 && p.k.sh >= 0 && p.v.sh >= 0;
-  const CacheRows<T> k_span = cache_rows<T>(p, p.k, b, hk0), v_span = cache_rows<T>(p, p.v, b, hk0);
+  const CacheRows<T> k_first = cache_rows<T>(p, p.k, b, hk0), v_first = cache_rows<T>(p, p.v, b, hk0);
   const auto lines_of = [](int64_t bytes) { return (bytes + 63) / 64; };
   const int64_t k_lines = lines_of(((nh - 1) * p.k.sh + E) * static_cast<int64_t>(sizeof(T)));
   const int64_t span_lines = k_lines + lines_of(((nh - 1) * p.v.sh + Ev) * static_cast<int64_t>(sizeof(T)));
@@ -450,10 +450,11 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
       const float* slope = buf.slope + hh * R;
       float* hstate = state + hh * R * stride;
       block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
-      // While the first row tile's scores are computed: the V rows of each key group and the K rows a block
-      // ahead of it. Heads taken together instead ask for the next block's key spans in address order, head
-      // hh's pass taking its share of the keys (spread over its key groups), so that memory is asked for as
-      // runs rather than a head's slice of every key.
+      // While the first row tile's scores are computed: the V rows of each key group, and the same keys' K rows
+      // for the next pass (the item's next head, else its first head a block ahead). Heads taken together with
+      // spans also ask for the next block's key spans in address order, head hh's pass taking its share of the
+      // keys (spread over its key groups, into L2), so that memory is asked for as runs rather than a head's
+      // slice of every key.
       const auto ahead = [&](int64_t j, int64_t m) {
         if (spans) {
           // Lines [x, end) of the pass's share, line x being line x % span_lines of key x / span_lines's span.
@@ -462,27 +463,21 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
           const int64_t end = first + (j + m) * lines / nb;
           int64_t key = j0 + kBlockN + x / span_lines, line = x % span_lines;
           while (x < end) {
-            const char* kp = reinterpret_cast<const char*>(k_span.row(key));
-            const char* vp = reinterpret_cast<const char*>(v_span.row(key));
+            const char* kp = reinterpret_cast<const char*>(k_first.row(key));
+            const char* vp = reinterpret_cast<const char*>(v_first.row(key));
             for (; x < end && line < span_lines; ++x, ++line)
               prefetch_line<true>(line < k_lines ? kp + line * 64 : vp + (line - k_lines) * 64);
             line = 0;
             ++key;
           }
-          // From L2 into L1: this head's V rows of the group, and the K rows of the same keys for the next pass
-          // (the next head, or the first head of the next block).
-          prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
-          if (hh + 1 < nh) {
-            prefetch_rows(k_next, p.k.se, E, j0 + j, m);
-          } else {
-            const int64_t jn = j0 + kBlockN + j;
-            if (jn < k1) prefetch_rows(k_span, p.k.se, E, jn, std::min(m, k1 - jn));
-          }
-          return;
         }
         prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
-        const int64_t jn = j0 + kBlockN + j;
-        if (jn < k1) prefetch_rows(kc, p.k.se, E, jn, std::min(m, k1 - jn));
+        if (hh + 1 < nh) {
+          prefetch_rows(k_next, p.k.se, E, j0 + j, m);
+        } else {
+          const int64_t jn = j0 + kBlockN + j;
+          if (jn < k1) prefetch_rows(k_first, p.k.se, E, jn, std::min(m, k1 - jn));
+        }
       };
       const auto nothing = [](int64_t, int64_t) {};
       for_row_tiles(R, [&](int64_t r0, auto nr) {
