@@ -653,12 +653,17 @@ int64_t decode_heads_per_item(const DecodeParams& p) {
 
 int64_t decode_items(const DecodeParams& p) { return p.B * (p.Hk / decode_heads_per_item(p)); }
 
-int64_t decode_num_splits(int64_t items, int64_t keys, int threads) {
+int64_t decode_num_splits(int64_t items, int64_t keys, int64_t heads, int threads) {
   const int64_t want = 4 * std::max(1, threads);
   if (items >= want) return 1;
   const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  return std::max<int64_t>(1, std::min({cdiv(want, std::max<int64_t>(1, items)), cdiv(keys, kDecodeMinSplitKeys),
+  const int64_t rows = keys * std::max<int64_t>(1, heads);
+  return std::max<int64_t>(1, std::min({cdiv(want, std::max<int64_t>(1, items)), cdiv(rows, kDecodeMinSplitRows),
                                         kDecodeMaxSplits}));
+}
+
+int64_t decode_auto_splits(const DecodeParams& p, int64_t keys) {
+  return decode_num_splits(decode_items(p), keys, decode_heads_per_item(p), p.num_threads);
 }
 
 void decode(const DecodeParams& p) {
@@ -704,8 +709,11 @@ void register_decode(py::module_& m) {
       .def_readwrite("num_splits", &DecodeParams::num_splits)
       .def_readwrite("num_threads", &DecodeParams::num_threads);
   m.def("decode_items", &decode_items, py::arg("params"), "The (b, kv heads) work items of a decode call, before key splits (csrc/decode.h).");
-  m.def("decode_num_splits", &decode_num_splits, py::arg("items"), py::arg("keys"), py::arg("threads"),
-        "The key splits of a decode call: the rule the launcher and the eager route share (csrc/decode.h).");
+  m.def("decode_num_splits", &decode_num_splits, py::arg("items"), py::arg("keys"), py::arg("heads"), py::arg("threads"),
+        "The key-split rule of decode calls (csrc/decode.h).");
+  m.def("decode_auto_splits", &decode_auto_splits, py::arg("params"), py::arg("keys"),
+        "The key splits of decode call `params` (its items, heads per item and num_threads) over at most `keys` keys:\n"
+        "the rule the launcher and the eager route share (csrc/decode.h).");
   m.def("decode_fwd",
         [](const DecodeParams& p) {
           check_decode_params(p);

@@ -42,12 +42,15 @@ void decode(const DecodeParams& p);
 int64_t decode_heads_per_item(const DecodeParams& p);
 // The call's work items before key splits: B x (Hk / decode_heads_per_item).
 int64_t decode_items(const DecodeParams& p);
-// Key splits for `items` (b, kv heads) work items over at most `keys` keys each on `threads` threads: none while
-// the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough splits for that,
-// each of at least kDecodeMinSplitKeys keys, at most kDecodeMaxSplits. The one copy of the rule: the Python
-// launcher (fastattn/_cpu.py) and the eager route (eager.cpp) both call it.
-constexpr int64_t kDecodeMinSplitKeys = 1024, kDecodeMaxSplits = 64;
-int64_t decode_num_splits(int64_t items, int64_t keys, int threads);
+// Key splits for `items` work items of `heads` kv heads each over at most `keys` keys on `threads` threads: none
+// while the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough splits for
+// that, each reading at least kDecodeMinSplitRows key rows (keys x the item's kv heads), at most
+// kDecodeMaxSplits. The one copy of the rule: the Python launcher (fastattn/_cpu.py) and the eager route
+// (eager.cpp) both call it, through decode_auto_splits.
+constexpr int64_t kDecodeMinSplitRows = 1024, kDecodeMaxSplits = 64;
+int64_t decode_num_splits(int64_t items, int64_t keys, int64_t heads, int threads);
+// The rule for call p (its items, heads per item and p.num_threads) over at most `keys` keys.
+int64_t decode_auto_splits(const DecodeParams& p, int64_t keys);
 
 }  // namespace FASTATTN_NS
 }  // namespace fastattn

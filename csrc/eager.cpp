@@ -269,7 +269,7 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
     d.scale = p.scale;
     d.causal = p.is_causal;
     d.num_threads = p.num_threads;
-    d.num_splits = decode_num_splits(decode_items(d), S, p.num_threads);  // the launcher's keys: the cache's S
+    d.num_splits = decode_auto_splits(d, S);  // the launcher's keys: the cache's S
     try {
       check_decode_params(d);
     } catch (const std::invalid_argument&) {

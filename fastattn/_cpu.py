@@ -566,12 +566,12 @@ def _hard_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, p
 
 
 # ============================================================================================ decode
-def decode_num_splits(items: int, keys: int, threads: int) -> int:
-    """Key splits for ``items`` (b, kv heads) work items over at most ``keys`` keys each on ``threads`` threads:
-    none while the items give every thread ~4 to take (dynamic scheduling evens out the rest), else enough
-    splits for that, each of at least 1024 keys, at most 64. The kernel module's rule (csrc/decode.h), which the
-    eager route (csrc/eager.cpp) uses too."""
-    return module().decode_num_splits(items, keys, threads)
+def decode_num_splits(items: int, keys: int, threads: int, heads: int = 1) -> int:
+    """Key splits for ``items`` work items of ``heads`` kv heads each over at most ``keys`` keys on ``threads``
+    threads: none while the items give every thread ~4 to take (dynamic scheduling evens out the rest), else
+    enough splits for that, each reading at least 1024 key rows (keys x heads), at most 64. The kernel module's
+    rule (csrc/decode.h), which the eager route (csrc/eager.cpp) uses too."""
+    return module().decode_num_splits(items, keys, heads, threads)
 
 
 def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
@@ -582,8 +582,8 @@ def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tenso
     """Attention of the new query rows q (B, L, H, E) to each sequence's KV cache: the decode launcher contract
     (kernels/decode.py's module doc states it; the math is fastattn/reference/decode.py's). Returns out
     (B, L, H, Ev) in q's dtype (``out`` if given, any strides) and lse (B, H, L) float32 (natural log).
-    ``num_splits`` None: :func:`decode_num_splits` from the work items (b x kv heads, or b alone when the cache
-    stores a key's kv heads side by side), the cache capacity and the threads."""
+    ``num_splits`` None: :func:`decode_num_splits` from the work items (b x kv heads, or b with all its kv heads
+    when the cache stores a key's kv heads side by side), the cache capacity and the threads."""
     return _decode_fwd(module(), q, k_cache, v_cache, cache_seqlens, block_table=block_table, mask=mask,
                        scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks,
                        alibi_slopes=alibi_slopes, num_splits=num_splits, out=out)
@@ -641,11 +641,10 @@ def _decode_fwd(mod, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     p.softcap = float(softcap)
     p.causal = bool(causal)
     p.window_left, p.window_right = int(window[0]), int(window[1])
-    threads = torch.get_num_threads()
+    p.num_threads = torch.get_num_threads()
     if num_splits is None:
         keys = min(capacity, window[0] + L) if window[0] >= 0 else capacity
-        num_splits = mod.decode_num_splits(mod.decode_items(p), keys, threads)
+        num_splits = mod.decode_auto_splits(p, keys)
     p.num_splits = int(num_splits)
-    p.num_threads = threads
     mod.decode_fwd(p)
     return out, lse

@@ -136,12 +136,16 @@ def test_splits_agree_and_are_deterministic(isa, dtype):
 
 
 def test_num_splits_heuristic():
-    """No split while the (b, kv head) items give each thread several; else more, at least ~1024 keys each."""
+    """No split while the items give each thread several; else more, each reading at least ~1024 key rows
+    (keys x the item's kv heads)."""
     h = _cpu.decode_num_splits
     assert h(items=8, keys=4096, threads=2) == 1
     assert h(items=1, keys=32768, threads=2) == 8
     assert h(items=1, keys=2000, threads=2) == 2
     assert h(items=1, keys=10, threads=4) == 1
+    # One item of all 8 kv heads (a (B, S, Hk, E) cache): 1024 keys are 8192 key rows, enough for 8 splits.
+    assert h(items=1, keys=1024, threads=2, heads=8) == 8
+    assert h(items=1, keys=256, threads=2, heads=8) == 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,19 +229,30 @@ def test_empty_head_dims(E, Ev):
 
 
 def test_num_splits_rule():
-    """The one split rule (csrc/decode.h), which the launcher and the eager route (csrc/eager.cpp) both call:
-    none while the items give every thread 4, else enough for that, each split >= 1024 keys, at most 64."""
+    """The one split rule (csrc/decode.h), which the launcher and the eager route (csrc/eager.cpp) both call
+    (decode_auto_splits): none while the items give every thread 4, else enough for that, each split reading
+    >= 1024 key rows (keys x heads per item), at most 64."""
     from fastattn import _cpu
     mod = _cpu.module()
 
-    def rule(items, keys, threads):
+    def rule(items, keys, heads, threads):
         want = 4 * max(1, threads)
         if items >= want:
             return 1
-        return max(1, min(-(-want // max(1, items)), -(-keys // 1024), 64))
+        return max(1, min(-(-want // max(1, items)), -(-(keys * heads) // 1024), 64))
 
     for items in (1, 2, 3, 7, 8, 9, 32, 128):
-        for keys in (1, 1023, 1024, 1025, 4096, 32768, 10**6):
-            for threads in (1, 2, 3, 16):
-                assert mod.decode_num_splits(items, keys, threads) == rule(items, keys, threads), \
-                    (items, keys, threads)
+        for keys in (1, 127, 128, 129, 1023, 1024, 1025, 4096, 32768, 10**6):
+            for heads in (1, 8):
+                for threads in (1, 2, 3, 16):
+                    assert mod.decode_num_splits(items, keys, heads, threads) == rule(items, keys, heads, threads), \
+                        (items, keys, heads, threads)
+    # decode_auto_splits applies it to a call: items and heads per item from the cache layout.
+    S, Hk, E = 64, 8, 128
+    side_by_side = (S * Hk * E, E, Hk * E, 1)  # (b, h, i, e) strides of a (B, S, Hk, E) cache
+    apart = (Hk * S * E, S * E, E, 1)  # of a (B, Hk, S, E) one
+    for strides, items, heads in ((side_by_side, 2, Hk), (apart, 2 * Hk, 1)):
+        p = mod.DecodeParams()
+        p.B, p.H, p.Hk, p.num_threads = 2, 32, Hk, 2
+        p.k = p.v = mod.Tensor4(0, *strides)
+        assert mod.decode_auto_splits(p, 1000) == rule(items, 1000, heads, 2)
