@@ -20,6 +20,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -38,6 +41,8 @@ namespace {
 struct TorchRefs {
   PyObject* tensor_type = nullptr;  // torch.Tensor: subclasses (and fake / functional tensors) take the Python path
   PyObject* dtypes[6] = {};         // indexed by DType: torch.bool, float32, float16, bfloat16, float64
+  PyObject* int32 = nullptr;        // torch.int32, torch.int64: kvcache_fwd's lengths and block table
+  PyObject* int64 = nullptr;
   PyObject* strided = nullptr;      // torch.strided
   PyObject* grad_enabled = nullptr;       // torch.is_grad_enabled
   PyObject* tracing = nullptr;            // torch._C._is_tracing
@@ -72,6 +77,9 @@ int64_t as_int(PyObject* o, bool& ok) {
   return x;
 }
 
+// Codes of the integer dtypes kvcache_fwd reads (beyond DType's).
+constexpr int kI32 = 16, kI64 = 17;
+
 // What eager_fwd reads of one tensor. nd <= 4; size / stride hold the last nd dims.
 struct View {
   int nd = 0;
@@ -80,8 +88,9 @@ struct View {
   int dtype = kNone;
 };
 
-// Reads t if it is a plain strided CPU torch.Tensor of at most 4 dims (and no gradient is wanted of it).
-bool read_tensor(PyObject* t, bool grad, View& v) {
+// Reads t if it is a plain strided CPU torch.Tensor of at most 4 dims (and no gradient is wanted of it) of a
+// DType (or, with ints, int32 / int64).
+bool read_tensor(PyObject* t, bool grad, View& v, bool ints = false) {
   const TorchRefs& T = *g_torch;
   if (Py_TYPE(t) != reinterpret_cast<PyTypeObject*>(T.tensor_type)) return false;
   py::object is_cpu = steal(PyObject_GetAttr(t, T.s_is_cpu));
@@ -95,6 +104,8 @@ bool read_tensor(PyObject* t, bool grad, View& v) {
   v.dtype = kNone;
   for (int c = kBool; c <= kF64; ++c)
     if (dtype.ptr() == T.dtypes[c]) v.dtype = c;
+  if (ints && dtype.ptr() == T.int32) v.dtype = kI32;
+  if (ints && dtype.ptr() == T.int64) v.dtype = kI64;
   if (v.dtype == kNone) return false;
   if (grad) {
     py::object rg = steal(PyObject_GetAttr(t, T.s_requires_grad));
@@ -156,6 +167,26 @@ Tensor4 t4(const View& v) {
 
 bool is_bool(PyObject* o) { return o == Py_True || o == Py_False; }
 
+// True when no tracing, dispatch mode or functorch transform is active (what functional._plain_eager_inference
+// checks); grad = torch.is_grad_enabled().
+bool plain_dispatch(int& grad) {
+  const TorchRefs* T = g_torch;
+  grad = call_bool(T->grad_enabled);
+  if (grad < 0 || call_bool(T->tracing) != 0 || call_bool(T->functorch_active) != 0) return false;
+  py::object n = steal(PyObject_CallNoArgs(T->dispatch_modes));
+  if (!n || !PyLong_Check(n.ptr()) || PyLong_AsLong(n.ptr()) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+int get_num_threads() {
+  py::object n = steal(PyObject_CallNoArgs(g_torch->num_threads));
+  if (!n) throw py::error_already_set();
+  return static_cast<int>(PyLong_AsLong(n.ptr()));
+}
+
 // The arguments of fastattn.scaled_dot_product_attention; None unless every one of them is of the plain
 // kind this entry takes: 4-D q / k / v of one float dtype, no dropout, nothing empty, no autograd, tracing,
 // dispatch mode or functorch transform, backend None or "cpu".
@@ -176,16 +207,8 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
   if (!backend.is_none() &&
       !(PyUnicode_CheckExact(backend.ptr()) && PyUnicode_CompareWithASCIIString(backend.ptr(), "cpu") == 0))
     return py::none();
-  // What functional._plain_eager_inference checks.
-  const int grad = call_bool(T->grad_enabled);
-  if (grad < 0 || call_bool(T->tracing) != 0 || call_bool(T->functorch_active) != 0) return py::none();
-  {
-    py::object n = steal(PyObject_CallNoArgs(T->dispatch_modes));
-    if (!n || !PyLong_Check(n.ptr()) || PyLong_AsLong(n.ptr()) != 0) {
-      PyErr_Clear();
-      return py::none();
-    }
-  }
+  int grad = 0;
+  if (!plain_dispatch(grad)) return py::none();
   View q, k, v, m;
   if (!read_tensor(query.ptr(), grad, q) || !read_tensor(key.ptr(), grad, k) || !read_tensor(value.ptr(), grad, v))
     return py::none();
@@ -220,11 +243,7 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
   p.B = B; p.H = H; p.Hk = Hk; p.L = L; p.S = S; p.E = E; p.Ev = Ev;
   p.scale = scale.is_none() ? 1.0 / std::sqrt(static_cast<double>(E)) : sc;
   p.is_causal = is_causal.ptr() == Py_True;
-  {
-    py::object n = steal(PyObject_CallNoArgs(T->num_threads));
-    if (!n) throw py::error_already_set();
-    p.num_threads = static_cast<int>(PyLong_AsLong(n.ptr()));
-  }
+  p.num_threads = get_num_threads();
   // out (B, H, L, Ev) laid out as fastattn._ops.empty_output lays it out: with q's strides (torch.empty_like of a
   // dense q) when Ev == E and q's head dim has unit stride, else contiguous. A q that is not dense would need
   // torch's stride inference: the Python path does that.
@@ -291,9 +310,275 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
   return out;
 }
 
-void eager_init(py::handle tensor_type, py::tuple dtypes, py::handle strided, py::handle grad_enabled,
-                py::handle tracing, py::handle dispatch_modes, py::handle functorch_active, py::handle num_threads) {
+// An exact Python int (not a bool) that fits int64.
+bool exact_int(PyObject* o, int64_t& x) {
+  if (!PyLong_CheckExact(o)) return false;
+  bool ok = true;
+  x = as_int(o, ok);
+  return ok;
+}
+
+// An exact float, or an exact int, as a double (Python's float(x) of the values the Python path accepts).
+bool exact_real(PyObject* o, double& x) {
+  if (PyFloat_CheckExact(o)) {
+    x = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  int64_t i = 0;
+  if (!exact_int(o, i) || i > (int64_t{1} << 53) || i < -(int64_t{1} << 53)) return false;
+  x = static_cast<double>(i);
+  return true;
+}
+
+bool is_str(py::handle o, const char* s) {
+  return PyUnicode_CheckExact(o.ptr()) && PyUnicode_CompareWithASCIIString(o.ptr(), s) == 0;
+}
+
+// The view with dims 1 and 2 swapped.
+View swap12(View v) {
+  std::swap(v.size[1], v.size[2]);
+  std::swap(v.stride[1], v.stride[2]);
+  return v;
+}
+
+// [first, last + 1) byte range of a view's elements (torch strides are >= 0); empty for an empty view.
+std::pair<uintptr_t, uintptr_t> byte_range(const View& v, int64_t elem) {
+  int64_t far = 0;
+  for (int d = 0; d < v.nd; ++d) {
+    if (v.size[d] == 0) return {v.ptr, v.ptr};
+    far += (v.size[d] - 1) * v.stride[d];
+  }
+  return {v.ptr, v.ptr + static_cast<uintptr_t>((far + 1) * elem)};
+}
+
+bool overlap(const View& a, const View& b, int64_t elem) {
+  const auto x = byte_range(a, elem), y = byte_range(b, elem);
+  return x.first < x.second && y.first < y.second && x.first < y.second && y.first < x.second;
+}
+
+// fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, causal, window,
+// softcap, sinks, alibi_slopes, layout, return_lse, num_splits, backend) for plain eager CPU calls: the same
+// checks, append and decode call as the Python path (fastattn/kvcache.py: views in (B, L, H, E) order, the
+// launcher's DecodeParams as fastattn/_cpu.py _decode_fwd fills them, the same key splits), so the results
+// are bit-identical. None for anything else, invalid arguments included: every check runs before the first
+// write, and the Python path then raises with its message. Takes sinks / alibi_slopes only as float32 (the
+// kernel's type; the Python path converts others).
+py::object kvcache_fwd(py::handle q_, py::handle kc_, py::handle vc_, py::handle seqlens_, py::handle kn_,
+                       py::handle vn_, py::handle table_, py::handle scale_, py::handle causal_, py::handle window_,
+                       py::handle softcap_, py::handle sinks_, py::handle alibi_, py::handle layout_,
+                       py::handle return_lse_, py::handle num_splits_, py::handle backend_) {
+  const TorchRefs* T = g_torch;
+  if (T == nullptr) return py::none();
+  // Scalars, as fastattn/_validation.py accepts them.
+  const bool bhsd = is_str(layout_, "bhsd");
+  if (!bhsd && !is_str(layout_, "bshd")) return py::none();
+  if (!is_bool(causal_.ptr()) || !is_bool(return_lse_.ptr())) return py::none();
+  if (!backend_.is_none() && !is_str(backend_, "cpu")) return py::none();
+  double scale = 0.0, softcap = 0.0;
+  if (!scale_.is_none() && !(exact_real(scale_.ptr(), scale) && std::isfinite(scale))) return py::none();
+  if (!exact_real(softcap_.ptr(), softcap) || !std::isfinite(softcap) || softcap < 0.0) return py::none();
+  int64_t window[2] = {-1, -1};
+  {
+    PyObject* w = window_.ptr();
+    const bool seq = PyTuple_CheckExact(w) || PyList_CheckExact(w);
+    if (!seq || PySequence_Fast_GET_SIZE(w) != 2) return py::none();
+    for (int i = 0; i < 2; ++i) {
+      // Bounds far past any cache, so that window_left + L below cannot overflow.
+      if (!exact_int(PySequence_Fast_GET_ITEM(w, i), window[i]) || window[i] < -1 || window[i] > (int64_t{1} << 60))
+        return py::none();
+    }
+  }
+  int64_t num_splits = 0;
+  if (!num_splits_.is_none() && !(exact_int(num_splits_.ptr(), num_splits) && num_splits >= 1)) return py::none();
+  int grad = 0;
+  if (!plain_dispatch(grad)) return py::none();
+
+  // Tensors: plain CPU tensors, and nothing that needs a gradient while grad mode is on.
+  View q, kc, vc, kn, vn, table, lens_t, sinks, alibi;
+  if (!read_tensor(q_.ptr(), grad, q) || !read_tensor(kc_.ptr(), grad, kc) || !read_tensor(vc_.ptr(), grad, vc))
+    return py::none();
+  if (q.nd != 4 || kc.nd != 4 || vc.nd != 4) return py::none();
+  if (q.dtype != kF32 && q.dtype != kF16 && q.dtype != kBF16) return py::none();
+  if (kc.dtype != q.dtype || vc.dtype != q.dtype) return py::none();
+  const bool append = !kn_.is_none();
+  if (append != !vn_.is_none()) return py::none();
+  if (append) {
+    if (!read_tensor(kn_.ptr(), grad, kn) || !read_tensor(vn_.ptr(), grad, vn)) return py::none();
+    if (kn.nd != 4 || vn.nd != 4 || kn.dtype != q.dtype || vn.dtype != q.dtype) return py::none();
+  }
+  const bool paged = !table_.is_none();
+  if (paged && (!read_tensor(table_.ptr(), grad, table, true) || table.nd != 2 || table.dtype != kI32))
+    return py::none();
+  // Everything below works on (B, L, H, E)-ordered views.
+  if (bhsd) {
+    q = swap12(q);
+    if (!paged) kc = swap12(kc), vc = swap12(vc);
+    if (append) kn = swap12(kn), vn = swap12(vn);
+  }
+  const int64_t B = q.size[0], L = q.size[1], H = q.size[2], E = q.size[3];
+  const int64_t Hk = kc.size[2], Ev = vc.size[3];
+  if (B == 0 || L == 0 || H == 0) return py::none();
+  if (kc.size[0] != vc.size[0] || kc.size[1] != vc.size[1] || kc.size[2] != vc.size[2] || kc.size[3] != E)
+    return py::none();
+  if (Hk == 0 || H % Hk != 0 || E < 1 || E > 256 || Ev < 1 || Ev > 256) return py::none();
+  int64_t page = 0, num_blocks = 0, capacity = 0;
+  if (paged) {
+    if (table.size[0] != B || kc.size[1] < 1) return py::none();
+    page = kc.size[1];
+    num_blocks = kc.size[0];
+    capacity = table.size[1] * page;
+  } else {
+    if (kc.size[0] != B) return py::none();
+    capacity = kc.size[1];
+  }
+  int64_t L_new = 0;
+  if (append) {
+    L_new = kn.size[1];
+    if (kn.size[0] != B || kn.size[2] != Hk || kn.size[3] != E) return py::none();
+    if (vn.size[0] != B || vn.size[1] != L_new || vn.size[2] != Hk || vn.size[3] != Ev) return py::none();
+  }
+  const int64_t elem = q.dtype == kF32 ? 4 : 2;
+  if (!sinks_.is_none()) {  // float32 (H,): the kernel reads sinks[h]
+    if (!read_tensor(sinks_.ptr(), grad, sinks) || sinks.nd != 1 || sinks.dtype != kF32 || sinks.size[0] != H ||
+        (H > 1 && sinks.stride[0] != 1))
+      return py::none();
+  }
+  if (!alibi_.is_none()) {  // float32 (H,) or (B, H)
+    if (!read_tensor(alibi_.ptr(), grad, alibi) || alibi.dtype != kF32) return py::none();
+    if (!(alibi.nd == 1 && alibi.size[0] == H) && !(alibi.nd == 2 && alibi.size[0] == B && alibi.size[1] == H))
+      return py::none();
+  }
+
+  // The lengths before appending: each >= 0 with room for L_new more keys, and the block-table entries of the
+  // pages each sequence uses after appending inside the pool.
+  std::vector<int32_t> seqlens(static_cast<size_t>(B));
+  std::vector<int64_t> before(static_cast<size_t>(B));
+  {
+    int64_t n_all = 0;
+    const bool one = exact_int(seqlens_.ptr(), n_all);
+    if (!one) {
+      if (!read_tensor(seqlens_.ptr(), grad, lens_t, true) || lens_t.nd != 1 || lens_t.size[0] != B ||
+          (lens_t.dtype != kI32 && lens_t.dtype != kI64))
+        return py::none();
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = n_all;
+      if (!one) {
+        const uintptr_t at = lens_t.ptr + static_cast<uintptr_t>(b * lens_t.stride[0] * (lens_t.dtype == kI32 ? 4 : 8));
+        n = lens_t.dtype == kI32 ? *reinterpret_cast<const int32_t*>(at) : *reinterpret_cast<const int64_t*>(at);
+      }
+      if (n < 0 || n > capacity - L_new || n + L_new > std::numeric_limits<int32_t>::max()) return py::none();
+      before[static_cast<size_t>(b)] = n;
+      seqlens[static_cast<size_t>(b)] = static_cast<int32_t>(n + L_new);
+    }
+  }
+  const int32_t* tab = paged ? reinterpret_cast<const int32_t*>(table.ptr) : nullptr;
+  if (paged) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t used = (seqlens[static_cast<size_t>(b)] + page - 1) / page;
+      for (int64_t j = 0; j < used; ++j) {
+        const int32_t e = tab[b * table.stride[0] + j * table.stride[1]];
+        if (e < 0 || e >= num_blocks) return py::none();
+      }
+    }
+  }
+  if (append) {
+    // The new rows must not share memory with the caches they are written into (the Python path's index_put
+    // decides what that means; this entry leaves it to it).
+    if (overlap(kn, kc, elem) || overlap(kn, vc, elem) || overlap(vn, kc, elem) || overlap(vn, vc, elem))
+      return py::none();
+  }
+
+  // Append: cache[b, n_b + t] = new[b, t] (through the block table when paged), k first, then v.
+  if (append && L_new > 0) {
+    auto write = [&](const View& cache, const View& nw, int64_t D) {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t t = 0; t < L_new; ++t) {
+          const int64_t pos = before[static_cast<size_t>(b)] + t;
+          const int64_t first = paged ? static_cast<int64_t>(tab[b * table.stride[0] + (pos / page) * table.stride[1]]) : b;
+          const int64_t slot = paged ? pos % page : pos;
+          for (int64_t h = 0; h < Hk; ++h) {
+            char* dst = reinterpret_cast<char*>(cache.ptr) + (first * cache.stride[0] + slot * cache.stride[1] + h * cache.stride[2]) * elem;
+            const char* src = reinterpret_cast<const char*>(nw.ptr) + (b * nw.stride[0] + t * nw.stride[1] + h * nw.stride[2]) * elem;
+            if (cache.stride[3] == 1 && nw.stride[3] == 1) {
+              std::memcpy(dst, src, static_cast<size_t>(D * elem));
+            } else {
+              for (int64_t e = 0; e < D; ++e) std::memcpy(dst + e * cache.stride[3] * elem, src + e * nw.stride[3] * elem, static_cast<size_t>(elem));
+            }
+          }
+        }
+      }
+    };
+    write(kc, kn, E);
+    write(vc, vn, Ev);
+  }
+
+  // The launcher's call (fastattn/_cpu.py _decode_fwd): out "bshd" (B, L, H, Ev) or "bhsd" (B, H, L, Ev)
+  // contiguous, lse (B, H, L) float32; (b, h, i, e) views.
+  auto bhie = [](const View& v) {
+    Tensor4 t;
+    t.ptr = v.ptr;
+    t.sb = v.stride[0]; t.sh = v.stride[2]; t.sl = v.stride[1]; t.se = v.stride[3];
+    return t;
+  };
+  DecodeParams d;
+  d.q = bhie(q); d.k = bhie(kc); d.v = bhie(vc);
+  py::object out = steal(PyObject_CallMethodObjArgs(
+      q_.ptr(), T->s_new_empty, (bhsd ? py::make_tuple(B, H, L, Ev) : py::make_tuple(B, L, H, Ev)).ptr(), nullptr));
+  if (!out) throw py::error_already_set();
+  d.out.ptr = data_ptr(out.ptr());
+  d.out.sb = H * L * Ev; d.out.se = 1;
+  if (bhsd) d.out.sh = L * Ev, d.out.sl = Ev;
+  else d.out.sh = Ev, d.out.sl = H * Ev;
+  py::object lse;
+  std::vector<float> lse_scratch;
+  if (return_lse_.ptr() == Py_True) {
+    py::object fn = steal(PyObject_GetAttr(q_.ptr(), T->s_new_empty));
+    if (!fn) throw py::error_already_set();
+    lse = steal(PyObject_Call(fn.ptr(), py::make_tuple(py::make_tuple(B, H, L)).ptr(), T->lse_kwargs));
+    if (!lse) throw py::error_already_set();
+    d.lse.ptr = data_ptr(lse.ptr());
+  } else {
+    lse_scratch.resize(static_cast<size_t>(B * H * L));
+    d.lse.ptr = reinterpret_cast<uintptr_t>(lse_scratch.data());
+  }
+  d.lse.sb = H * L; d.lse.sh = L; d.lse.sl = 1;
+  d.dtype = q.dtype;
+  d.B = B; d.H = H; d.Hk = Hk; d.L = L; d.E = E; d.Ev = Ev;
+  d.seqlens = reinterpret_cast<uintptr_t>(seqlens.data());
+  if (paged) {
+    d.block_table = table.ptr;
+    d.table_sb = table.stride[0]; d.table_sj = table.stride[1];
+    d.page_size = page;
+  }
+  if (!alibi_.is_none()) {
+    d.alibi = alibi.ptr;
+    d.alibi_sb = alibi.nd == 2 ? alibi.stride[0] : 0;
+    d.alibi_sh = alibi.stride[alibi.nd - 1];
+  }
+  if (!sinks_.is_none()) d.sinks = sinks.ptr;
+  d.scale = scale_.is_none() ? 1.0 / std::sqrt(static_cast<double>(E)) : scale;
+  d.softcap = softcap;
+  d.causal = causal_.ptr() == Py_True;
+  d.window_left = window[0]; d.window_right = window[1];
+  d.num_threads = get_num_threads();
+  d.num_splits = num_splits_.is_none()
+                     ? decode_auto_splits(d, window[0] >= 0 ? std::min(capacity, window[0] + L) : capacity)
+                     : num_splits;
+  check_decode_params(d);  // the checks above imply it: a failure here is an internal error
+  {
+    py::gil_scoped_release nogil;
+    decode(d);
+  }
+  if (lse) return py::make_tuple(out, lse);
+  return out;
+}
+
+void eager_init(py::handle tensor_type, py::tuple dtypes, py::tuple int_dtypes, py::handle strided,
+                py::handle grad_enabled, py::handle tracing, py::handle dispatch_modes, py::handle functorch_active,
+                py::handle num_threads) {
   if (dtypes.size() != 5) throw std::invalid_argument("eager_init: dtypes must be (bool, f32, f16, bf16, f64)");
+  if (int_dtypes.size() != 2) throw std::invalid_argument("eager_init: int_dtypes must be (int32, int64)");
   auto keep = [](py::handle h) {
     h.inc_ref();
     return h.ptr();
@@ -302,6 +587,8 @@ void eager_init(py::handle tensor_type, py::tuple dtypes, py::handle strided, py
   t->tensor_type = keep(tensor_type);
   const int codes[5] = {kBool, kF32, kF16, kBF16, kF64};
   for (int i = 0; i < 5; ++i) t->dtypes[codes[i]] = keep(dtypes[static_cast<size_t>(i)]);
+  t->int32 = keep(int_dtypes[0]);
+  t->int64 = keep(int_dtypes[1]);
   t->strided = keep(strided);
   t->grad_enabled = keep(grad_enabled);
   t->tracing = keep(tracing);
@@ -331,6 +618,10 @@ void register_eager(py::module_& m) {
   m.def("eager_fwd", &eager_fwd,
         "fastattn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,\n"
         "enable_gqa, backend, return_lse) for plain eager CPU inference calls; None for any other case.");
+  m.def("kvcache_fwd", &kvcache_fwd,
+        "fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, causal,\n"
+        "window, softcap, sinks, alibi_slopes, layout, return_lse, num_splits, backend) for plain eager CPU calls;\n"
+        "None for any other case, invalid ones included (nothing is then written).");
 }
 
 }  // namespace FASTATTN_NS

@@ -89,7 +89,7 @@ def module():
 def _ready(mod):
     """mod, with its eager_fwd (csrc/eager.cpp) handed the torch objects it compares against."""
     by_code = tuple(sorted(DTYPE_CODES, key=DTYPE_CODES.get))  # codes 1..5: bool, f32, f16, bf16, f64
-    mod.eager_init(Tensor, by_code, torch.strided,
+    mod.eager_init(Tensor, by_code, (torch.int32, torch.int64), torch.strided,
                    torch.is_grad_enabled, torch._C._is_tracing, torch._C._len_torch_dispatch_stack,
                    torch._C._are_functorch_transforms_active, torch.get_num_threads)
     return mod

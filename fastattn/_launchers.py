@@ -79,6 +79,13 @@ def cpu_eager():
     return _import(_CPU_LAUNCHER).module().eager_fwd if cpu_available()[0] else None
 
 
+def cpu_kvcache():
+    """The CPU eager route of ``attention_with_kvcache``: the kernel module's ``kvcache_fwd`` (csrc/eager.cpp),
+    which takes a whole plain eager call on CPU tensors and returns None for any other; None where the module
+    cannot load."""
+    return _import(_CPU_LAUNCHER).module().kvcache_fwd if cpu_available()[0] else None
+
+
 def choose_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend a call runs on: ``backend`` if given (checked against the device and what is installed),
     else "cpu" for CPU tensors, "triton" for CUDA tensors ("reference" for CUDA float64: exact float64 math,

@@ -3,6 +3,9 @@ appending the new keys/values to the cache first (flash-attention's ``flash_attn
 
 The function validates every argument (the values of ``cache_seqlens`` and ``block_table`` included) before it
 writes anything, appends k / v in place, then calls the op ``fastattn::decode_fwd`` (fastattn/_ops/decode.py).
+A plain eager call on CPU tensors does all of that in the kernel module's C++ entry ``kvcache_fwd``
+(csrc/eager.cpp), which declines (returns None, writing nothing) whatever it does not take, so that the Python
+path below runs and raises its errors.
 """
 from __future__ import annotations
 
@@ -96,6 +99,15 @@ def attention_with_kvcache(
     n the length after appending) in [0, num_blocks). Reading those values copies them to the host, which
     waits for a CUDA device (a sync per call); the check is skipped while torch.compile traces.
     """
+    if backend in (None, "cpu") and type(q) is Tensor and q.is_cpu and not torch.compiler.is_compiling():
+        # A plain eager CPU call: the C++ entry (csrc/eager.cpp kvcache_fwd) makes the checks below, the append
+        # and the kernel call in one go, with the same results; None (nothing written) for anything else.
+        route = _launchers.cpu_kvcache()
+        if route is not None:
+            res = route(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, causal, window, softcap, sinks,
+                        alibi_slopes, layout, return_lse, num_splits, backend)
+            if res is not None:
+                return res
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if (k is None) != (v is None):

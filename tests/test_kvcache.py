@@ -18,6 +18,7 @@ from fastattn import _cpu
 from fastattn._ops.decode import decode_fwd as decode_op
 from fastattn.reference.decode import decode_attention
 from fastattn.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import DECODE_DT as DT, DECODE_HEADS as HEADS, nan_past_lengths, paged_pools
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "cpu"]
@@ -268,28 +269,126 @@ def test_opcheck(backend, out_layout):
                                       out_layout))
 
 
-def test_plain_cpu_calls_run_the_op_body_and_others_the_op():
-    """A plain eager CPU call skips the op's dispatch and runs its body; under a dispatch mode (as under tracing,
-    torch.compile or a functorch transform) the call goes through fastattn::decode_fwd. Same bits either way."""
+class _Seen(TorchDispatchMode):
+    """Records the ops dispatched under it (and, being a dispatch mode, makes every call a non-plain one)."""
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_cpu_calls_run_the_op_body_and_others_the_op(monkeypatch):
+    """A plain eager CPU call that the C++ entry declines (here: the entry switched off) skips the op's dispatch
+    and runs its body; under a dispatch mode (as under tracing, torch.compile or a functorch transform) the call
+    goes through fastattn::decode_fwd. Same bits either way."""
     _need("cpu")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(str(func))
-            return func(*args, **(kwargs or {}))
-
+    from fastattn import _launchers
+    monkeypatch.setattr(_launchers, "cpu_kvcache", lambda: None)
     p = _problem(lens=(9, 3, 5), page=8)
     p.pop("k"), p.pop("v")
-    plain = fastattn.attention_with_kvcache(**p, return_lse=True)
-    with Seen() as seen:
+    with _Seen() as seen:
         through_op = fastattn.attention_with_kvcache(**p, return_lse=True)
     assert "fastattn.decode_fwd.default" in seen.ops
+    plain = fastattn.attention_with_kvcache(**p, return_lse=True)
     assert torch.equal(plain[0], through_op[0]) and torch.equal(plain[1], through_op[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The C++ entry of plain eager CPU calls (csrc/eager.cpp kvcache_fwd)
+# ----------------------------------------------------------------------------------------------------
+ROUTE_ORDER = ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v", "block_table", "scale", "causal", "window",
+               "softcap", "sinks", "alibi_slopes", "layout", "return_lse", "num_splits", "backend")
+ROUTE_DEFAULTS = dict(k=None, v=None, block_table=None, scale=None, causal=True, window=(-1, -1), softcap=0.0,
+                      sinks=None, alibi_slopes=None, layout="bshd", return_lse=False, num_splits=None, backend=None)
+
+
+def _route(p: dict, **kw):
+    """kvcache_fwd of the kernel module, called with attention_with_kvcache's arguments in its order."""
+    from fastattn import _launchers
+    a = {**ROUTE_DEFAULTS, **p, **kw}
+    return _launchers.cpu_kvcache()(*(a[n] for n in ROUTE_ORDER))
+
+
+def _clone(p: dict) -> dict:
+    return {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in p.items()}
+
+
+ROUTE_CASES = (
+    [(f"{layout}-{'paged' if page else 'contig'}-{heads}-{dtype}-{'append' if L_new else 'noappend'}",
+      dict(layout=layout, page=page, heads=heads, dtype=dtype, L_new=L_new, L=2 if L_new else 1), {})
+     for layout in ("bshd", "bhsd") for page in (0, 8) for heads in ("mha", "gqa", "mqa8")
+     for dtype in ("f32", "bf16", "f16") for L_new in (0, 2)]
+    + [(name, dict(page=8), kw) for name, kw in VARIANTS]
+    + [("alibi-per-batch", dict(page=8), dict(alibi_slopes=torch.linspace(0.05, 0.4, 3 * H4).reshape(3, H4))),
+       ("window-both-list", dict(), dict(window=[4, 1], causal=False)),
+       ("splits-3", dict(), dict(num_splits=3)),
+       ("int-scale", dict(), dict(scale=1)),
+       ("lse-bhsd", dict(layout="bhsd"), dict(return_lse=True, layout="bhsd")),
+       ("seqlens-int64", dict(), "int64"),
+       ("seqlens-int", dict(lens=(7, 7, 7)), "int")])
+
+
+@pytest.mark.parametrize("prob,kw", [c[1:] for c in ROUTE_CASES], ids=[c[0] for c in ROUTE_CASES])
+def test_cpu_entry_equals_the_python_path(prob, kw):
+    """The C++ entry takes plain eager calls and gives the bits of the Python path (run under a dispatch mode,
+    which the entry declines: through the op), the appended caches included."""
+    _need("cpu")
+    prob = dict(prob)
+    layout = prob.pop("layout", "bshd")
+    p = _problem(layout=layout, **prob)
+    if kw == "int64":
+        p["cache_seqlens"], kw = p["cache_seqlens"].long(), {}
+    elif kw == "int":
+        p["cache_seqlens"], kw = int(p["cache_seqlens"][0]), {}
+    kw = {"layout": layout, "return_lse": True, **kw}
+    mine, python = _clone(p), _clone(p)
+    got = _route(mine, **kw)
+    assert got is not None, "the C++ entry declined a plain call"
+    with _Seen() as seen:
+        want = fastattn.attention_with_kvcache(**python, **kw)
+    assert "fastattn.decode_fwd.default" in seen.ops
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.stride() == w.stride() and g.dtype == w.dtype
+        assert torch.equal(g, w)
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(mine[name].nan_to_num(7.0), python[name].nan_to_num(7.0)), name
+    # Through the public function (which takes the entry), the same again.
+    again = fastattn.attention_with_kvcache(**_clone(p), **kw)
+    assert all(torch.equal(a, w) for a, w in zip(again, want))
+
+
+@pytest.mark.parametrize("make,exc,msg", [c[1:] for c in ERRORS + PAGED_ERRORS],
+                         ids=[c[0] for c in ERRORS + PAGED_ERRORS])
+def test_cpu_entry_declines_bad_input_and_writes_nothing(make, exc, msg):
+    """Every invalid call is declined (None) before anything is written; the Python path then raises."""
+    _need("cpu")
+    paged = any(make is c[1] for c in PAGED_ERRORS)
+    args, kw = make(_problem(page=8 if paged else 0))
+    before = [t.clone() for t in (args["k_cache"], args["v_cache"])]
+    assert _route(args, **kw) is None
+    for t, b in zip((args["k_cache"], args["v_cache"]), before):
+        assert torch.equal(t.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_cpu_entry_declines_what_the_python_path_takes():
+    """Calls the entry leaves to the Python path: a gradient wanted, sinks / slopes not float32, new rows that
+    share memory with the cache, an empty batch; the public function still answers them."""
+    _need("cpu")
+    p = _problem(lens=(9, 3, 5), L_new=1, L=1)
+    q = p["q"].clone().requires_grad_()
+    assert _route({**p, "q": q}) is None
+    assert _route(p, sinks=torch.zeros(H4, dtype=torch.float64)) is None
+    assert _route(p, alibi_slopes=torch.zeros(H4, dtype=torch.float16)) is None
+    aliased = dict(p, k=p["k_cache"][:, 20:21])
+    assert _route(aliased) is None
+    empty = _problem(B=0, lens=())
+    assert _route(empty) is None
+    ref = fastattn.attention_with_kvcache(**_clone(p), sinks=torch.zeros(H4), backend="cpu")
+    got = fastattn.attention_with_kvcache(**_clone(p), sinks=torch.zeros(H4, dtype=torch.float64), backend="cpu")
+    assert torch.equal(ref, got)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,3 +486,17 @@ def test_sdpa_route_rule():
 
     assert decode_shaped(1, 4) and decode_shaped(16, 64)
     assert not decode_shaped(17, 1000) and not decode_shaped(4, 15)
+
+
+def test_call_cost_example_runs(monkeypatch, capsys):
+    """examples/kvcache_call_cost.py (the README's per-call figures) runs and prints its three cases."""
+    _need("cpu")
+    import runpy
+    import sys
+    from pathlib import Path
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    monkeypatch.setattr(sys, "argv", ["kvcache_call_cost.py", "--rounds", "1"])
+    runpy.run_path(str(examples / "kvcache_call_cost.py"), run_name="__main__")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("B")]
+    assert [ln.split(":")[0] for ln in lines] == ["B1 S64", "B1 S1024", "B8 S256"]
