@@ -114,14 +114,11 @@ FASTATTN_INLINE void block_rows(const CacheRows<T>& c, int64_t se, int64_t D, in
 // the K rows a block ahead. Asking for a whole block at once instead fills the core's miss buffers and stalls
 // the loads behind them.
 // (An asm statement on x86: GCC may judge a lambda that only prefetches to have no effect and drop its calls.)
-// kToL2: the hint for L2 (a core may still fill L1), for lines wanted a while later.
-template <bool kToL2 = false>
 FASTATTN_INLINE void prefetch_line(const char* p) {
 #if defined(__x86_64__) || defined(__i386__)
-  if constexpr (kToL2) asm volatile("prefetcht1 %0" : : "m"(*p));
-  else asm volatile("prefetcht0 %0" : : "m"(*p));
+  asm volatile("prefetcht0 %0" : : "m"(*p));
 #else
-  __builtin_prefetch(p, 0, kToL2 ? 2 : 3);
+  __builtin_prefetch(p, 0, 3);
 #endif
 }
 
@@ -430,18 +427,9 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
 
   const float dot_mul = kVariants ? static_cast<float>(p.scale) : static_cast<float>(p.scale) * kLog2e;
   const float cap = static_cast<float>(p.softcap);
-  // Heads taken together (nh > 1) with unit head-dim strides and heads in increasing address order: a key's
-  // K rows of heads hk0 ... hk0 + nh - 1 lie in one span of k_lines cache lines from its head hk0 row, its V
-  // rows in one of span_lines - k_lines lines.
-  const bool spans = nh > 1 && p.k.se == 1 && p.v.se == 1 && p.k.sh >= 0 && p.v.sh >= 0;
-  const CacheRows<T> k_first = cache_rows<T>(p, p.k, b, hk0), v_first = cache_rows<T>(p, p.v, b, hk0);
-  const auto lines_of = [](int64_t bytes) { return (bytes + 63) / 64; };
-  const int64_t k_lines = lines_of(((nh - 1) * p.k.sh + E) * static_cast<int64_t>(sizeof(T)));
-  const int64_t span_lines = k_lines + lines_of(((nh - 1) * p.v.sh + Ev) * static_cast<int64_t>(sizeof(T)));
-  const int64_t span_keys = (kBlockN + nh - 1) / nh;  // next-block keys per head pass
+  const CacheRows<T> k_first = cache_rows<T>(p, p.k, b, hk0);
   for (int64_t j0 = k0; j0 < k1; j0 += kBlockN) {
     const int64_t nb = std::min(kBlockN, k1 - j0);
-    const int64_t next_lines = std::max<int64_t>(0, std::min(kBlockN, k1 - j0 - kBlockN)) * span_lines;
     for (int64_t hh = 0; hh < nh; ++hh) {
       const int64_t hk = hk0 + hh;
       const CacheRows<T> kc = cache_rows<T>(p, p.k, b, hk), vc = cache_rows<T>(p, p.v, b, hk);
@@ -451,26 +439,10 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
       float* hstate = state + hh * R * stride;
       block_rows(kc, p.k.se, E, j0, nb, buf.kst, buf.krows);
       // While the first row tile's scores are computed: the V rows of each key group, and the same keys' K rows
-      // for the next pass (the item's next head, else its first head a block ahead). Heads taken together with
-      // spans also ask for the next block's key spans in address order, head hh's pass taking its share of the
-      // keys (spread over its key groups, into L2), so that memory is asked for as runs rather than a head's
-      // slice of every key.
+      // for the next pass (the item's next head, else its first head a block ahead): every row is asked for
+      // about one pass ahead, whatever the layout. (Asking as well for the next block's whole key spans, when
+      // heads are taken together, evicts rows still in use from L1.)
       const auto ahead = [&](int64_t j, int64_t m) {
-        if (spans) {
-          // Lines [x, end) of the pass's share, line x being line x % span_lines of key x / span_lines's span.
-          const int64_t first = hh * span_keys * span_lines, lines = std::min(span_keys * span_lines, next_lines - first);
-          int64_t x = first + j * lines / nb;
-          const int64_t end = first + (j + m) * lines / nb;
-          int64_t key = j0 + kBlockN + x / span_lines, line = x % span_lines;
-          while (x < end) {
-            const char* kp = reinterpret_cast<const char*>(k_first.row(key));
-            const char* vp = reinterpret_cast<const char*>(v_first.row(key));
-            for (; x < end && line < span_lines; ++x, ++line)
-              prefetch_line<true>(line < k_lines ? kp + line * 64 : vp + (line - k_lines) * 64);
-            line = 0;
-            ++key;
-          }
-        }
         prefetch_rows(vc, p.v.se, Ev, j0 + j, m);
         if (hh + 1 < nh) {
           prefetch_rows(k_next, p.k.se, E, j0 + j, m);
