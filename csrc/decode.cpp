@@ -629,7 +629,8 @@ int64_t decode_num_splits(int64_t items, int64_t keys, int64_t heads, int thread
   const int64_t want = 4 * std::max(1, threads);
   if (items >= want) return 1;
   const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  const int64_t rows = keys * std::max<int64_t>(1, heads);
+  const int64_t h = std::max<int64_t>(1, heads);
+  const int64_t rows = keys > std::numeric_limits<int64_t>::max() / h ? std::numeric_limits<int64_t>::max() : keys * h;
   return std::max<int64_t>(1, std::min({cdiv(want, std::max<int64_t>(1, items)), cdiv(rows, kDecodeMinSplitRows),
                                         kDecodeMaxSplits}));
 }

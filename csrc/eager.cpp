@@ -13,7 +13,7 @@
 // bf16 / fp32, E, Ev <= 256) run the decode kernel (decode.cpp) exactly as the Python decode route has the
 // launcher run it (fastattn/functional.py _decode, fastattn/_cpu.py _decode_fwd): every sequence of length
 // n = L for top-left is_causal (the keys past L, which no row sees, are never read) and S otherwise, the same
-// views, scale, threads and key splits (decode_num_splits), so the results are bit-identical. The other calls
+// views, scale, threads and key splits (decode_auto_splits), so the results are bit-identical. The other calls
 // run the attention kernel, as the attention op would.
 #include <pybind11/pybind11.h>
 
@@ -426,7 +426,7 @@ py::object kvcache_fwd(py::handle q_, py::handle kc_, py::handle vc_, py::handle
     if (table.size[0] != B || kc.size[1] < 1) return py::none();
     page = kc.size[1];
     num_blocks = kc.size[0];
-    capacity = table.size[1] * page;
+    if (__builtin_mul_overflow(table.size[1], page, &capacity)) return py::none();
   } else {
     if (kc.size[0] != B) return py::none();
     capacity = kc.size[1];
@@ -483,6 +483,11 @@ py::object kvcache_fwd(py::handle q_, py::handle kc_, py::handle vc_, py::handle
     }
   }
   if (append) {
+    // Caches whose elements share memory (a size > 1 dim of stride 0, an expanded tensor): torch's indexed write
+    // warns there; the Python path decides.
+    for (const View* c : {&kc, &vc})
+      for (int d = 0; d < 4; ++d)
+        if (c->size[d] > 1 && c->stride[d] == 0) return py::none();
     // The new rows must not share memory with the caches they are written into (the Python path's index_put
     // decides what that means; this entry leaves it to it).
     if (overlap(kn, kc, elem) || overlap(kn, vc, elem) || overlap(vn, kc, elem) || overlap(vn, vc, elem))

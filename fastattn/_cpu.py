@@ -566,7 +566,7 @@ def _hard_bwd(mod, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, p
 
 
 # ============================================================================================ decode
-def decode_num_splits(items: int, keys: int, threads: int, heads: int = 1) -> int:
+def decode_num_splits(items: int, keys: int, threads: int, *, heads: int = 1) -> int:
     """Key splits for ``items`` work items of ``heads`` kv heads each over at most ``keys`` keys on ``threads``
     threads: none while the items give every thread ~4 to take (dynamic scheduling evens out the rest), else
     enough splits for that, each reading at least 1024 key rows (keys x heads), at most 64. The kernel module's

@@ -101,12 +101,24 @@ def attention_with_kvcache(
     """
     if backend in (None, "cpu") and type(q) is Tensor and q.is_cpu and not torch.compiler.is_compiling():
         # A plain eager CPU call: the C++ entry (csrc/eager.cpp kvcache_fwd) makes the checks below, the append
-        # and the kernel call in one go, with the same results; None (nothing written) for anything else.
+        # and the kernel call in one go, with the same results; None (nothing written) for anything else. What
+        # torch's in-place write does besides writing is done here: refusing to write into inference tensors
+        # outside inference mode (left to the Python path, which raises), and bumping the caches' version
+        # counters (autograd then refuses gradients through values saved before the write).
         route = _launchers.cpu_kvcache()
+        appends = isinstance(k, Tensor) and k.dim() == 4 and k.shape[2 if layout == "bhsd" else 1] > 0
+        caches = (k_cache, v_cache)
+        if appends and not torch.is_inference_mode_enabled() and any(
+                isinstance(c, Tensor) and c.is_inference() for c in caches):
+            route = None
         if route is not None:
             res = route(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, causal, window, softcap, sinks,
                         alibi_slopes, layout, return_lse, num_splits, backend)
             if res is not None:
+                if appends:
+                    for c in caches:
+                        if not c.is_inference():
+                            torch.autograd.graph.increment_version(c)
                 return res
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

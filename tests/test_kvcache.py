@@ -386,6 +386,8 @@ def test_cpu_entry_declines_what_the_python_path_takes():
     assert _route(aliased) is None
     empty = _problem(B=0, lens=())
     assert _route(empty) is None
+    expanded = dict(p, k_cache=p["k_cache"][:, :, :1].expand(-1, -1, p["k_cache"].shape[2], -1))
+    assert _route(expanded) is None
     ref = fastattn.attention_with_kvcache(**_clone(p), sinks=torch.zeros(H4), backend="cpu")
     got = fastattn.attention_with_kvcache(**_clone(p), sinks=torch.zeros(H4, dtype=torch.float64), backend="cpu")
     assert torch.equal(ref, got)
@@ -486,6 +488,45 @@ def test_sdpa_route_rule():
 
     assert decode_shaped(1, 4) and decode_shaped(16, 64)
     assert not decode_shaped(17, 1000) and not decode_shaped(4, 15)
+
+
+def test_cpu_entry_bumps_versions_and_respects_inference_tensors():
+    """What torch's in-place write does besides writing, the public function does around the C++ entry too: the
+    caches' version counters move as on the Python path (so autograd refuses a gradient through values saved
+    before the append), and caches made under inference mode cannot be appended to outside it."""
+    _need("cpu")
+    from fastattn import _launchers
+    p = _problem(lens=(9, 3, 5), L_new=1, L=1)
+    mine, python = _clone(p), _clone(p)
+    before = [t._version for t in (mine["k_cache"], mine["v_cache"])]
+    fastattn.attention_with_kvcache(**mine)
+    with _Seen():
+        fastattn.attention_with_kvcache(**python)
+    assert [t._version - b for t, b in zip((mine["k_cache"], mine["v_cache"]), before)] == \
+        [t._version - b for t, b in zip((python["k_cache"], python["v_cache"]), before)] == [1, 1]
+    # No append, no write: versions unchanged on both paths.
+    v0 = mine["k_cache"]._version
+    fastattn.attention_with_kvcache(**{**mine, "k": None, "v": None})
+    assert mine["k_cache"]._version == v0
+    # A gradient through a cache value saved before the append is refused.
+    w = torch.ones((), requires_grad=True)
+    y = (w * mine["k_cache"]).nan_to_num().sum()
+    with torch.no_grad():
+        fastattn.attention_with_kvcache(**_set(mine, q=mine["q"]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # Inference-mode caches: appended to inside inference mode, refused outside it as torch refuses.
+    with torch.inference_mode():
+        inf = _clone(p)
+        want = fastattn.attention_with_kvcache(**_clone(inf))
+        got = fastattn.attention_with_kvcache(**inf)
+    assert torch.equal(got, want)
+    before = [t.clone() for t in (inf["k_cache"], inf["v_cache"])]
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        fastattn.attention_with_kvcache(**inf)
+    for t, b in zip((inf["k_cache"], inf["v_cache"]), before):
+        assert torch.equal(t.nan_to_num(7.0), b.nan_to_num(7.0))
+    assert _launchers.cpu_kvcache() is not None
 
 
 def test_call_cost_example_runs(monkeypatch, capsys):
