@@ -9,6 +9,7 @@ returns NaN.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -492,8 +493,7 @@ def test_sdpa_route_rule():
 
 def test_cpu_entry_bumps_versions_and_respects_inference_tensors():
     """What torch's in-place write does besides writing, the public function does around the C++ entry too: the
-    caches' version counters move as on the Python path (so autograd refuses a gradient through values saved
-    before the append), and caches made under inference mode cannot be appended to outside it."""
+    caches' version counters move as on the Python path, and caches made under inference mode cannot be appended to outside it."""
     _need("cpu")
     from fastattn import _launchers
     p = _problem(lens=(9, 3, 5), L_new=1, L=1)
@@ -508,13 +508,6 @@ def test_cpu_entry_bumps_versions_and_respects_inference_tensors():
     v0 = mine["k_cache"]._version
     fastattn.attention_with_kvcache(**{**mine, "k": None, "v": None})
     assert mine["k_cache"]._version == v0
-    # A gradient through a cache value saved before the append is refused.
-    w = torch.ones((), requires_grad=True)
-    y = (w * mine["k_cache"]).nan_to_num().sum()
-    with torch.no_grad():
-        fastattn.attention_with_kvcache(**_set(mine, q=mine["q"]))
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.backward()
     # Inference-mode caches: appended to inside inference mode, refused outside it as torch refuses.
     with torch.inference_mode():
         inf = _clone(p)
@@ -527,6 +520,22 @@ def test_cpu_entry_bumps_versions_and_respects_inference_tensors():
     for t, b in zip((inf["k_cache"], inf["v_cache"]), before):
         assert torch.equal(t.nan_to_num(7.0), b.nan_to_num(7.0))
     assert _launchers.cpu_kvcache() is not None
+
+
+@pytest.mark.skipif(os.environ.get("FASTATTN_SANITIZE", "0") == "1",
+                    reason="with the ASan runtime preloaded into an uninstrumented python, a C++ exception thrown in "
+                           "torch's autograd engine aborts the process (torch alone does it too)")
+def test_cpu_entry_append_refuses_gradients_through_older_values():
+    """After an append through the C++ entry, autograd refuses a gradient through cache values saved before it,
+    as after torch's own in-place write."""
+    _need("cpu")
+    p = _problem(lens=(9, 3, 5), L_new=1, L=1)
+    w = torch.ones((), requires_grad=True)
+    y = (w * p["k_cache"]).nan_to_num().sum()
+    with torch.no_grad():
+        fastattn.attention_with_kvcache(**p)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
 
 
 def test_call_cost_example_runs(monkeypatch, capsys):
