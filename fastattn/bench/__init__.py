@@ -12,8 +12,11 @@ What is measured, and how (the rules every number in a report follows):
   the spread. CUDA rounds are bracketed by ``torch.cuda.synchronize()``.
 * Ceiling: the throughput of a large square ``torch.mm`` in each dtype, measured in the same run with the
   same threads, is what the GFLOP/s are compared with ("% mm"). Memory-bound operations (decode) also give
-  the bytes they read and GB/s, compared with the read bandwidth measured in the same run (``torch.sum`` over
-  256 MiB, best of 5: "% read bw").
+  the bytes they read and GB/s, compared with the read bandwidth: ``torch.sum`` over 256 MiB (``ReadProbe``),
+  timed in each such case's rounds as one more provider, its median against the rows' medians ("read bw",
+  "% read bw"); a shared machine's memory bandwidth drifts by a third within seconds, so a probe taken once
+  per run would compare each case with another moment's machine. The header also gives the probe's best of 5
+  at the start of the run.
 * Memory (``memory.py``): the peak above what was live before one call. CPU: the process's resident-set
   high-water mark (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim(0)`` hands
   cached free memory back), which also sees a C++ kernel's own scratch buffers. CUDA:
@@ -50,5 +53,5 @@ from fastattn.bench.report import (Change, Result, compare_reports, format_bandw
                                    results_of, save_report)
 from fastattn.bench.run import Progress, machine_info, run, run_case, run_memory_case
 from fastattn.bench.timing import (FULL, QUICK, Settings, Timing, ceiling_for, make_call, matmul_ceiling,
-                                   read_bandwidth, synchronizer, time_interleaved)
+                                   ReadProbe, read_bandwidth, synchronizer, time_interleaved)
 from fastattn.bench.plots import plot

@@ -37,7 +37,9 @@ class Result:
     kept_bytes: int | None = None
     bytes_read: float | None = None     # memory-bound operations: bytes one call reads (Operation.bytes_read)
     bytes_per_s: float | None = None    # bytes_read / median
-    bandwidth_frac: float | None = None  # bytes_per_s / the read bandwidth measured in the same run
+    read_bw: float | None = None        # the read bandwidth (bytes/s) this row is compared with: the probe's
+                                        # median in the case's own rounds (ReadProbe), or the run's probe
+    bandwidth_frac: float | None = None  # bytes_per_s / read_bw
 
     @property
     def spread(self) -> float | None:
@@ -163,19 +165,21 @@ def _table_order(r: Result):
             names.index(r.provider) if r.provider in names else len(names), r.provider)
 
 
-BANDWIDTH_COLUMNS = ["op", "dev", "shape", "dtype", "variant", "provider", "median", "K+V MiB", "GB/s", "% read bw",
-                     "x torch"]
+BANDWIDTH_COLUMNS = ["op", "dev", "shape", "dtype", "variant", "provider", "median", "K+V MiB", "GB/s", "read bw",
+                     "% read bw", "x torch"]
 
 
 def format_bandwidth_table(report: dict, *, markdown: bool = False) -> str:
-    """The memory-bound rows (operations with ``bytes_read``): bytes of K and V read per call, GB/s, and their
-    share of the read bandwidth measured in the same run; "" when the report has none."""
+    """The memory-bound rows (operations with ``bytes_read``): bytes of K and V read per call, GB/s, the read
+    bandwidth they are compared with (GB/s, the probe timed in the case's rounds) and their share of it; "" when
+    the report has none."""
     rows = [r for r in results_of(report) if r.kind == "time" and r.ok and r.bytes_read]
     cells = []
     for r in sorted(rows, key=_table_order):
         c = Case.from_dict(r.case)
         cells.append([c.op, c.device, c.shape, c.dtype, c.variant, r.provider, fmt_time(r.median_s),
                       f"{r.bytes_read / MIB:.1f}", "-" if r.bytes_per_s is None else f"{r.bytes_per_s / 1e9:.1f}",
+                      "-" if r.read_bw is None else f"{r.read_bw / 1e9:.1f}",
                       "-" if r.bandwidth_frac is None else f"{100 * r.bandwidth_frac:.0f}%",
                       "-" if r.speedup is None else f"{r.speedup:.2f}x"])
     return text_table(BANDWIDTH_COLUMNS, cells, markdown) if cells else ""
@@ -256,7 +260,9 @@ def format_header(report: dict) -> str:
         if low:
             lines.append(f"         ({', '.join(low)}: % mm uses the f32 ceiling, which is higher here)")
     for dev, bw in (report.get("read_bandwidth") or {}).items():
-        lines.append(f"read bandwidth {dev} (torch.sum over 256 MiB float32, best of 5, this run): {bw / 1e9:.1f} GB/s")
+        lines.append(f"read bandwidth {dev} (torch.sum over 256 MiB float32): best of 5 at the start of the run "
+                     f"{bw / 1e9:.1f} GB/s; memory-bound rows are compared with the same probe timed in their case's "
+                     f"rounds, beside the providers (its median: the 'read bw' column)")
     s = report["settings"]
     lines.append(f"timing   median of {s['min_rounds']}..{s['rounds']} rounds of >= {s['min_round_s'] * 1e3:.0f} ms "
                  f"after {s['warmup_s'] * 1e3:.0f} ms warm-up, providers interleaved; IQR = interquartile range")

@@ -18,7 +18,7 @@ from fastattn.bench.cases import Case
 from fastattn.bench.memory import cpu_memory_supported, memory_in_subprocess, peak_memory
 from fastattn.bench.registry import BASELINE, OPERATIONS, has_module
 from fastattn.bench.report import Result
-from fastattn.bench.timing import (QUICK, Settings, ceiling_for, make_call, matmul_ceiling, read_bandwidth,
+from fastattn.bench.timing import (QUICK, ReadProbe, Settings, ceiling_for, make_call, matmul_ceiling,
                                    time_interleaved)
 
 
@@ -55,11 +55,17 @@ def machine_info() -> dict:
 
 
 
+_PROBE = "read bandwidth probe"  # the probe's entry among a case's interleaved calls
+
+
 def run_case(case: Case, providers: Sequence[str] | None = None, settings: Settings = QUICK,
              ceilings: dict[str, float] | None = None, measure_memory: bool = True,
-             bandwidths: dict[str, float] | None = None) -> list[Result]:
-    """Time one case on each provider that can run it (skips carry the reason), side by side. ``bandwidths``:
-    read bandwidth per device (bytes/s), what memory-bound operations' rows are compared with."""
+             bandwidths: dict[str, float] | None = None,
+             probes: dict[str, ReadProbe] | None = None) -> list[Result]:
+    """Time one case on each provider that can run it (skips carry the reason), side by side. Memory-bound
+    operations' rows are compared with the read bandwidth: with a ``probes`` entry for the case's device, the
+    probe is timed in the case's own rounds, interleaved with the providers, and each row is compared with
+    its median there; otherwise with ``bandwidths`` (bytes/s per device, measured before)."""
     op = OPERATIONS[case.op]
     flops = op.flops(case)
     nbytes = op.bytes_read(case) if op.bytes_read is not None else None
@@ -81,6 +87,9 @@ def run_case(case: Case, providers: Sequence[str] | None = None, settings: Setti
         except Exception as e:  # noqa: BLE001 - a provider failing is reported in its row
             row.status = f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
             calls.pop(p.name, None)
+    probe = (probes or {}).get(case.device) if nbytes else None
+    if calls and probe is not None:
+        calls[_PROBE] = probe.call
     if calls:
         try:
             timings = time_interleaved(calls, settings, case.device, called=True)
@@ -88,6 +97,11 @@ def run_case(case: Case, providers: Sequence[str] | None = None, settings: Setti
             for name in calls:
                 rows[name].status = f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
             timings = {}
+        calls.pop(_PROBE, None)
+        bw = (bandwidths or {}).get(case.device)
+        if _PROBE in timings:
+            t = timings.pop(_PROBE)
+            bw = probe.nbytes / t.median if t.median > 0 else None
         for name, t in timings.items():
             row = rows[name]
             row.median_s, row.q1_s, row.q3_s, row.min_s = t.median, t.q1, t.q3, t.min
@@ -98,9 +112,8 @@ def run_case(case: Case, providers: Sequence[str] | None = None, settings: Setti
                 row.ceiling_frac = row.flops_per_s / ceil
             if nbytes and t.median > 0:
                 row.bytes_read, row.bytes_per_s = nbytes, nbytes / t.median
-                bw = (bandwidths or {}).get(case.device)
                 if bw:
-                    row.bandwidth_frac = row.bytes_per_s / bw
+                    row.read_bw, row.bandwidth_frac = bw, row.bytes_per_s / bw
             if measure_memory:
                 row.peak_bytes, row.kept_bytes = peak_memory(calls[name], case.device)
     base = rows.get(BASELINE)
@@ -208,15 +221,17 @@ def run(cases: Sequence[Case], providers: Sequence[str] | None = None, settings:
         bar.step(f"matmul ceiling {dev} {dt}")
         ceilings[f"{dev}/{dt}"] = matmul_ceiling(dt, dev, settings=settings)
     bandwidths: dict[str, float] = {}
+    probes: dict[str, ReadProbe] = {}
     for dev in sorted({c.device for c in timed if OPERATIONS[c.op].bytes_read is not None}):
         bar.step(f"read bandwidth {dev}")
-        bandwidths[dev] = read_bandwidth(dev)
+        probes[dev] = ReadProbe(dev)
+        bandwidths[dev] = probes[dev].best()
     bar.advance()
     results: list[Result] = []
     try:
         for c in timed:
             bar.step(f"{c.op} {c.shape} {c.dtype} {c.variant}")
-            results += run_case(c, providers, settings, ceilings, measure_memory, bandwidths)
+            results += run_case(c, providers, settings, ceilings, measure_memory, bandwidths, probes)
             bar.advance()
         for c in mem:
             bar.step(f"memory {c.op} {c.shape} {c.variant}")
@@ -224,6 +239,7 @@ def run(cases: Sequence[Case], providers: Sequence[str] | None = None, settings:
             bar.advance()
     finally:
         bar.close()
+        probes.clear()
     return {
         "format": 1,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

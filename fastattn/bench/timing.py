@@ -173,20 +173,36 @@ def matmul_ceiling(dtype: str, device: str = "cpu", n: int | None = None, settin
 
 
 # ================================================================================== read bandwidth
+class ReadProbe:
+    """What the machine's memory reads at a moment: ``torch.sum`` over a ``mib`` MiB float32 tensor, far larger
+    than any cache, with the current threads. :meth:`best` times it alone; a memory-bound case also times
+    :meth:`call` in its own interleaved rounds, beside the providers, so that the bandwidth a kernel is compared
+    with was measured under the same background load (a shared machine's bandwidth drifts within seconds)."""
+
+    def __init__(self, device: str = "cpu", mib: int = 256):
+        self.device = device
+        self.x = torch.ones(mib * 2**20 // 4, device=device)
+        self.nbytes = self.x.numel() * 4
+
+    def call(self):
+        return self.x.sum()
+
+    def best(self, repeats: int = 5) -> float:
+        """Bytes/s, best of ``repeats`` calls after one that faults the pages in."""
+        sync = synchronizer([self.device])
+        best = math.inf
+        for _ in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            self.call()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return self.nbytes / best
+
+
 def read_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5) -> float:
-    """Bytes/s the machine reads from memory now: ``torch.sum`` over a ``mib`` MiB float32 tensor (far larger
-    than any cache) with the current threads, best of ``repeats`` (the first call also faults the pages in).
-    What a memory-bound kernel's GB/s are compared with ("% read bw")."""
-    sync = synchronizer([device])
-    x = torch.ones(mib * 2**20 // 4, device=device)
-    best = math.inf
-    for _ in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
-        x.sum()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+    """Bytes/s the machine reads from memory now: :class:`ReadProbe` alone, best of ``repeats``."""
+    return ReadProbe(device, mib).best(repeats)
 
 
 def ceiling_for(ceilings: dict[str, float], device: str, dtype: str) -> float | None:
