@@ -9,7 +9,8 @@
 // ((B, S, Hk, E), paged) it is (b, every kv head, key split) instead, the heads taking each key block in turn
 // (decode_heads_per_item). For each kv head, its R = L * G query rows (the L rows of every head of the GQA
 // group, row r = i * G + g) are processed together, so each K / V row of the item's keys is read once for the
-// whole group, in key order, and asked for ahead of use (prefetch_rows). Keys go by in blocks of kBlockN:
+// whole group, in key order, and asked for ahead of use (prefetch_rows). Keys go by in blocks of kBlockN (fewer
+// for an item that takes every kv head: block_keys):
 //   1. scores: a tile of kRowTile query rows x kDotKeysFor keys of dot products is accumulated in registers over
 //      E (K rows converted to fp32 chunk by chunk); scores are kept in log2 units (log2(e) folded into scale);
 //   2. online softmax per row, vectorised over the block: m = running max, l = running sum of 2^(s - m);
@@ -52,7 +53,12 @@ namespace {
 using simd::vf;
 using simd::W;
 
-constexpr int64_t kBlockN = 32;  // keys per block: a multiple of every ISA's 2 * W and of 8
+constexpr int64_t kBlockN = 32;  // keys per block (at most): a multiple of every ISA's 2 * W and of 8
+// An item that takes every kv head walks each block once per head, so each pass touches the block's whole span
+// of memory (keys x the key stride), K and V. Its blocks are cut to keep that span within kBlockSpan bytes (at
+// least kBlockMinN keys): a pass then stays within as many 4 KiB pages as the first-level TLB holds alongside the
+// next pass's (f32 E128 with 8 kv heads: one page per key).
+constexpr int64_t kBlockSpan = 32 * 1024, kBlockMinN = 8;
 #if defined(FASTATTN_HAVE_AVX2)
 constexpr int kRowTile = 4;  // query rows sharing each K / V chunk load (and its widening to fp32)
 #else
@@ -360,6 +366,17 @@ FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, in
   return {a, std::min(hi, a + per * kBlockN)};
 }
 
+// Keys per block for an item of nh kv heads (see kBlockSpan): a power of two dividing kBlockN.
+template <typename T>
+int64_t block_keys(const DecodeParams& p, int64_t nh) {
+  if (nh == 1) return kBlockN;
+  const auto mag = [](int64_t x) { return x < 0 ? -x : x; };
+  const int64_t span = std::max(mag(p.k.sl), mag(p.v.sl)) * static_cast<int64_t>(sizeof(T));
+  int64_t bn = kBlockN;
+  while (bn > kBlockMinN && bn * span > kBlockSpan) bn /= 2;
+  return bn;
+}
+
 // Runs item (b, kv heads [hk0, hk0 + nh), split) and leaves row r of kv head hk0 + hh's [m, l, acc] at
 // state + (hh * R + r) * (kStateHead + Evp). The heads go through each key block in turn, so when the cache
 // stores a key's heads side by side (decode_heads_per_item) the item reads each block's rows as one run of memory.
@@ -371,6 +388,8 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
   const std::pair<int64_t, int64_t> keys = item_keys(p, n);
   const std::pair<int64_t, int64_t> run = split_keys(p, keys.first, keys.second, split);
   const int64_t k0 = run.first, k1 = run.second;
+  // Keys per block, and the score columns the vector loops cover (whole vectors; those past the block are -inf).
+  const int64_t bn = block_keys<T>(p, nh), bw = round_up(bn, W);
 
   for (int64_t r = 0; r < nh * R; ++r) {
     float* st = state + r * stride;
@@ -428,8 +447,8 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
   const float dot_mul = kVariants ? static_cast<float>(p.scale) : static_cast<float>(p.scale) * kLog2e;
   const float cap = static_cast<float>(p.softcap);
   const CacheRows<T> k_first = cache_rows<T>(p, p.k, b, hk0);
-  for (int64_t j0 = k0; j0 < k1; j0 += kBlockN) {
-    const int64_t nb = std::min(kBlockN, k1 - j0);
+  for (int64_t j0 = k0; j0 < k1; j0 += bn) {
+    const int64_t nb = std::min(bn, k1 - j0);
     for (int64_t hh = 0; hh < nh; ++hh) {
       const int64_t hk = hk0 + hh;
       const CacheRows<T> kc = cache_rows<T>(p, p.k, b, hk), vc = cache_rows<T>(p, p.v, b, hk);
@@ -447,7 +466,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
         if (hh + 1 < nh) {
           prefetch_rows(k_next, p.k.se, E, j0 + j, m);
         } else {
-          const int64_t jn = j0 + kBlockN + j;
+          const int64_t jn = j0 + bn + j;
           if (jn < k1) prefetch_rows(k_first, p.k.se, E, jn, std::min(m, k1 - jn));
         }
       };
@@ -482,17 +501,17 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
           for (int64_t j = 0; j < nb; ++j)
             if (j0 + j < buf.rlo[r] || j0 + j >= buf.rhi[r]) s[j] = kNegInf;
         }
-        for (int64_t j = nb; j < kBlockN; ++j) s[j] = kNegInf;
+        for (int64_t j = nb; j < bw; ++j) s[j] = kNegInf;
         // Online softmax over the block.
         vf mx = simd::load(s);
-        for (int64_t c = W; c < kBlockN; c += W) mx = simd::max(mx, simd::load(s + c));
+        for (int64_t c = W; c < bw; c += W) mx = simd::max(mx, simd::load(s + c));
         float* st = hstate + r * stride;
         const float bm = simd::reduce_max(mx), m_old = st[0];
         const float m_new = bm > m_old ? bm : m_old;
         const float m_use = m_new == kNegInf ? 0.f : m_new;
         const vf mv = simd::set1(m_use);
         vf sum = simd::zero();
-        for (int64_t c = 0; c < kBlockN; c += W) {
+        for (int64_t c = 0; c < bw; c += W) {
           const vf e = simd::exp2(simd::sub(simd::load(s + c), mv));
           simd::store(s + c, e);
           sum = simd::add(sum, e);

@@ -3,8 +3,8 @@ fastattn.reference.decode_attention, on every instruction-set module this CPU ru
 
 Calls the launcher with an explicit kernel module (``_cpu._decode_fwd``). Tolerances follow fastattn.testing
 (fp32: small atol against float64; fp16/bf16: at most 2x the error of the reference run in the same low
-precision). The kernel walks keys in 32-key blocks and tiles query rows by 4, so the caches here span several
-blocks with a partial last one and the GQA / MQA cases pack several row tiles with a partial last one. Cache
+precision). The kernel walks keys in 32-key blocks (8 or 16 when a key's rows of every kv head span more than
+1 KiB) and tiles query rows by 4, so the caches here span several blocks with a partial last one and the GQA / MQA cases pack several row tiles with a partial last one. Cache
 rows past each sequence's length hold NaN, and a paged pool's unused pages too: a kernel that reads a key it
 must not read returns NaN.
 """
@@ -104,6 +104,19 @@ def test_heads_side_by_side_equal_heads_apart(isa, dtype, splits):
     paged = _run(isa, *_problem(dtype=dtype, page=16, **size), num_splits=splits)
     for got in (one_by_one, paged):
         assert torch.equal(got[0], together[0]) and torch.equal(got[1], together[1])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_wide_keys_take_shorter_blocks(isa, dtype):
+    """8 kv heads of 128 dims side by side: a key's rows span 4 KiB (f32) or 2 KiB (bf16), so the items that take
+    every kv head walk 8- or 16-key blocks instead of 32 (block_keys). Sequences of 200 and 131 keys (partial last
+    blocks), pages of 5 keys (blocks straddle pages) and of 16, key splits, a window and causal rows."""
+    size = dict(LONG, heads="gqa8", E=128, Ev=128, dtype=dtype)
+    _check(isa, *_problem(L=1, **size))
+    _check(isa, *_problem(L=3, page=5, **size), num_splits=3)
+    _check(isa, *_problem(L=3, page=16, **size), causal=True, window=(37, -1))
+    _check(isa, *_problem(L=1, **size), num_splits=5, window=(70, 0))
 
 
 @pytest.mark.parametrize("isa", ISAS)
