@@ -77,11 +77,28 @@ struct CacheRows {
   int64_t s_page, s_slot;     // page (or batch) stride, slot (key) stride
   const int32_t* table;       // sequence b's block-table row; null when contiguous
   int64_t table_sj, page;
+  // Paged, optional: key j's page and slot, looked up once for keys [from, from + n) (PageLookup) and then
+  // shared by every head and by K and V, so that a pass does no division per row.
+  const int64_t *pages = nullptr, *slots = nullptr;
+  int64_t from = 0, n = 0;
   FASTATTN_INLINE const T* row(int64_t j) const {
     if (table == nullptr) return base + j * s_slot;
+    const int64_t i = j - from;
+    if (static_cast<uint64_t>(i) < static_cast<uint64_t>(n)) return base + pages[i] * s_page + slots[i] * s_slot;
     return base + static_cast<int64_t>(table[(j / page) * table_sj]) * s_page + (j % page) * s_slot;
   }
 };
+
+// Block-table entry (page) and slot of keys [j0, j1) of a sequence: one division for the run.
+FASTATTN_INLINE void page_lookup(const int32_t* table, int64_t table_sj, int64_t page, int64_t j0, int64_t j1,
+                                 int64_t* pages, int64_t* slots) {
+  int64_t q = j0 / page, slot = j0 % page;
+  for (int64_t j = j0; j < j1; ++j) {
+    pages[j - j0] = table[q * table_sj];
+    slots[j - j0] = slot;
+    if (++slot == page) slot = 0, ++q;
+  }
+}
 
 template <typename T>
 CacheRows<T> cache_rows(const DecodeParams& p, const Tensor4& t, int64_t b, int64_t hk) {
@@ -400,7 +417,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
   if (k0 >= k1) return;
 
   // Per-thread scratch: fp32 queries, the block's scores / probabilities, row bounds, staged rows.
-  const bool stage_k = p.k.se != 1, stage_v = p.v.se != 1;
+  const bool stage_k = p.k.se != 1, stage_v = p.v.se != 1, paged = p.block_table != 0;
   Arena plan;
   auto carve = [&](Arena& a) {
     struct {
@@ -409,6 +426,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
       T *kst, *vst;
       const T** krows;
       const T** vrows;
+      int64_t *pages, *slots;
     } b;
     b.qf = a.take<float>(nh * R * Ep);
     b.s = a.take<float>(R * kBlockN);
@@ -420,6 +438,8 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
     b.vst = a.take<T>(stage_v ? kBlockN * Ev : 0);
     b.krows = a.take<const T*>(kBlockN);
     b.vrows = a.take<const T*>(kBlockN);
+    b.pages = a.take<int64_t>(paged ? 2 * kBlockN : 0);
+    b.slots = a.take<int64_t>(paged ? 2 * kBlockN : 0);
     return b;
   };
   carve(plan);
@@ -446,13 +466,25 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
 
   const float dot_mul = kVariants ? static_cast<float>(p.scale) : static_cast<float>(p.scale) * kLog2e;
   const float cap = static_cast<float>(p.softcap);
-  const CacheRows<T> k_first = cache_rows<T>(p, p.k, b, hk0);
   for (int64_t j0 = k0; j0 < k1; j0 += bn) {
     const int64_t nb = std::min(bn, k1 - j0);
+    // The rows of head hk; paged: through the pages of this block's keys and the next block's (what a pass asks
+    // for ahead), looked up once for the block.
+    const int64_t looked = paged ? std::min(k1, j0 + 2 * bn) - j0 : 0;
+    if (paged) {
+      const int32_t* table = reinterpret_cast<const int32_t*>(p.block_table) + b * p.table_sb;
+      page_lookup(table, p.table_sj, p.page_size, j0, j0 + looked, buf.pages, buf.slots);
+    }
+    const auto rows_of = [&](const Tensor4& t, int64_t hk) {
+      CacheRows<T> c = cache_rows<T>(p, t, b, hk);
+      c.pages = buf.pages, c.slots = buf.slots, c.from = j0, c.n = looked;
+      return c;
+    };
+    const CacheRows<T> k_first = rows_of(p.k, hk0);
     for (int64_t hh = 0; hh < nh; ++hh) {
       const int64_t hk = hk0 + hh;
-      const CacheRows<T> kc = cache_rows<T>(p, p.k, b, hk), vc = cache_rows<T>(p, p.v, b, hk);
-      const CacheRows<T> k_next = cache_rows<T>(p, p.k, b, std::min(hk + 1, hk0 + nh - 1));
+      const CacheRows<T> kc = rows_of(p.k, hk), vc = rows_of(p.v, hk);
+      const CacheRows<T> k_next = rows_of(p.k, std::min(hk + 1, hk0 + nh - 1));
       const float* qf = buf.qf + hh * R * Ep;
       const float* slope = buf.slope + hh * R;
       float* hstate = state + hh * R * stride;
