@@ -187,6 +187,11 @@ int get_num_threads() {
   return static_cast<int>(PyLong_AsLong(n.ptr()));
 }
 
+// o is exactly the str s (not a subclass).
+bool is_str(py::handle o, const char* s) {
+  return PyUnicode_CheckExact(o.ptr()) && PyUnicode_CompareWithASCIIString(o.ptr(), s) == 0;
+}
+
 // The arguments of fastattn.scaled_dot_product_attention; None unless every one of them is of the plain
 // kind this entry takes: 4-D q / k / v of one float dtype, no dropout, nothing empty, no autograd, tracing,
 // dispatch mode or functorch transform, backend None or "cpu".
@@ -204,9 +209,7 @@ py::object eager_fwd(py::handle query, py::handle key, py::handle value, py::han
     sc = PyFloat_AS_DOUBLE(scale.ptr());
     if (!std::isfinite(sc)) return py::none();
   }
-  if (!backend.is_none() &&
-      !(PyUnicode_CheckExact(backend.ptr()) && PyUnicode_CompareWithASCIIString(backend.ptr(), "cpu") == 0))
-    return py::none();
+  if (!backend.is_none() && !is_str(backend, "cpu")) return py::none();
   int grad = 0;
   if (!plain_dispatch(grad)) return py::none();
   View q, k, v, m;
@@ -328,10 +331,6 @@ bool exact_real(PyObject* o, double& x) {
   if (!exact_int(o, i) || i > (int64_t{1} << 53) || i < -(int64_t{1} << 53)) return false;
   x = static_cast<double>(i);
   return true;
-}
-
-bool is_str(py::handle o, const char* s) {
-  return PyUnicode_CheckExact(o.ptr()) && PyUnicode_CompareWithASCIIString(o.ptr(), s) == 0;
 }
 
 // The view with dims 1 and 2 swapped.
