@@ -77,8 +77,8 @@ struct CacheRows {
   int64_t s_page, s_slot;     // page (or batch) stride, slot (key) stride
   const int32_t* table;       // sequence b's block-table row; null when contiguous
   int64_t table_sj, page;
-  // Paged, optional: key j's page and slot, looked up once for keys [from, from + n) (PageLookup) and then
-  // shared by every head and by K and V, so that a pass does no division per row.
+  // Paged, optional: key j's page and slot for keys [from, from + n), found by page_lookup once per key block
+  // and shared by every head and by K and V, so that a pass does no division per row.
   const int64_t *pages = nullptr, *slots = nullptr;
   int64_t from = 0, n = 0;
   FASTATTN_INLINE const T* row(int64_t j) const {
@@ -469,7 +469,8 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
   for (int64_t j0 = k0; j0 < k1; j0 += bn) {
     const int64_t nb = std::min(bn, k1 - j0);
     // The rows of head hk; paged: through the pages of this block's keys and the next block's (what a pass asks
-    // for ahead), looked up once for the block.
+    // for ahead), looked up at the start of the block for all its passes (each key twice: as the next block's,
+    // then as this block's; a few table reads per key against a division per row and pass).
     const int64_t looked = paged ? std::min(k1, j0 + 2 * bn) - j0 : 0;
     if (paged) {
       const int32_t* table = reinterpret_cast<const int32_t*>(p.block_table) + b * p.table_sb;

@@ -107,7 +107,8 @@ def isa_params(needs: str | None = None) -> list:
 # (B, S_max, Hk, D); rows past each sequence's length hold NaN, and a paged pool's unused pages too, so that a
 # kernel that reads a key it must not read returns NaN.
 DECODE_DT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-DECODE_HEADS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1), "mqa8": (8, 1), "gqa3": (6, 2), "gqa8": (16, 8)}  # (H, Hk)
+DECODE_HEADS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1), "mqa8": (8, 1), "gqa3": (6, 2),  # name: (H, Hk)
+                "gqa8": (16, 8)}
 
 
 def nan_past_lengths(cache: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

@@ -245,6 +245,40 @@ def test_decode_rows_report_bytes_and_read_bandwidth(capsys, monkeypatch, tmp_pa
     assert "decode-cpu-B1-H32_8-L1-S4096-E128-bf16-fwd" in listed and "5 case(s)" in listed
 
 
+@pytest.mark.skipif(not _launchers.cpu_available()[0], reason="the C++ CPU kernels are not built")
+def test_read_probe_is_timed_beside_the_providers(monkeypatch):
+    """With a probe for the device, a memory-bound case times it in its own rounds and compares every row with
+    it (not with the run's figure), and the probe never becomes a row; without one, the run's figure is used; a
+    failure in the rounds is reported in the rows."""
+    import time
+
+    bench_run = sys.modules["fastattn.bench.run"]  # the module (fastattn.bench.run is also the function's name)
+
+    class SlowProbe:  # reads 1 GB in at least 2 ms: at most 500 GB/s
+        nbytes = 1e9
+
+        def call(self):
+            time.sleep(0.002)
+
+    c = tiny_case(op="decode", H=4, Hk=2, L=1, S=64, E=8)
+    rows = fb.run_case(c, ["torch", "fastattn-cpu"], TINY, measure_memory=False, bandwidths={"cpu": 1.0},
+                       probes={"cpu": SlowProbe()})
+    assert [r.provider for r in rows] == ["torch", "fastattn-cpu"]
+    for r in rows:
+        assert r.ok and 1e9 / 0.5 <= r.read_bw <= 1e9 / 0.002 and r.read_bw == rows[0].read_bw
+        assert r.bandwidth_frac == pytest.approx(r.bytes_per_s / r.read_bw)
+    rows = fb.run_case(c, ["torch"], TINY, measure_memory=False, bandwidths={"cpu": 2e10})
+    assert rows[0].read_bw == 2e10 and rows[0].bandwidth_frac == pytest.approx(rows[0].bytes_per_s / 2e10)
+
+    def broken(calls, *a, **k):
+        assert "read bandwidth probe" in calls
+        raise RuntimeError("rounds failed")
+    monkeypatch.setattr(bench_run, "time_interleaved", broken)
+    rows = fb.run_case(c, ["torch", "fastattn-cpu"], TINY, measure_memory=False, probes={"cpu": SlowProbe()})
+    assert [(r.provider, r.status) for r in rows] == [(p, "error: RuntimeError: rounds failed")
+                                                     for p in ("torch", "fastattn-cpu")]
+
+
 def test_default_run_is_sdpa_and_case_ids_are_unique():
     assert {c.op for c in fb.select_cases(None, ["quick", "full", "memory"])} == {"sdpa"}
     for name in fb.OPERATIONS:

@@ -3,10 +3,10 @@ fastattn.reference.decode_attention, on every instruction-set module this CPU ru
 
 Calls the launcher with an explicit kernel module (``_cpu._decode_fwd``). Tolerances follow fastattn.testing
 (fp32: small atol against float64; fp16/bf16: at most 2x the error of the reference run in the same low
-precision). The kernel walks keys in 32-key blocks (8 or 16 when a key's rows of every kv head span more than
-1 KiB) and tiles query rows by 4, so the caches here span several blocks with a partial last one and the GQA / MQA cases pack several row tiles with a partial last one. Cache
-rows past each sequence's length hold NaN, and a paged pool's unused pages too: a kernel that reads a key it
-must not read returns NaN.
+precision). The kernel walks keys in 32-key blocks (8 or 16 when a key's rows of every kv head span more
+than 1 KiB) and tiles query rows by 4, so the caches here span several blocks with a partial last one and the
+GQA / MQA cases pack several row tiles with a partial last one. Cache rows past each sequence's length hold
+NaN, and a paged pool's unused pages too: a kernel that reads a key it must not read returns NaN.
 """
 from __future__ import annotations
 
@@ -89,7 +89,9 @@ def test_strided_and_torch_layout_caches(isa):
 def test_heads_side_by_side_equal_heads_apart(isa, dtype, splits):
     """A cache that stores a key's kv heads side by side ((B, S, Hk, E), paged) is read by items that take every
     kv head of a sequence at once, block by block; the same values with the heads apart ((B, Hk, S, E) viewed as
-    (B, S, Hk, E)) by one item per head. Same splits, same answer bit for bit."""
+    (B, S, Hk, E)) by one item per head. Same splits, same answer bit for bit while both walk 32-key blocks (a
+    key's rows of every head within 1 KiB, as here); wider keys take shorter blocks for the heads-together
+    items, which rescale the online softmax at other keys (test_wide_keys_take_shorter_blocks)."""
     mod = isa_module(isa)
     size = dict(LONG, S_max=208)  # a whole number of 16-key pages: the paged pool holds the same values
     q, k, v, lens, _ = _problem(dtype=dtype, **size)

@@ -14,9 +14,11 @@ What is measured, and how (the rules every number in a report follows):
   same threads, is what the GFLOP/s are compared with ("% mm"). Memory-bound operations (decode) also give
   the bytes they read and GB/s, compared with the read bandwidth: ``torch.sum`` over 256 MiB (``ReadProbe``),
   timed in each such case's rounds as one more provider, its median against the rows' medians ("read bw",
-  "% read bw"); a shared machine's memory bandwidth drifts by a third within seconds, so a probe taken once
-  per run would compare each case with another moment's machine. The header also gives the probe's best of 5
-  at the start of the run.
+  "% read bw"): a shared machine's memory bandwidth drifts within seconds, so a probe taken once per run would
+  compare each case with another moment's machine. The probe reads past every cache, so each round of a
+  provider starts with its inputs out of the last-level cache (as a decoder step does after the rest of the
+  model ran); reports made before the probe joined the rounds are not comparable. The header also gives the
+  probe's best of 5 at the start of the run.
 * Memory (``memory.py``): the peak above what was live before one call. CPU: the process's resident-set
   high-water mark (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim(0)`` hands
   cached free memory back), which also sees a C++ kernel's own scratch buffers. CUDA:

@@ -259,10 +259,15 @@ def format_header(report: dict) -> str:
         low = [k for k, v in ceil.items() if ceiling_for(ceil, *k.split("/")) != v]
         if low:
             lines.append(f"         ({', '.join(low)}: % mm uses the f32 ceiling, which is higher here)")
+    beside = any(r.get("read_bw") for r in report.get("results", []))
     for dev, bw in (report.get("read_bandwidth") or {}).items():
-        lines.append(f"read bandwidth {dev} (torch.sum over 256 MiB float32): best of 5 at the start of the run "
-                     f"{bw / 1e9:.1f} GB/s; memory-bound rows are compared with the same probe timed in their case's "
-                     f"rounds, beside the providers (its median: the 'read bw' column)")
+        if beside:
+            lines.append(f"read bandwidth {dev} (torch.sum over 256 MiB float32): best of 5 at the start of the run "
+                         f"{bw / 1e9:.1f} GB/s; memory-bound rows are compared with the same probe timed in their "
+                         f"case's rounds, beside the providers (its median: the 'read bw' column)")
+        else:  # a report from before the probe joined the rounds
+            lines.append(f"read bandwidth {dev} (torch.sum over 256 MiB float32, best of 5, this run): "
+                         f"{bw / 1e9:.1f} GB/s")
     s = report["settings"]
     lines.append(f"timing   median of {s['min_rounds']}..{s['rounds']} rounds of >= {s['min_round_s'] * 1e3:.0f} ms "
                  f"after {s['warmup_s'] * 1e3:.0f} ms warm-up, providers interleaved; IQR = interquartile range")

@@ -94,7 +94,7 @@ def run_case(case: Case, providers: Sequence[str] | None = None, settings: Setti
         try:
             timings = time_interleaved(calls, settings, case.device, called=True)
         except Exception as e:  # noqa: BLE001
-            for name in calls:
+            for name in rows.keys() & calls.keys():
                 rows[name].status = f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
             timings = {}
         calls.pop(_PROBE, None)

@@ -1,6 +1,6 @@
 """The one timer (:func:`time_interleaved`), the timed call of a case (:func:`make_call`), the matmul
-ceiling the throughputs are compared with, and the read bandwidth memory-bound cases are compared with
-(:func:`read_bandwidth`).
+ceiling the throughputs are compared with, and the read-bandwidth probe memory-bound cases are compared with
+(:class:`ReadProbe`, timed in each such case's rounds).
 
 Each provider is warmed up, then timed in rounds of enough calls to last ``min_round_s``; the providers of
 a case take turns round by round, so background load hits them alike. We report the median time per call

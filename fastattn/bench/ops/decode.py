@@ -8,8 +8,9 @@ behind a block table, vLLM's layout ("fastattn-paged").
 
 Decoding reads every key and value once and does 4 FLOPs per element read: it is bound by memory, so besides
 the FLOP rates the report gives the bytes of K and V read per call, the GB/s that makes, and its share of the
-machine's read bandwidth measured in the same run (``timing.read_bandwidth``). The naive reference runs too
-(at L = 1 its (B, H, 1, S) scores are small), except on caches over 64 MiB, which it copies per call.
+machine's read bandwidth, probed in the case's own rounds beside the providers (``timing.ReadProbe``). The
+naive reference runs too (at L = 1 its (B, H, 1, S) scores are small), except on caches over 64 MiB, which it
+copies per call.
 """
 from __future__ import annotations
 
