@@ -384,11 +384,10 @@ FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, in
 }
 
 // Keys per block for an item of nh kv heads (see kBlockSpan): a power of two dividing kBlockN.
-template <typename T>
 int64_t block_keys(const DecodeParams& p, int64_t nh) {
   if (nh == 1) return kBlockN;
   const auto mag = [](int64_t x) { return x < 0 ? -x : x; };
-  const int64_t span = std::max(mag(p.k.sl), mag(p.v.sl)) * static_cast<int64_t>(sizeof(T));
+  const int64_t span = std::max(mag(p.k.sl), mag(p.v.sl)) * static_cast<int64_t>(dtype_bytes(p.dtype));
   int64_t bn = kBlockN;
   while (bn > kBlockMinN && bn * span > kBlockSpan) bn /= 2;
   return bn;
@@ -406,7 +405,7 @@ void run_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t nh, int64_t
   const std::pair<int64_t, int64_t> run = split_keys(p, keys.first, keys.second, split);
   const int64_t k0 = run.first, k1 = run.second;
   // Keys per block, and the score columns the vector loops cover (whole vectors; those past the block are -inf).
-  const int64_t bn = block_keys<T>(p, nh), bw = round_up(bn, W);
+  const int64_t bn = block_keys(p, nh), bw = round_up(bn, W);
 
   for (int64_t r = 0; r < nh * R; ++r) {
     float* st = state + r * stride;
@@ -734,6 +733,8 @@ void register_decode(py::module_& m) {
       .def_readwrite("num_splits", &DecodeParams::num_splits)
       .def_readwrite("num_threads", &DecodeParams::num_threads);
   m.def("decode_items", &decode_items, py::arg("params"), "The (b, kv heads) work items of a decode call, before key splits (csrc/decode.h).");
+  m.def("decode_block_keys", [](const DecodeParams& p) { return block_keys(p, decode_heads_per_item(p)); },
+        py::arg("params"), "Keys per block of the work items of decode call `params` (csrc/decode.cpp block_keys).");
   m.def("decode_num_splits", &decode_num_splits, py::arg("items"), py::arg("keys"), py::arg("heads"), py::arg("threads"),
         "The key-split rule of decode calls (csrc/decode.h).");
   m.def("decode_auto_splits", &decode_auto_splits, py::arg("params"), py::arg("keys"),

@@ -114,7 +114,19 @@ def test_wide_keys_take_shorter_blocks(isa, dtype):
     """8 kv heads of 128 dims side by side: a key's rows span 4 KiB (f32) or 2 KiB (bf16), so the items that take
     every kv head walk 8- or 16-key blocks instead of 32 (block_keys). Sequences of 200 and 131 keys (partial last
     blocks), pages of 5 keys (blocks straddle pages) and of 16, key splits, a window and causal rows."""
+    mod = isa_module(isa)
     size = dict(LONG, heads="gqa8", E=128, Ev=128, dtype=dtype)
+
+    def block_keys(k, v):
+        p = mod.DecodeParams()
+        p.B, p.Hk, p.dtype = k.shape[0], k.shape[2], _cpu.DTYPE_CODES[k.dtype]
+        p.k, p.v = (mod.Tensor4(0, c.stride(0), c.stride(2), c.stride(1), c.stride(3)) for c in (k, v))
+        return mod.decode_block_keys(p)
+    _, k, v, _, _ = _problem(**size)
+    assert block_keys(k, v) == (8 if dtype == "f32" else 16)
+    apart = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v)]  # one head per item
+    assert block_keys(*apart) == 32
+    assert block_keys(*_problem(dtype=dtype)[1:3]) == 32  # 2 kv heads of 24 / 40: narrow keys
     _check(isa, *_problem(L=1, **size))
     _check(isa, *_problem(L=3, page=5, **size), num_splits=3)
     _check(isa, *_problem(L=3, page=16, **size), causal=True, window=(37, -1))
