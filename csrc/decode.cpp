@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -386,8 +387,7 @@ FASTATTN_INLINE std::pair<int64_t, int64_t> split_keys(const DecodeParams& p, in
 // Keys per block for an item of nh kv heads (see kBlockSpan): a power of two dividing kBlockN.
 int64_t block_keys(const DecodeParams& p, int64_t nh) {
   if (nh == 1) return kBlockN;
-  const auto mag = [](int64_t x) { return x < 0 ? -x : x; };
-  const int64_t span = std::max(mag(p.k.sl), mag(p.v.sl)) * static_cast<int64_t>(dtype_bytes(p.dtype));
+  const int64_t span = std::max(std::abs(p.k.sl), std::abs(p.v.sl)) * dtype_bytes(p.dtype);
   int64_t bn = kBlockN;
   while (bn > kBlockMinN && bn * span > kBlockSpan) bn /= 2;
   return bn;
@@ -669,8 +669,7 @@ void check_decode_params(const DecodeParams& p) {
 }
 
 int64_t decode_heads_per_item(const DecodeParams& p) {
-  const auto mag = [](int64_t x) { return x < 0 ? -x : x; };
-  const bool side_by_side = mag(p.k.sh) < mag(p.k.sl) || mag(p.v.sh) < mag(p.v.sl);
+  const bool side_by_side = std::abs(p.k.sh) < std::abs(p.k.sl) || std::abs(p.v.sh) < std::abs(p.v.sl);
   return p.Hk > 1 && side_by_side ? p.Hk : 1;
 }
 
