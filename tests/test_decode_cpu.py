@@ -28,6 +28,14 @@ def _run(isa, q, k, v, lens, table, **kw):
     return _cpu._decode_fwd(isa_module(isa), q, k, v, lens, block_table=table, **kw)
 
 
+def _cache_params(mod, k, v):
+    """DecodeParams holding what the work split reads of (B, S, Hk, E) caches k / v: B, Hk, dtype, strides."""
+    p = mod.DecodeParams()
+    p.B, p.Hk, p.dtype = k.shape[0], k.shape[2], _cpu.DTYPE_CODES[k.dtype]
+    p.k, p.v = (mod.Tensor4(0, c.stride(0), c.stride(2), c.stride(1), c.stride(3)) for c in (k, v))
+    return p
+
+
 def _check(isa, q, k, v, lens, table, **kw):
     """decode_fwd on module ``isa`` against the references; returns (out, lse)."""
     return check_decode(partial(_run, isa), q, k, v, lens, table, **kw)
@@ -97,10 +105,7 @@ def test_heads_side_by_side_equal_heads_apart(isa, dtype, splits):
     q, k, v, lens, _ = _problem(dtype=dtype, **size)
     apart = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v)]
     for cache, items in ((k, 3), (apart[0], 3 * k.shape[2])):  # 3 sequences; x Hk when one item per head
-        p = mod.DecodeParams()
-        p.B, p.Hk = k.shape[0], k.shape[2]
-        p.k = p.v = mod.Tensor4(0, cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3))
-        assert mod.decode_items(p) == items
+        assert mod.decode_items(_cache_params(mod, cache, cache)) == items
     together = _check(isa, q, k, v, lens, None, num_splits=splits)
     one_by_one = _run(isa, q, *apart, lens, None, num_splits=splits)
     paged = _run(isa, *_problem(dtype=dtype, page=16, **size), num_splits=splits)
@@ -118,10 +123,7 @@ def test_wide_keys_take_shorter_blocks(isa, dtype):
     size = dict(LONG, heads="gqa8", E=128, Ev=128, dtype=dtype)
 
     def block_keys(k, v):
-        p = mod.DecodeParams()
-        p.B, p.Hk, p.dtype = k.shape[0], k.shape[2], _cpu.DTYPE_CODES[k.dtype]
-        p.k, p.v = (mod.Tensor4(0, c.stride(0), c.stride(2), c.stride(1), c.stride(3)) for c in (k, v))
-        return mod.decode_block_keys(p)
+        return mod.decode_block_keys(_cache_params(mod, k, v))
     _, k, v, _, _ = _problem(**size)
     assert block_keys(k, v) == (8 if dtype == "f32" else 16)
     apart = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v)]  # one head per item
