@@ -5,6 +5,11 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <atomic>
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+#include <vector>
 
 #include <string>
 #include <tuple>
@@ -133,6 +138,44 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
         "(instruction set name, whether AVX512-BF16 dot-product instructions are compiled in)");
   m.def("pool", [] { return std::string(pool_name()); },
         "Thread pool parallel work runs on now: \"openmp\" (torch's OpenMP threads) or \"own\".");
+  m.def("pool_rescue_probe",
+        [](int64_t items, int64_t stall_us, int64_t item_us) {
+          // items items on the own pool with two threads (grain 1): item 0 sleeps stall_us (a thread that lost
+          // its CPU for that long), the others spin item_us each.
+          ThreadPool& pool = get_pool();
+          std::vector<std::atomic<int>> ran(static_cast<size_t>(std::max<int64_t>(items, 0)));
+          cpu_set_t before, after;
+          if (sched_getaffinity(0, sizeof(before), &before) != 0) throw std::runtime_error("sched_getaffinity");
+          const int64_t rescues0 = pool.rescues();
+          {
+            py::gil_scoped_release nogil;
+            if (!pool.try_acquire()) throw std::runtime_error("pool_rescue_probe: the pool is busy");
+            struct Release {
+              ThreadPool& p;
+              ~Release() { p.release(); }
+            } release{pool};
+            struct Ctx {
+              std::vector<std::atomic<int>>* ran;
+              int64_t stall_us, item_us;
+            } ctx{&ran, stall_us, item_us};
+            pool.run(items, 2, 1, &ctx, [](void* c, int64_t b, int64_t e, int) {
+              const Ctx& x = *static_cast<Ctx*>(c);
+              for (int64_t i = b; i < e; ++i) {
+                if (i == 0) std::this_thread::sleep_for(std::chrono::microseconds(x.stall_us));
+                else spin_until([] { return false; }, x.item_us);
+                (*x.ran)[static_cast<size_t>(i)].fetch_add(1);
+              }
+            });
+          }
+          if (sched_getaffinity(0, sizeof(after), &after) != 0) throw std::runtime_error("sched_getaffinity");
+          std::vector<int> counts;
+          for (auto& r : ran) counts.push_back(r.load());
+          return py::dict(py::arg("rescues") = pool.rescues() - rescues0, py::arg("ran") = counts,
+                          py::arg("affinity_kept") = CPU_EQUAL(&before, &after) != 0);
+        },
+        py::arg("items"), py::arg("stall_us"), py::arg("item_us"),
+        "Runs a loop on the own pool in which one item stalls (for tests of ThreadPool::rescue): returns the "
+        "rescues it made, how often each item ran, and whether the caller's affinity is what it was before.");
   m.def("philox_words_row",
         [](uint64_t seed, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) {
           std::vector<uint32_t> w(static_cast<size_t>(std::max<int64_t>(n, 0)));

@@ -24,7 +24,11 @@
 // two of them on one CPU (their loop then gets one CPU) as to pair each with another process's thread (one
 // and a half). So an own-pool worker that joins a loop on the CPU of another thread of the loop moves off it
 // for good (ThreadPool::spread), and a thread of torch's team that starts a region on the caller's CPU moves
-// off it for that region only (omp_run). The caller is never moved.
+// off it for that region only (omp_run). The caller is not moved for this.
+// A thread that loses its CPU in the middle of a chunk still holds the loop up until the scheduler runs it again,
+// a time slice later. In the own pool, a thread that finds no chunk left and sees another hold one for several
+// chunks' time moves that thread onto its own CPU and sleeps, giving the CPU to it (ThreadPool::rescue). The
+// caller too can be moved so; a moved thread gets its affinity back as soon as its chunk is done.
 // FASTATTN_POOL=openmp / own picks one; by default (auto, TeamChooser) loops run on the OpenMP team, and the
 // caller times the end of each region: when the team keeps arriving late (the cores are shared), loops move
 // to the own pool, and one region now and then tries the OpenMP team again. Forked children and builds
@@ -47,6 +51,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #if defined(_OPENMP)
@@ -102,6 +107,16 @@ bool spin_until(Pred pred, long us) {
   }
 }
 
+// The calling thread's id for the scheduler (what sched_setaffinity takes for another thread); 0 where unknown.
+// Not cached: a forked child's thread would inherit its parent's cached id.
+inline pid_t os_thread_id() {
+#if defined(__linux__)
+  return static_cast<pid_t>(syscall(SYS_gettid));
+#else
+  return 0;
+#endif
+}
+
 // Microseconds a waiting thread of the own pool spins before it sleeps (FASTATTN_SPIN_US, default 50).
 inline long spin_budget_us() {
   static const long us = [] {
@@ -141,6 +156,9 @@ class ThreadPool {
 
   // One loop per process at a time, on either team: a concurrent loop (another Python thread) or a nested one
   // (a chunk that starts a loop) runs inline instead of multiplying the threads.
+  // Threads moved by a rescue so far (see rescue()).
+  int64_t rescues() const { return rescues_.load(std::memory_order_relaxed); }
+
   bool try_acquire() {
     bool expected = false;
     return !in_worker() && busy_.compare_exchange_strong(expected, true, std::memory_order_acquire);
@@ -161,6 +179,8 @@ class ThreadPool {
     grain_ = grain;
     for (int t = 1; t < nt; ++t) cpu_[t].store(-1, std::memory_order_relaxed);
     cpu_[0].store(current_cpu(), std::memory_order_relaxed);
+    os_tid_[0].store(os_thread_id(), std::memory_order_relaxed);
+    moved_[0].store(kArmed, std::memory_order_relaxed);
     next_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> kGenShift) + 1;
@@ -169,11 +189,13 @@ class ThreadPool {
       { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait holds the lock
       cv_work_.notify_all();
     }
-    work(0);
+    const int64_t mean_chunk = work(0);
+    disarm(0);
+    const bool pulled = rescue(0, mean_chunk);
     // Every chunk is taken: close the loop, then wait for the workers inside to finish theirs.
     const uint64_t before = state_.fetch_or(kClosed, std::memory_order_acq_rel);
     auto drained = [&] { return (state_.load(std::memory_order_seq_cst) & kCountMask) == 0; };
-    if ((before & kCountMask) != 0 && !spin_until(drained, spin)) {
+    if ((before & kCountMask) != 0 && !spin_until(drained, pulled ? 0 : spin)) {
       std::unique_lock<std::mutex> lk(mu_);
       caller_sleeping_.store(true, std::memory_order_seq_cst);
       cv_done_.wait(lk, drained);
@@ -194,18 +216,99 @@ class ThreadPool {
   static constexpr uint64_t kNtMask = (uint64_t(1) << 11) - 1;
   static constexpr int kGenShift = 28;
 
-  void work(int tid) {
+  // Runs chunks until none is left; returns the mean time of the chunks it ran (0: none).
+  int64_t work(int tid) {
+    int64_t chunks = 0, busy = 0;
     try {
       for (;;) {
         const int64_t b = next_.fetch_add(grain_, std::memory_order_relaxed);
         if (b >= n_) break;
+        const int64_t t0 = now_ns();
+        started_[tid].store(t0, std::memory_order_relaxed);
         call_(ctx_, b, std::min(n_, b + grain_), tid);
+        started_[tid].store(0, std::memory_order_relaxed);
+        busy += now_ns() - t0;
+        ++chunks;
       }
     } catch (...) {
+      started_[tid].store(0, std::memory_order_relaxed);
       std::lock_guard<std::mutex> lk(mu_);
       if (!error_) error_ = std::current_exception();
       next_.store(n_, std::memory_order_relaxed);
     }
+    return chunks ? busy / chunks : 0;
+  }
+
+  // Rescue. Called by thread `tid` of the open loop once it has run its last chunk, while other threads may
+  // still hold one. A thread that holds its chunk for longer than kRescueFloor and four of this thread's mean
+  // chunks has most likely lost its CPU to another process, and would get it back only after that process's
+  // time slice (milliseconds; the whole call waits for it). It is moved onto this thread's CPU (move_here),
+  // which this thread then gives up by sleeping instead of spinning, so it runs again at once; it gets its own
+  // affinity back once its chunks are done (disarm). This thread watches, spinning, for at most kRescueWatch.
+  // Returns whether it moved a thread. Off for a thread that ran no chunk (no measure of a chunk's time), when
+  // the loop has more threads than CPUs or waits must not spin (FASTATTN_SPIN_US=0), and with FASTATTN_RESCUE=0.
+  bool rescue(int tid, int64_t mean_chunk_ns) {
+    static const bool off = [] {
+      const char* e = std::getenv("FASTATTN_RESCUE");
+      return e != nullptr && std::strcmp(e, "0") == 0;
+    }();
+    const int nt = static_cast<int>((state_.load(std::memory_order_relaxed) >> kNtShift) & kNtMask);
+    if (off || mean_chunk_ns <= 0 || !have_allowed_ || ncpu_ < 2 || nt > ncpu_ || spin_budget_us() <= 0) return false;
+    const int64_t limit = std::max(kRescueFloor, 4 * mean_chunk_ns), t0 = now_ns();
+    for (;;) {
+      bool any = false;
+      const int64_t now = now_ns();
+      for (int t = 0; t < nt; ++t) {
+        if (t == tid) continue;
+        const int64_t s = started_[t].load(std::memory_order_relaxed);
+        if (s == 0) continue;
+        any = true;
+        if (now - s > limit && move_here(t)) return true;
+      }
+      if (!any || now - t0 > kRescueWatch) return false;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+
+  // Moves loop thread t onto the calling thread's CPU, keeping its affinity before in saved_[t]. Only while t is
+  // armed (holds chunks of this loop): once t has disarmed, nothing moves it.
+  bool move_here(int t) {
+#if defined(__linux__)
+    const int cpu = current_cpu();
+    const pid_t id = os_tid_[t].load(std::memory_order_relaxed);
+    int armed = kArmed;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || id <= 0 ||
+        !moved_[t].compare_exchange_strong(armed, kMoving, std::memory_order_acq_rel))
+      return false;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    const bool ok = sched_getaffinity(id, sizeof(saved_[t]), &saved_[t]) == 0 &&
+                    sched_setaffinity(id, sizeof(one), &one) == 0;
+    moved_[t].store(ok ? kMoved : kIdle, std::memory_order_release);
+    if (ok) rescues_.fetch_add(1, std::memory_order_relaxed);
+    return ok;
+#else
+    (void)t;
+    return false;
+#endif
+  }
+
+  // Thread t (the calling thread) has run its last chunk of the loop: no rescue may move it from now on, and if
+  // one did, it gets back the affinity it had. A move in progress (begun just as the chunk ended) is waited for.
+  void disarm(int t) {
+    int m = moved_[t].load(std::memory_order_acquire);
+    for (;;) {
+      if (m == kMoving) {
+        sched_yield();
+        m = moved_[t].load(std::memory_order_acquire);
+      } else if (moved_[t].compare_exchange_weak(m, kIdle, std::memory_order_acq_rel)) {
+        break;
+      }
+    }
+    if (m == kMoved) sched_setaffinity(0, sizeof(saved_[t]), &saved_[t]);
   }
 
   void ensure_workers(int count) {
@@ -221,12 +324,16 @@ class ThreadPool {
 
   void loop(int tid, uint64_t seen) {
     in_worker() = true;
+    os_tid_[tid].store(os_thread_id(), std::memory_order_relaxed);
 #if defined(__linux__)
     pthread_setname_np(pthread_self(), "fastattn-pool");  // how the workers show in top and /proc
 #endif
     auto posted = [&] { return (state_.load(std::memory_order_seq_cst) >> kGenShift) != seen; };
+    bool pulled = false;  // this thread just gave its CPU to a thread it moved: sleep at once
     for (;;) {
-      if (!spin_until(posted, spin_us_.load(std::memory_order_relaxed))) {
+      const bool no_spin = pulled;
+      pulled = false;
+      if (!spin_until(posted, no_spin ? 0 : spin_us_.load(std::memory_order_relaxed))) {
         std::unique_lock<std::mutex> lk(mu_);
         sleeping_workers_.fetch_add(1, std::memory_order_seq_cst);
         cv_work_.wait(lk, posted);
@@ -236,7 +343,10 @@ class ThreadPool {
       seen = s >> kGenShift;
       if (!join(tid, s)) continue;
       spread(tid, static_cast<int>((s >> kNtShift) & kNtMask));
-      work(tid);
+      moved_[tid].store(kArmed, std::memory_order_release);
+      const int64_t mean_chunk = work(tid);
+      disarm(tid);
+      pulled = rescue(tid, mean_chunk);
       leave();
     }
   }
@@ -299,6 +409,15 @@ class ThreadPool {
   cpu_set_t allowed_;   // the CPUs the process could use when the pool was made
   bool have_allowed_ = false;
   std::atomic<int> cpu_[kMaxThreads];  // the CPU each thread of the open loop found itself on (-1: not known)
+  std::atomic<int64_t> started_[kMaxThreads] = {};  // when thread t's chunk in flight started (0: none)
+  std::atomic<pid_t> os_tid_[kMaxThreads] = {};
+  // Thread t's rescue state: idle (not in a loop, or done with its chunks) -> armed (may be moved) -> moving
+  // (a rescuer is changing its affinity) -> moved (its affinity before is in saved_[t]) -> idle (disarm).
+  static constexpr int kIdle = 0, kArmed = 1, kMoving = 2, kMoved = 3;
+  std::atomic<int> moved_[kMaxThreads] = {};
+  cpu_set_t saved_[kMaxThreads];
+  std::atomic<int64_t> rescues_{0};
+  static constexpr int64_t kRescueFloor = 100'000, kRescueWatch = 200'000;  // ns
   void* ctx_ = nullptr;
   Call call_ = nullptr;
   int64_t n_ = 0, grain_ = 1;

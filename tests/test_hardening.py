@@ -268,6 +268,24 @@ def test_pool_choice_gives_the_same_bits(tmp_path, pool):
     _same(got, [out.detach(), q.grad, k.grad, v.grad])
 
 
+def test_a_stalled_pool_thread_is_moved_to_a_free_cpu_and_gets_its_affinity_back():
+    """ThreadPool::rescue: in a loop on the own pool where item 0 holds its thread for 20 ms (as a thread the
+    scheduler took off its CPU would), the other thread, out of chunks, moves that thread onto its own CPU and
+    sleeps. Every item runs once, and the caller's CPU affinity afterwards is what it was."""
+    mod = _cpu.module()
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a rescue needs two CPUs")
+    if os.environ.get("FASTATTN_RESCUE") == "0" or os.environ.get("FASTATTN_SPIN_US") == "0":
+        pytest.skip("FASTATTN_RESCUE=0 / FASTATTN_SPIN_US=0 turn the rescue off")
+    r = mod.pool_rescue_probe(64, 20000, 50)
+    assert r["ran"] == [1] * 64
+    assert r["affinity_kept"]
+    assert r["rescues"] == 1
+    again = mod.pool_rescue_probe(64, 0, 50)  # no item holds its thread
+    assert again["ran"] == [1] * 64
+    assert again["affinity_kept"]
+
+
 # ------------------------------------------------------------------------------------ forked workers
 class _AttentionDataset(torch.utils.data.Dataset):
     """Item i: forward + backward of case i (with 2 kernel threads inside the worker)."""
