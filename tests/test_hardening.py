@@ -286,6 +286,23 @@ def test_a_stalled_pool_thread_is_moved_to_a_free_cpu_and_gets_its_affinity_back
     assert again["affinity_kept"]
 
 
+def test_contend_rounds_example_runs(monkeypatch, capsys):
+    """examples/contend_rounds.py (the notes' own-pool figures) runs, with its spinner, and prints its cases."""
+    import pathlib
+    import runpy
+    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    monkeypatch.setattr(sys, "argv", ["contend_rounds.py", "--rounds", "1", "--ms", "1"])
+    before = torch.get_num_threads()
+    try:
+        runpy.run_path(str(examples / "contend_rounds.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(before)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("1 spinner(s)")
+    assert [ln.split()[0] for ln in lines[1:]] == ["B16", "B16", "B8"]
+
+
 # ------------------------------------------------------------------------------------ forked workers
 class _AttentionDataset(torch.utils.data.Dataset):
     """Item i: forward + backward of case i (with 2 kernel threads inside the worker)."""
