@@ -145,6 +145,25 @@ def test_json_round_trip_and_compare(report, tmp_path):
         fb.load_report(str(tmp_path / "bad.json"))
 
 
+def test_report_formats(report, tmp_path):
+    """Reports are written in format 2 (rows with read_bw); format-1 files (before read_bw) still load and compare,
+    and an unknown format is turned away by name."""
+    assert report["format"] == 2
+    old = json.loads(json.dumps(report))
+    old["format"] = 1
+    for r in old["results"]:
+        del r["read_bw"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    back = fb.load_report(str(path))
+    assert [r.read_bw for r in fb.results_of(back)] == [None] * len(back["results"])
+    assert fb.compare_reports(back, report)
+    newer = dict(old, format=3)
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match=r"format 1 or 2"):
+        fb.load_report(str(tmp_path / "newer.json"))
+
+
 def test_tables(report):
     text = fb.format_table(report)
     header = text.splitlines()[0].split()

@@ -57,6 +57,13 @@ class Result:
 
 
 # ========================================================================================= JSON
+# The report's format: 2 since its rows carry ``read_bw`` (the read-bandwidth probe timed beside the case), 1
+# before. Both load; a fastattn that reads format 1 only turns a format-2 file away with the error below instead
+# of failing on the unknown field.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+
+
 def save_report(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -67,8 +74,8 @@ def save_report(report: dict, path: str) -> None:
 def load_report(path: str) -> dict:
     with open(path) as f:
         report = json.load(f)
-    if report.get("format") != 1 or "results" not in report:
-        raise ValueError(f"{path} is not a fastattn bench report (format 1)")
+    if report.get("format") not in READABLE_FORMATS or "results" not in report:
+        raise ValueError(f"{path} is not a fastattn bench report (format {' or '.join(map(str, READABLE_FORMATS))})")
     return report
 
 

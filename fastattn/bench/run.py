@@ -17,7 +17,7 @@ import torch
 from fastattn.bench.cases import Case
 from fastattn.bench.memory import cpu_memory_supported, memory_in_subprocess, peak_memory
 from fastattn.bench.registry import BASELINE, OPERATIONS, has_module
-from fastattn.bench.report import Result
+from fastattn.bench.report import FORMAT, Result
 from fastattn.bench.timing import (QUICK, ReadProbe, Settings, ceiling_for, make_call, matmul_ceiling,
                                    time_interleaved)
 
@@ -241,7 +241,7 @@ def run(cases: Sequence[Case], providers: Sequence[str] | None = None, settings:
         bar.close()
         probes.clear()
     return {
-        "format": 1,
+        "format": FORMAT,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command or " ".join(["fastattn"] + sys.argv[1:]),
         "machine": machine_info(),
