@@ -154,11 +154,11 @@ class ThreadPool {
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  // One loop per process at a time, on either team: a concurrent loop (another Python thread) or a nested one
-  // (a chunk that starts a loop) runs inline instead of multiplying the threads.
   // Threads moved by a rescue so far (see rescue()).
   int64_t rescues() const { return rescues_.load(std::memory_order_relaxed); }
 
+  // One loop per process at a time, on either team: a concurrent loop (another Python thread) or a nested one
+  // (a chunk that starts a loop) runs inline instead of multiplying the threads.
   bool try_acquire() {
     bool expected = false;
     return !in_worker() && busy_.compare_exchange_strong(expected, true, std::memory_order_acquire);
@@ -180,7 +180,7 @@ class ThreadPool {
     for (int t = 1; t < nt; ++t) cpu_[t].store(-1, std::memory_order_relaxed);
     cpu_[0].store(current_cpu(), std::memory_order_relaxed);
     os_tid_[0].store(os_thread_id(), std::memory_order_relaxed);
-    moved_[0].store(kArmed, std::memory_order_relaxed);
+    rescue_state_[0].store(kArmed, std::memory_order_relaxed);
     next_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> kGenShift) + 1;
@@ -280,14 +280,14 @@ class ThreadPool {
     const pid_t id = os_tid_[t].load(std::memory_order_relaxed);
     int armed = kArmed;
     if (cpu < 0 || cpu >= CPU_SETSIZE || id <= 0 ||
-        !moved_[t].compare_exchange_strong(armed, kMoving, std::memory_order_acq_rel))
+        !rescue_state_[t].compare_exchange_strong(armed, kMoving, std::memory_order_acq_rel))
       return false;
     cpu_set_t one;
     CPU_ZERO(&one);
     CPU_SET(cpu, &one);
     const bool ok = sched_getaffinity(id, sizeof(saved_[t]), &saved_[t]) == 0 &&
                     sched_setaffinity(id, sizeof(one), &one) == 0;
-    moved_[t].store(ok ? kMoved : kIdle, std::memory_order_release);
+    rescue_state_[t].store(ok ? kMoved : kIdle, std::memory_order_release);
     if (ok) rescues_.fetch_add(1, std::memory_order_relaxed);
     return ok;
 #else
@@ -299,12 +299,12 @@ class ThreadPool {
   // Thread t (the calling thread) has run its last chunk of the loop: no rescue may move it from now on, and if
   // one did, it gets back the affinity it had. A move in progress (begun just as the chunk ended) is waited for.
   void disarm(int t) {
-    int m = moved_[t].load(std::memory_order_acquire);
+    int m = rescue_state_[t].load(std::memory_order_acquire);
     for (;;) {
       if (m == kMoving) {
         sched_yield();
-        m = moved_[t].load(std::memory_order_acquire);
-      } else if (moved_[t].compare_exchange_weak(m, kIdle, std::memory_order_acq_rel)) {
+        m = rescue_state_[t].load(std::memory_order_acquire);
+      } else if (rescue_state_[t].compare_exchange_weak(m, kIdle, std::memory_order_acq_rel)) {
         break;
       }
     }
@@ -343,7 +343,7 @@ class ThreadPool {
       seen = s >> kGenShift;
       if (!join(tid, s)) continue;
       spread(tid, static_cast<int>((s >> kNtShift) & kNtMask));
-      moved_[tid].store(kArmed, std::memory_order_release);
+      rescue_state_[tid].store(kArmed, std::memory_order_release);
       const int64_t mean_chunk = work(tid);
       disarm(tid);
       pulled = rescue(tid, mean_chunk);
@@ -414,7 +414,7 @@ class ThreadPool {
   // Thread t's rescue state: idle (not in a loop, or done with its chunks) -> armed (may be moved) -> moving
   // (a rescuer is changing its affinity) -> moved (its affinity before is in saved_[t]) -> idle (disarm).
   static constexpr int kIdle = 0, kArmed = 1, kMoving = 2, kMoved = 3;
-  std::atomic<int> moved_[kMaxThreads] = {};
+  std::atomic<int> rescue_state_[kMaxThreads] = {};
   cpu_set_t saved_[kMaxThreads];
   std::atomic<int64_t> rescues_{0};
   static constexpr int64_t kRescueFloor = 100'000, kRescueWatch = 200'000;  // ns
